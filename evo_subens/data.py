@@ -1,0 +1,252 @@
+"""Dataset registry: each dataset loads into seeded, reproducible train/validation/test splits.
+
+Adding a dataset means writing one ``DataConfig -> DatasetSplits`` function and adding it to
+``DATASETS``::
+
+    >>> splits = load_dataset(DataConfig(name="digits"))
+    >>> splits.input_shape, splits.num_classes
+    ((1, 8, 8), 10)
+
+Every split is derived from ``DataConfig.seed`` through local generators only, so the same config
+gives bitwise identical splits and loading never touches the caller's global RNG state.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import numbers
+import random
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .errors import DataError
+
+__all__ = ["Split", "DatasetSplits", "DATASETS", "load_dataset", "read_idx"]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Features ``x`` (float32) and labels ``y`` (int64) of one split, each with its own storage."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(f"split has {self.x.shape[0]} samples but {self.y.shape[0]} labels")
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """A dataset cut into train/validation/test splits, with its per-sample shape and class count."""
+
+    name: str
+    train: Split
+    validation: Split
+    test: Split
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def _make_split(x: np.ndarray, y: np.ndarray) -> Split:
+    # clone() gives each tensor a storage of exactly its own size: a view of a larger array would
+    # drag the whole array along whenever a split is pickled to a worker process.
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).clone()
+    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).clone()
+    return Split(xt, yt)
+
+
+def _validation_count(validation_size: float, pool_size: int) -> int:
+    """Number of validation samples for ``validation_size`` (fraction or whole count)."""
+    v = validation_size
+    is_number = isinstance(v, numbers.Real) and not isinstance(v, bool)
+    if not is_number or not (0 < v < 1 or (v >= 1 and float(v).is_integer())):
+        raise DataError(f"data.validation_size must be a fraction (0 < v < 1) or a whole number of "
+                        f"samples (>= 1), got {v!r}")
+    if v >= 1 and v >= pool_size:
+        raise DataError(f"data.validation_size = {int(v)} samples must be smaller than the training "
+                        f"pool ({pool_size} samples)")
+    count = int(round(v * pool_size)) if v < 1 else int(v)
+    if not 1 <= count < pool_size:
+        raise DataError(f"data.validation_size = {v!r} leaves {count} of {pool_size} training-pool samples "
+                        "for validation; both train and validation need at least one sample")
+    return count
+
+
+def _split_pool(name: str, pool_x: np.ndarray, pool_y: np.ndarray, test_x: np.ndarray,
+                test_y: np.ndarray, cfg: DataConfig, num_classes: int,
+                cap: int | None = None) -> DatasetSplits:
+    """Shuffle the training pool with ``cfg.seed``, keep ``cap`` samples, carve validation off the front."""
+    order = np.random.default_rng(cfg.seed).permutation(len(pool_y))
+    if cap is not None:
+        order = order[:cap]
+    n_val = _validation_count(cfg.validation_size, len(order))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    train = _make_split(pool_x[train_idx], pool_y[train_idx])
+    return DatasetSplits(
+        name=name,
+        train=train,
+        validation=_make_split(pool_x[val_idx], pool_y[val_idx]),
+        test=_make_split(test_x, test_y),
+        input_shape=tuple(train.x.shape[1:]),
+        num_classes=num_classes,
+    )
+
+
+# --- mnist1d ---------------------------------------------------------------------------------------
+
+MNIST1D_DEFAULT_SAMPLES = 5000
+
+
+def load_mnist1d(cfg: DataConfig) -> DatasetSplits:
+    """MNIST-1D generated locally (never downloaded): 80% training pool, 20% test, shape (1, 40)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = cfg.num_samples or MNIST1D_DEFAULT_SAMPLES
+    args.seed = cfg.seed
+    # make_dataset reseeds the global RNGs; restore them so loading data cannot silently change
+    # the random stream of the caller (e.g. parent initialisation).
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        data = make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+    pool_x = np.asarray(data["x"], dtype=np.float32)[:, None, :]
+    test_x = np.asarray(data["x_test"], dtype=np.float32)[:, None, :]
+    return _split_pool("mnist1d", pool_x, np.asarray(data["y"]), test_x, np.asarray(data["y_test"]),
+                       cfg, num_classes=10)
+
+
+# --- digits ----------------------------------------------------------------------------------------
+
+DIGITS_TEST_FRACTION = 0.2
+# Second entropy word for the test carve, so it is independent of the pool shuffle of the same seed.
+_DIGITS_TEST_STREAM = 1
+
+
+def load_digits(cfg: DataConfig) -> DatasetSplits:
+    """scikit-learn's 8x8 digits (bundled, no download): seeded 20% test, shape (1, 8, 8), pixels in [0, 1]."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    x = (np.asarray(bunch.data, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = np.asarray(bunch.target, dtype=np.int64)
+    order = np.random.default_rng([cfg.seed, _DIGITS_TEST_STREAM]).permutation(len(y))
+    n_test = int(round(DIGITS_TEST_FRACTION * len(y)))
+    test_idx, pool_idx = order[:n_test], order[n_test:]
+    return _split_pool("digits", x[pool_idx], y[pool_idx], x[test_idx], y[test_idx], cfg,
+                       num_classes=10, cap=cfg.num_samples)
+
+
+# --- fashion-mnist ---------------------------------------------------------------------------------
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_MEAN = 0.2860
+FASHION_MNIST_STD = 0.3530
+_FASHION_HINT = ("install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
+                 "or set data.root to a folder with the original IDX files")
+
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (gzip-compressed or raw), checking magic number, dimensions and size.
+
+    Raises DataError naming the file when it is unreadable, malformed or truncated.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        # Sniff the gzip magic rather than trust the suffix: IDX files start with two zero bytes.
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"cannot read IDX file {path}: {exc}") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex() or 'none'})")
+    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"IDX file {path} is truncated: header needs {header} bytes, file has {len(raw)}")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = header + math.prod(shape) * dtype.itemsize
+    if len(raw) != expected:
+        state = "truncated" if len(raw) < expected else "longer than its header says"
+        raise DataError(f"IDX file {path} is {state}: dimensions {shape} need {expected} bytes, "
+                        f"file has {len(raw)}")
+    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return data.astype(dtype.newbyteorder("="), copy=True)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    """Path of ``stem`` in ``root``, preferring the .gz file the dataset ships as."""
+    for candidate in (root / f"{stem}.gz", root / stem):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"fashion-mnist file {root / (stem + '.gz')} not found (nor the uncompressed {stem}); "
+                    f"{_FASHION_HINT}")
+
+
+def _read_fashion_part(root: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
+    images_path = _find_idx(root, f"{part}-images-idx3-ubyte")
+    labels_path = _find_idx(root, f"{part}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DataError(f"{images_path}: expected uint8 images of shape (n, 28, 28), "
+                        f"got {images.dtype} {images.shape}")
+    if labels.dtype != np.uint8 or labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{labels_path}: expected {len(images)} uint8 labels, got {labels.dtype} {labels.shape}")
+    if labels.size and labels.max() > 9:
+        raise DataError(f"{labels_path}: labels must be in 0..9, found {int(labels.max())}")
+    x = (images.astype(np.float32) / 255.0 - np.float32(FASHION_MNIST_MEAN)) / np.float32(FASHION_MNIST_STD)
+    return x[:, None, :, :], labels.astype(np.int64)
+
+
+def load_fashion_mnist(cfg: DataConfig) -> DatasetSplits:
+    """Fashion-MNIST from local IDX files: 60k training pool, 10k test, shape (1, 28, 28), normalised."""
+    root = Path(cfg.root if cfg.root is not None else FASHION_MNIST_ROOT)
+    if not root.is_dir():
+        raise DataError(f"fashion-mnist folder {root} not found; {_FASHION_HINT}")
+    pool_x, pool_y = _read_fashion_part(root, "train")
+    test_x, test_y = _read_fashion_part(root, "t10k")
+    return _split_pool("fashion-mnist", pool_x, pool_y, test_x, test_y, cfg, num_classes=10,
+                       cap=cfg.num_samples)
+
+
+# --- registry --------------------------------------------------------------------------------------
+
+DATASETS: dict[str, Callable[[DataConfig], DatasetSplits]] = {
+    "mnist1d": load_mnist1d,
+    "digits": load_digits,
+    "fashion-mnist": load_fashion_mnist,
+}
+
+
+def load_dataset(cfg: DataConfig) -> DatasetSplits:
+    """Load the dataset ``cfg.name`` from the registry, split per ``cfg``."""
+    try:
+        loader = DATASETS[cfg.name]
+    except KeyError:
+        known = ", ".join(sorted(DATASETS))
+        raise DataError(f"unknown dataset {cfg.name!r}; known datasets: {known}") from None
+    return loader(cfg)

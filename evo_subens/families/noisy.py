@@ -1,0 +1,157 @@
+"""Noisy children (sparse mutation decompositions): child = parent + sigma * (mask * eps).
+
+The mask picks a ``density`` fraction of the eligible parameters; eps ~ N(0, I). Mutations compound:
+a child of an elite carries the elite's mutation steps plus one of its own, so a genome is the list of
+steps from the root parent::
+
+    {"family": "noisy", "parent": "<parent id>", "space": {...},
+     "steps": [[mask_seed, noise_seed, density, sigma], ...]}
+
+Masks come from NumPy's ``Generator.choice`` and noise from a CPU ``torch.Generator``, both seeded by
+the genome, so a genome gives the same weights in any process (bit for bit on the same device type).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ChildrenConfig
+from ..errors import ConfigError
+from ..models import classifier_parameter_names
+from .base import Family, Materialiser, Undo, decode_genome, encode_genome
+
+SEED_BOUND = 2**62  # seeds stay exact in JSON, int64 Parquet columns and torch.Generator
+
+
+def eligible_parameter_names(model: nn.Module, patterns: Sequence[str], include_classifier: bool) -> list[str]:
+    """Names of the parameters that mutations may touch, in ``named_parameters`` order."""
+    excluded = set() if include_classifier else set(classifier_parameter_names(model))
+    names = [name for name, _ in model.named_parameters()
+             if name not in excluded and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if not names:
+        available = ", ".join(name for name, _ in model.named_parameters())
+        raise ConfigError("children.layers", f"patterns that match at least one parameter "
+                                             f"(parameters: {available})", list(patterns))
+    return names
+
+
+class NoisyMaterialiser(Materialiser):
+    """Writes noisy children into a model in place; the eligible parameters share one flat buffer."""
+
+    def __init__(self, model: nn.Module, space: dict[str, Any]):
+        self.space = space
+        params = dict(model.named_parameters())
+        names = eligible_parameter_names(model, space["layers"], space["include_classifier"])
+        tensors = [params[name] for name in names]
+        self.device = tensors[0].device
+        with torch.no_grad():
+            self.flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+            offset = 0
+            # Re-point each parameter at its slice of the buffer, so one index_put mutates the model.
+            for t in tensors:
+                t.data = self.flat[offset:offset + t.numel()].view_as(t)
+                offset += t.numel()
+        self.size = offset
+        sizes = torch.tensor([t.numel() for t in tensors])
+        self.ends = sizes.cumsum(0)
+        if space["sigma_mode"] == "relative":
+            self.scales = torch.stack([t.detach().float().std(unbiased=False).cpu() for t in tensors])
+            self.scales = torch.nan_to_num(self.scales)
+        else:
+            self.scales = torch.ones(len(tensors))
+        self.sizes = sizes
+        self._mask_cache: tuple[tuple[int, float], torch.Tensor | None] | None = None
+
+    def _indices(self, mask_seed: int, density: float) -> torch.Tensor | None:
+        """Distinct indices of the mutated parameters; None means all of them."""
+        if density >= 1.0:
+            return None
+        key = (mask_seed, density)
+        if self._mask_cache is not None and self._mask_cache[0] == key:
+            return self._mask_cache[1]  # static subspaces reuse one mask for a whole generation
+        count = max(1, round(density * self.size))
+        picked = np.random.default_rng(mask_seed).choice(self.size, size=count, replace=False)
+        index = torch.from_numpy(picked)
+        self._mask_cache = (key, index)
+        return index
+
+    def _delta(self, index: torch.Tensor | None, noise_seed: int, sigma: float) -> torch.Tensor:
+        count = self.size if index is None else len(index)
+        eps = torch.randn(count, generator=torch.Generator().manual_seed(noise_seed))
+        if index is None:
+            scale = torch.repeat_interleave(self.scales, self.sizes)
+        else:
+            scale = self.scales[torch.bucketize(index, self.ends, right=True)]
+        return (eps * scale * sigma).to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def apply(self, genome: str) -> Undo:
+        spec = decode_genome(genome)
+        if spec.get("family") != "noisy" or spec.get("space") != self.space:
+            raise ValueError(f"genome does not belong to this noisy subspace: {genome[:200]}")
+        saved: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+        for mask_seed, noise_seed, density, sigma in spec["steps"]:
+            index = self._indices(mask_seed, density)
+            delta = self._delta(index, noise_seed, sigma)
+            if index is None:
+                saved.append((None, self.flat.clone()))
+                self.flat.add_(delta)
+            else:
+                index = index.to(self.device, non_blocking=True)
+                saved.append((index, self.flat[index]))
+                self.flat.index_put_((index,), delta, accumulate=True)
+
+        @torch.no_grad()
+        def undo() -> None:
+            # Restoring saved values (not subtracting the noise) makes the parent come back bit for bit.
+            for index, values in reversed(saved):
+                if index is None:
+                    self.flat.copy_(values)
+                else:
+                    self.flat[index] = values
+
+        return undo
+
+
+class NoisyFamily(Family):
+    """Children are sparse (or dense) Gaussian mutations of their parent genome."""
+
+    name = "noisy"
+
+    def __init__(self, cfg: ChildrenConfig):
+        super().__init__(cfg)
+        self.space = {"layers": list(cfg.layers), "include_classifier": cfg.include_classifier,
+                      "sigma_mode": cfg.sigma_mode}
+
+    def root(self, parent_id: str) -> str:
+        """Genome of the unmodified parent ``parent_id``."""
+        return encode_genome({"family": self.name, "parent": parent_id, "space": self.space, "steps": []})
+
+    def propose(self, parents: Sequence[str], count: int, rng: np.random.Generator) -> list[tuple[int, str]]:
+        # Static subspaces share one mask per generation; dynamic ones draw a mask per child.
+        static_mask = int(rng.integers(SEED_BOUND)) if self.cfg.subspace == "static" else None
+        children = []
+        for i in range(count):
+            parent_index = i % len(parents)  # round robin over the parents, best first
+            mask_seed = static_mask if static_mask is not None else int(rng.integers(SEED_BOUND))
+            noise_seed = int(rng.integers(SEED_BOUND))
+            spec = decode_genome(parents[parent_index])
+            spec["steps"] = spec["steps"] + [[mask_seed, noise_seed, self.cfg.density, self.cfg.sigma]]
+            children.append((parent_index, encode_genome(spec)))
+        return children
+
+    def bind(self, model: nn.Module) -> NoisyMaterialiser:
+        return NoisyMaterialiser(model, self.space)
+
+    def describe(self, genome: str) -> dict[str, Any]:
+        steps = decode_genome(genome)["steps"]
+        if not steps:
+            return {"seed": -1, "mask_seed": -1, "density": 0.0, "sigma": 0.0, "depth": 0}
+        mask_seed, noise_seed, density, sigma = steps[-1]
+        return {"seed": noise_seed, "mask_seed": mask_seed, "density": float(density), "sigma": float(sigma),
+                "depth": len(steps)}

@@ -1,0 +1,367 @@
+"""Architectures of the parent network and loading of a trained parent's weights.
+
+The registry maps a name to a builder ``builder(input_shape, num_classes, **kwargs)``; ``input_shape``
+is per sample: ``(C, L)`` for 1-D signals (MNIST-1D), ``(C, H, W)`` for images (digits, Fashion-MNIST).
+Every registry model ends in an ``nn.Linear`` named ``classifier``, registered last, so
+:func:`classifier_parameter_names` finds it.
+
+    >>> model = build_model(ModelConfig(name="cnn2d"), (1, 28, 28), 10)
+    >>> classifier_parameter_names(model)
+    ['classifier.weight', 'classifier.bias']
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import pickle
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import ConfigError, ParentFileError
+
+__all__ = [
+    "MODELS",
+    "MLP",
+    "CNN1d",
+    "CNN2d",
+    "LeNet",
+    "build_model",
+    "load_parent_state",
+    "classifier_parameter_names",
+    "count_parameters",
+]
+
+# Width multipliers of the named LeNet sizes.
+LENET_SIZES: dict[str, float] = {"S": 1.0, "M": 2.0, "L": 4.0}
+
+
+def _positive_ints(name: str, value: Any) -> tuple[int, ...]:
+    """``value`` as a tuple of positive ints (YAML gives lists), else a ConfigError on model.kwargs."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    ok = (isinstance(value, Sequence) and not isinstance(value, str)
+          and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+    if not ok:
+        raise ConfigError("model.kwargs", f"'{name}' as a list of positive integers", value)
+    return tuple(value)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise ConfigError("model.kwargs", f"'{name}' as a positive integer", value)
+    return value
+
+
+def _check_rank(arch: str, input_shape: Sequence[int], rank: int, kind: str) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != rank or any(s < 1 for s in shape):
+        raise ConfigError("model.name", f"an architecture for the data's per-sample shape {shape} "
+                                        f"('{arch}' takes {kind})", arch)
+    return shape
+
+
+@torch.no_grad()
+def _flat_size(features: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Features per sample after ``features``, found by a dummy forward so any input size works."""
+    was_training = features.training
+    features.eval()
+    out = features(torch.zeros(1, *input_shape))
+    features.train(was_training)
+    return out[0].numel()
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear/ReLU(/Dropout) hidden layers, then a Linear classifier."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256, 256),
+                 dropout: float = 0.0):
+        super().__init__()
+        hidden = _positive_ints("hidden", hidden)
+        if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1):
+            raise ConfigError("model.kwargs", "'dropout' as a probability in [0, 1)", dropout)
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = math.prod(int(s) for s in input_shape)
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class CNN1d(nn.Module):
+    """Conv1d/ReLU/MaxPool blocks on (C, L) signals, then Linear(hidden)/ReLU and a Linear classifier."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 64),
+                 kernel_size: int = 5, hidden: int = 128):
+        super().__init__()
+        shape = _check_rank("cnn1d", input_shape, 2, "1-D signal inputs (C, L)")
+        channels = _positive_ints("channels", channels)
+        kernel_size = _positive_int("kernel_size", kernel_size)
+        hidden = _positive_int("hidden", hidden)
+        layers: list[nn.Module] = []
+        c, length = shape
+        for out in channels:
+            # 'same' padding keeps the length, so only the pooling shrinks it.
+            layers += [nn.Conv1d(c, out, kernel_size, padding="same"), nn.ReLU()]
+            if length >= 2:
+                layers.append(nn.MaxPool1d(2))
+                length //= 2
+            c = out
+        self.features = nn.Sequential(*layers)
+        flat = _flat_size(self.features, shape)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU())
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.head(self.features(x)))
+
+
+class CNN2d(nn.Module):
+    """Small image CNN: Conv3x3/ReLU/MaxPool blocks, adaptive average pooling to at most
+    ``pooled`` x ``pooled``, then Linear(hidden)/ReLU and a Linear classifier (~94k parameters
+    with the defaults on 28x28)."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 64),
+                 hidden: int = 128, pooled: int = 3):
+        super().__init__()
+        shape = _check_rank("cnn2d", input_shape, 3, "2-D image inputs (C, H, W)")
+        channels = _positive_ints("channels", channels)
+        hidden = _positive_int("hidden", hidden)
+        pooled = _positive_int("pooled", pooled)
+        layers: list[nn.Module] = []
+        c, h, w = shape
+        for out in channels:
+            layers += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU()]
+            if min(h, w) >= 2:  # small inputs (8x8 digits) run out of room to pool
+                layers.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+            c = out
+        # Capping at the current size avoids upsampling small maps; fixing it makes the head's
+        # size independent of the image size on large inputs.
+        layers.append(nn.AdaptiveAvgPool2d((min(pooled, h), min(pooled, w))))
+        self.features = nn.Sequential(*layers)
+        flat = _flat_size(self.features, shape)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU())
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.head(self.features(x)))
+
+
+class LeNet(nn.Module):
+    """LeNet-5 style: conv5x5(6)/pool, conv5x5(16)/pool, fc 120, fc 84, Linear classifier.
+
+    Channels and units are scaled by ``width`` or by a named ``size`` (S=1x, M=2x, L=4x); the
+    convolutions are padded by 2 so 8x8 inputs keep enough room.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, width: float = 1.0,
+                 size: str | None = None):
+        super().__init__()
+        shape = _check_rank("lenet", input_shape, 3, "2-D image inputs (C, H, W)")
+        if size is not None:
+            if size not in LENET_SIZES:
+                raise ConfigError("model.kwargs", f"'size' as one of {', '.join(LENET_SIZES)}", size)
+            if width != 1.0:
+                raise ConfigError("model.kwargs", "either 'width' or 'size', not both",
+                                  {"width": width, "size": size})
+            width = LENET_SIZES[size]
+        if not (isinstance(width, (int, float)) and not isinstance(width, bool) and width > 0):
+            raise ConfigError("model.kwargs", "'width' as a positive number", width)
+
+        def scaled(n: int) -> int:
+            return max(1, round(n * width))
+
+        c, h, w = shape
+        layers: list[nn.Module] = []
+        for out in (scaled(6), scaled(16)):
+            layers += [nn.Conv2d(c, out, 5, padding=2), nn.ReLU()]
+            if min(h, w) >= 2:
+                layers.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(_flat_size(self.features, shape), scaled(120)),
+                                  nn.ReLU(), nn.Linear(scaled(120), scaled(84)), nn.ReLU())
+        self.classifier = nn.Linear(scaled(84), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.head(self.features(x)))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "cnn1d": CNN1d,
+    "cnn2d": CNN2d,
+    "lenet": LeNet,
+}
+
+
+def _check_kwargs(builder: Callable[..., Any], kwargs: Mapping[str, Any], what: str,
+                  *, positional: tuple = ()) -> None:
+    """Reject kwargs the constructor does not accept, naming the ones it does."""
+    try:
+        sig = inspect.signature(builder)
+    except (TypeError, ValueError):  # some builtins have no signature; the call itself will tell
+        return
+    try:
+        sig.bind(*positional, **kwargs)
+    except TypeError as exc:
+        accepted = [p.name for p in list(sig.parameters.values())[len(positional):]
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        raise ConfigError("model.kwargs", f"keyword arguments accepted by {what} "
+                                          f"({', '.join(accepted) or 'none'}): {exc}", dict(kwargs)) from None
+
+
+def _import_architecture(spec: str) -> Callable[..., Any]:
+    def bad(reason: str) -> ConfigError:
+        return ConfigError("model.architecture", f"an importable 'module:Class' ({reason})", spec)
+
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise bad("the form is 'package.module:ClassName'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # a broken user module can raise anything while importing
+        raise bad(f"importing '{module_name}' failed: {type(exc).__name__}: {exc}") from None
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise bad(f"'{module_name}' has no attribute '{attr_path}'") from None
+    if not callable(obj):
+        raise bad(f"'{attr_path}' is a {type(obj).__name__}, not a class")
+    if inspect.isclass(obj) and not issubclass(obj, nn.Module):
+        raise bad(f"'{attr_path}' is not a torch.nn.Module subclass")
+    return obj
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build the parent architecture: ``cfg.architecture`` (``module:Class``, built as
+    ``Class(**cfg.kwargs)``) when set, else the registry entry ``cfg.name`` for this input shape."""
+    kwargs = dict(cfg.kwargs or {})
+    args: tuple = ()
+    if cfg.architecture:
+        builder = _import_architecture(cfg.architecture)
+        what = cfg.architecture
+    else:
+        if cfg.name not in MODELS:
+            raise ConfigError("model.name", "one of " + ", ".join(sorted(MODELS)), cfg.name)
+        builder = MODELS[cfg.name]
+        what = f"'{cfg.name}'"
+        args = (tuple(input_shape), num_classes)
+    _check_kwargs(builder, kwargs, what, positional=args)
+    try:
+        model = builder(*args, **kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        # The kwargs are the only user input here, so a type/value error is theirs to fix.
+        raise ConfigError("model.kwargs", f"values {what} accepts ({type(exc).__name__}: {exc})",
+                          kwargs) from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError("model.architecture", f"a 'module:Class' that builds a torch.nn.Module "
+                                                f"(it built a {type(model).__name__})", cfg.architecture)
+    return model
+
+
+def _some(keys: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The specific cause inside torch's weights_only error, without its paragraphs of advice about
+    ``weights_only=False`` (which is never an option here)."""
+    text = str(exc)
+    match = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)
+    reason = " ".join((match.group(1) if match else text).split())
+    return reason.split(". Please use")[0] or type(exc).__name__
+
+
+def load_parent_state(path: str | Path, model: nn.Module) -> None:
+    """Load a plain state_dict file into ``model`` (strict). Only tensors are unpickled
+    (``weights_only=True``); every failure is a :class:`ParentFileError` naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ParentFileError(f"parent weights file {path} does not exist")
+    if not path.is_file():
+        raise ParentFileError(f"parent weights file {path} is not a file")
+    if path.stat().st_size == 0:
+        raise ParentFileError(f"parent weights file {path} is empty")
+    try:
+        with warnings.catch_warnings():
+            # A foreign pickle makes torch warn before it fails; the error below says it better.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ParentFileError(f"cannot read parent weights file {path}: it is corrupt or not a plain "
+                              f"state_dict saved with torch.save (only tensors are loaded; "
+                              f"{_unpickler_reason(exc)})") from None
+    except Exception as exc:  # torch.load raises many types on truncated/foreign files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ParentFileError(f"cannot read parent weights file {path}: {type(exc).__name__}"
+                              + (f": {first_line}" if first_line else "")) from None
+
+    if not isinstance(state, Mapping):
+        raise ParentFileError(f"parent weights file {path} is not a state_dict: it holds a "
+                              f"{type(state).__name__}, expected a mapping of parameter names to tensors")
+    bad = [repr(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ParentFileError(f"parent weights file {path} is not a state_dict: entries that are not "
+                              f"name -> tensor: {_some(bad)}")
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_some(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches: {_some(shapes)}")
+    if problems:
+        raise ParentFileError(f"parent weights file {path} does not fit the architecture "
+                              f"{type(model).__name__}: " + "; ".join(problems))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # custom modules may reject what the key/shape check let through
+        raise ParentFileError(f"parent weights file {path} does not fit the architecture "
+                              f"{type(model).__name__}: {exc}") from None
+
+
+def classifier_parameter_names(model: nn.Module) -> list[str]:
+    """Names (as in ``model.named_parameters()``) of the final classifier layer's parameters: those
+    of the last module, in ``named_modules()`` order, that directly owns parameters."""
+    # Map by identity so a parameter shared with an earlier module keeps the name
+    # named_parameters() gives it.
+    names = {id(p): name for name, p in model.named_parameters()}
+    last: nn.Module | None = None
+    for _, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            last = module
+    if last is None:
+        return []
+    return [names[id(p)] for p in last.parameters(recurse=False)]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters (each shared parameter counted once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,118 @@
+"""The run directory ``runs/<name>/``: the source of truth of a run, written atomically.
+
+Layout::
+
+    config.yaml          resolved config (every field, defaults included)
+    parent.pt            parent state_dict (loads with ``torch.load(..., weights_only=True)``)
+    population.parquet   one row per evaluated candidate (see POPULATION_SCHEMA)
+    members.json         member genomes in selection order (+ weight files of fine-tuned members)
+    members/<i>.pt       state_dict of fine-tuned member i (only when finetune.epochs > 0)
+    metrics.json         test metrics: parent, members, ensemble
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+import yaml
+
+from .config import RunConfig, config_to_dict
+from .errors import RunDirError
+
+# Column -> pandas dtype of population.parquet. Stable names: analyses and later tools rely on them.
+POPULATION_SCHEMA: dict[str, str] = {
+    "generation": "int64",      # generation the candidate was evaluated in (0-based)
+    "candidate": "int64",       # run-wide candidate id, in evaluation order
+    "parent": "int64",          # candidate id of the genome it extends; -1 = the trained parent
+    "seed": "int64",            # noise seed of the candidate's own (last) mutation
+    "mask_seed": "int64",       # mask seed of that mutation
+    "density": "float64",       # fraction of eligible parameters that mutation perturbs
+    "sigma": "float64",         # noise scale of that mutation
+    "depth": "int64",           # mutations from the trained parent (compounding through elites)
+    "fitness": "float64",       # the selection metric (val_accuracy or val_nll)
+    "val_accuracy": "float64",
+    "val_nll": "float64",
+    "is_elite": "bool",         # kept as an elite at the end of its own generation
+    "is_member": "bool",        # selected into the final ensemble
+    "eval_seconds": "float64",  # wall time of its evaluation inside the worker
+    "worker": "string",         # 'actor-<i>' or 'local'
+    "genome": "string",         # the full genome (JSON), materialises the candidate exactly
+}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write a file via a temp file in the same folder, flush + fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically write a text file."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically write JSON (indented, keys in insertion order)."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_state(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Atomically write a ``state_dict`` (tensors only, so it loads with ``weights_only=True``)."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def population_frame(rows: list[dict]) -> pd.DataFrame:
+    """The population log as a DataFrame with :data:`POPULATION_SCHEMA`'s columns and dtypes."""
+    frame = pd.DataFrame(rows, columns=list(POPULATION_SCHEMA))
+    return frame.astype(POPULATION_SCHEMA)
+
+
+def write_population(path: Path, rows: list[dict]) -> None:
+    """Atomically write the population log as Parquet."""
+    frame = population_frame(rows)
+    atomic_write(path, lambda f: frame.to_parquet(f, index=False))
+
+
+def default_run_name(config_name: str, seed: int) -> str:
+    """``<config>-s<seed>-<YYYYmmdd-HHMMSS>``."""
+    return f"{config_name}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def create_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
+    """Create ``output_dir/name`` (refusing to reuse a non-empty one) and write the resolved config."""
+    name = cfg.name or default_run_name(config_name, cfg.seed)
+    run_dir = Path(cfg.output_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirError(f"run directory {run_dir} already exists and is not empty; choose another name "
+                          f"(name=...) or remove it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = config_to_dict(cfg)
+    resolved["name"] = name
+    write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    return run_dir

@@ -1,0 +1,91 @@
+"""SGD training (parent and member fine-tuning) and batched prediction."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+from .data import Split
+
+
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """Multiplier of the peak learning rate at ``step`` (0-based) of ``total_steps``, stepped per batch.
+
+    ``onecycle`` is the two-phase cosine of Prune and Tune: warm-up over the first 10% from lr/100 to lr,
+    then cosine decay to about 1e-7 * lr.
+    """
+    progress = step / max(1, total_steps)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "step":
+        return 0.1 ** int(progress * 3)  # /10 after one third and after two thirds
+    if schedule == "onecycle":
+        warm = 0.1
+        if progress < warm:
+            start = 0.01
+            return start + (1 - start) * 0.5 * (1 - math.cos(math.pi * progress / warm))
+        end = 1e-7
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * (progress - warm) / (1 - warm)))
+    raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int,
+          on_epoch: Callable[[int, float, float], None] | None = None,
+          parameter_filter: Callable[[nn.Module], None] | None = None) -> None:
+    """Train ``model`` in place with SGD on ``data`` for ``cfg.epochs`` epochs.
+
+    Batches are drawn from a generator seeded with ``seed``, so training is a function of its inputs.
+    ``on_epoch(epoch, mean_loss, seconds)`` reports progress; ``parameter_filter(model)`` runs after every
+    optimiser step (families with fixed masks re-apply them there).
+    """
+    if cfg.epochs == 0:
+        return
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(data)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    step = 0
+    model.train()
+    for epoch in range(cfg.epochs):
+        started = time.perf_counter()
+        order = torch.randperm(n, generator=generator)
+        loss_sum = 0.0
+        for begin in range(0, n, cfg.batch_size):
+            index = order[begin:begin + cfg.batch_size]
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, step, total_steps)
+            loss = F.cross_entropy(model(data.x[index]), data.y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if parameter_filter is not None:
+                parameter_filter(model)
+            loss_sum += loss.item() * len(index)
+            step += 1
+        if on_epoch is not None:
+            on_epoch(epoch, loss_sum / n, time.perf_counter() - started)
+    model.eval()
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Logits of ``model`` on ``x`` (evaluation mode), computed in batches on the model's device."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(x[i:i + batch_size].to(device, non_blocking=True)).float()
+                      for i in range(0, len(x), batch_size)]).cpu()
+
+
+def predict_probs(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Softmax probabilities of ``model`` on ``x``."""
+    return predict_logits(model, x, batch_size).softmax(dim=1)

@@ -10,7 +10,9 @@ import yaml
 from .config import config_to_dict, field_docs, load_config
 from .errors import UserError
 
-EXAMPLES = """examples:
+EXAMPLES = """Overrides are dotted key=value pairs after the config, values parsed as YAML.
+
+examples:
   evo-subens run configs/default.yaml
   evo-subens run configs/default.yaml search.population=64 children.density=0.01 name=dense-sweep
   evo-subens config configs/default.yaml search.generations=5
@@ -30,7 +32,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
         for name, doc, default in field_docs():
             print(f"{name:<32} {doc} (default: {default!r})")
         return 0
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.config is not None and "=" in args.config:  # only overrides, on the built-in defaults
+        overrides.insert(0, args.config)
+        args.config = None
+    cfg = load_config(args.config, overrides)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     return 0
 
@@ -40,7 +46,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     throughput(models=args.models.split(","), population=args.population, actors=args.actors,
                density=args.density, validation_size=args.validation_size, repeats=args.repeats,
-               data_root=args.data_root)
+               data_root=args.data_root, gpus_per_actor=args.gpus_per_actor)
     return 0
 
 
@@ -84,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     throughput_parser.add_argument("--validation-size", type=int, default=5000, help="validation images")
     throughput_parser.add_argument("--repeats", type=int, default=3, help="timed generations per method")
     throughput_parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder")
+    throughput_parser.add_argument("--gpus-per-actor", type=float, default=0.0,
+                                   help="GPUs per actor (e.g. 0.5 with 2 actors on one GPU); 0 = CPU")
     throughput_parser.set_defaults(handler=_cmd_bench)
     return parser
 

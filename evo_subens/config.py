@@ -11,6 +11,7 @@ bad value is rejected before any work starts with a message that names the field
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigFileError
 
 
 def option(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
@@ -148,6 +149,21 @@ class RunConfig:
             raise ConfigError("data.validation_size", "a fraction in (0, 1) or a whole number of samples", v)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.2); PyYAML's 1.1 rules make it a string."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text the way configs and overrides are read."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def _describe(hint: Any) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
              list: "a list", dict: "a mapping", type(None): "null"}
@@ -234,7 +250,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(item, "an override of the form section.field=value", show_got=False)
         try:
-            value = yaml.safe_load(raw)
+            value = parse_yaml(raw)
         except yaml.YAMLError:
             value = raw
         node = data
@@ -254,11 +270,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(str(path), "an existing YAML config file", show_got=False)
+            raise ConfigFileError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(str(path), f"valid YAML ({exc})", show_got=False) from None
+            raise ConfigFileError(f"config file {path} is not valid YAML: {exc}") from None
     apply_overrides(data, overrides or [])
     return config_from_dict(data)
 

@@ -17,6 +17,10 @@ class ConfigError(UserError):
         super().__init__(message)
 
 
+class ConfigFileError(UserError):
+    """A config file is missing or is not valid YAML."""
+
+
 class DataError(UserError):
     """A dataset is missing or malformed."""
 

@@ -25,7 +25,7 @@ def parent_fingerprint(state: dict[str, torch.Tensor]) -> str:
     """Short content hash of a parent's weights: the ``parent`` id every genome carries."""
     digest = hashlib.sha256()
     for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
+        tensor = state[name].detach().cpu().contiguous().reshape(-1)  # 0-dim buffers cannot be viewed as bytes
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(repr(tuple(tensor.shape)).encode())
@@ -48,6 +48,11 @@ class EvaluationPayload:
     batch_size: int
     threads: int
     use_gpu: bool = False
+
+
+def worker_device(payload: EvaluationPayload) -> str:
+    """Where a worker evaluates: CUDA when GPUs were requested and this process sees one, else the CPU."""
+    return "cuda" if payload.use_gpu and torch.cuda.is_available() else "cpu"
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,8 @@ class CandidateEvaluator:
                              f"{genome[:200]}")
 
     @torch.inference_mode()
-    def _score_current_model(self) -> tuple[float, float]:
+    def score_current(self) -> tuple[float, float]:
+        """Validation (accuracy, NLL) of the model as it is now (the parent, outside ``evaluate``)."""
         correct = 0
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         for begin in range(0, len(self.val_x), self.payload.batch_size):
@@ -107,7 +113,7 @@ class CandidateEvaluator:
         started = time.perf_counter()
         self._check_parent(genome)
         with self.materialiser.materialised(genome):
-            accuracy, nll = self._score_current_model()
+            accuracy, nll = self.score_current()
         return CandidateScore(accuracy, nll, time.perf_counter() - started)
 
     def child_state(self, genome: str) -> dict[str, torch.Tensor]:

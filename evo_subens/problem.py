@@ -8,6 +8,7 @@ carries only genome strings. The in-process executor is the same Problem with no
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -16,7 +17,8 @@ import torch
 from evotorch import Problem, SolutionBatch
 
 from .config import WorkersConfig
-from .evaluation import CandidateEvaluator, EvaluationPayload, torch_threads
+from .errors import ConfigError
+from .evaluation import CandidateEvaluator, EvaluationPayload, torch_threads, worker_device
 
 # Columns of the evaluation data every candidate returns, after its fitness.
 EVAL_COLUMNS = ("val_accuracy", "val_nll", "eval_seconds", "worker")
@@ -59,6 +61,11 @@ class SubnetworkProblem(Problem):
         super().__init__("max" if fitness == "accuracy" else "min", dtype=object, eval_dtype=torch.float64,
                          eval_data_length=len(EVAL_COLUMNS), num_actors=num_actors, actor_config=actor_config,
                          num_gpus_per_actor=num_gpus_per_actor or None, subbatch_size=subbatch_size)
+        if num_actors == 1:
+            # EvoTorch turns a single actor into in-process evaluation. Keep the one actor asked for: on a
+            # cluster the driver may have no GPU, and the Ray path must stay the same for any actor count.
+            self._num_actors = 1
+            self._num_gpus_per_actor = num_gpus_per_actor or None
         self.payload = payload
         self.fitness_name = fitness
         self._evaluator: CandidateEvaluator | None = None
@@ -73,11 +80,20 @@ class SubnetworkProblem(Problem):
 
     def _get_evaluator(self) -> CandidateEvaluator:
         if self._evaluator is None:
-            use_cuda = self.payload.use_gpu and torch.cuda.is_available()
             if self.is_remote:
                 torch.set_num_threads(self.payload.threads)
-            self._evaluator = CandidateEvaluator(self.payload, "cuda" if use_cuda else "cpu")
+            self._evaluator = CandidateEvaluator(self.payload, worker_device(self.payload))
         return self._evaluator
+
+    def evaluation_device(self) -> str:
+        """The device this problem instance evaluates on (called on each actor to report placement)."""
+        return str(self._get_evaluator().device)
+
+    def worker_devices(self) -> list[str]:
+        """The evaluation device of every actor, or of this process for the in-process executor."""
+        if self.actors is None:
+            return [self.evaluation_device()]
+        return self.all_remote_problems().evaluation_device()
 
     def _evaluate_batch(self, batch: SolutionBatch) -> None:
         evaluator = self._get_evaluator()
@@ -102,6 +118,15 @@ class SubnetworkProblem(Problem):
             self.kill_actors()
 
 
+def actor_options(workers: WorkersConfig) -> dict:
+    """Ray options of an evaluation actor: its CPUs and the environment its process starts with.
+
+    GPUs are not listed: EvoTorch adds ``num_gpus`` from ``num_gpus_per_actor`` itself.
+    """
+    env = dict(ACTOR_ENV, OMP_NUM_THREADS=str(workers.threads_per_actor))
+    return {"num_cpus": workers.threads_per_actor, "runtime_env": {"env_vars": env}}
+
+
 def make_problem(workers: WorkersConfig, payload: EvaluationPayload, *, fitness: str,
                  population: int) -> SubnetworkProblem:
     """The problem for ``workers.executor``: Ray actors as configured, or in-process evaluation."""
@@ -109,9 +134,33 @@ def make_problem(workers: WorkersConfig, payload: EvaluationPayload, *, fitness:
         return SubnetworkProblem(payload, fitness=fitness)
     ensure_ray(workers.address)
     num_actors = workers.num_actors or default_num_actors(workers)
+    gpus_per_actor = _fit_to_cluster(workers, num_actors)
     # About two tasks per actor per generation balances uneven candidates without much task overhead.
     subbatch = workers.subbatch_size or max(1, math.ceil(population / (2 * num_actors)))
-    actor_config = {"num_cpus": workers.threads_per_actor,
-                    "runtime_env": {"env_vars": dict(ACTOR_ENV, OMP_NUM_THREADS=str(workers.threads_per_actor))}}
-    return SubnetworkProblem(payload, fitness=fitness, num_actors=num_actors, actor_config=actor_config,
-                             num_gpus_per_actor=workers.num_gpus_per_actor, subbatch_size=subbatch)
+    return SubnetworkProblem(payload, fitness=fitness, num_actors=num_actors, actor_config=actor_options(workers),
+                             num_gpus_per_actor=gpus_per_actor, subbatch_size=subbatch)
+
+
+def _fit_to_cluster(workers: WorkersConfig, num_actors: int) -> float:
+    """Refuse actor requests the Ray cluster can never place (Ray would wait for them forever).
+
+    Returns the GPUs to request per actor: none when the cluster has no GPU at all, in which case the
+    actors evaluate on their CPUs, as ``workers.num_gpus_per_actor`` documents.
+    """
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if num_actors * workers.threads_per_actor > cpus:
+        raise ConfigError("workers.num_actors", f"num_actors * threads_per_actor <= {cpus:g}, the CPUs of the "
+                                                f"Ray cluster (threads_per_actor={workers.threads_per_actor})",
+                          num_actors)
+    if workers.num_gpus_per_actor == 0:
+        return 0.0
+    if gpus == 0:
+        logging.getLogger(__name__).warning("workers.num_gpus_per_actor=%g but the Ray cluster has no GPU; "
+                                            "evaluating on CPUs", workers.num_gpus_per_actor)
+        return 0.0
+    if num_actors * workers.num_gpus_per_actor > gpus:
+        raise ConfigError("workers.num_gpus_per_actor", f"num_actors * num_gpus_per_actor <= {gpus:g}, the GPUs "
+                                                        f"of the Ray cluster (num_actors={num_actors})",
+                          workers.num_gpus_per_actor)
+    return workers.num_gpus_per_actor

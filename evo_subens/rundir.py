@@ -13,6 +13,7 @@ Layout::
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import tempfile
@@ -104,15 +105,34 @@ def default_run_name(config_name: str, seed: int) -> str:
     return f"{config_name}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _claim_dir(root: Path, name: str | None, config_name: str, seed: int) -> Path:
+    """Create the run directory; ``mkdir`` without ``exist_ok`` makes the claim atomic between processes."""
+    if name:
+        run_dir = root / name
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            if any(run_dir.iterdir()):
+                raise RunDirError(f"run directory {run_dir} already exists and is not empty; choose another "
+                                  f"name (name=...) or remove it") from None
+        return run_dir
+    base = default_run_name(config_name, seed)
+    for attempt in itertools.count(1):
+        run_dir = root / (base if attempt == 1 else f"{base}-{attempt}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue  # another run of the same config started in the same second
+    raise AssertionError("unreachable")
+
+
 def create_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
-    """Create ``output_dir/name`` (refusing to reuse a non-empty one) and write the resolved config."""
-    name = cfg.name or default_run_name(config_name, cfg.seed)
-    run_dir = Path(cfg.output_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise RunDirError(f"run directory {run_dir} already exists and is not empty; choose another name "
-                          f"(name=...) or remove it")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Create ``output_dir/name`` (refusing a non-empty one) and write the resolved config into it."""
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    run_dir = _claim_dir(root, cfg.name, config_name, cfg.seed)
     resolved = config_to_dict(cfg)
-    resolved["name"] = name
+    resolved["name"] = run_dir.name
     write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     return run_dir

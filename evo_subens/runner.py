@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from .metrics import classification_metrics
 from .models import build_model, count_parameters, load_parent_state
 from .problem import LOCAL_WORKER, make_problem
 from .rundir import create_run_dir, write_json, write_population, write_state
-from .search import CandidateRecord, SubnetworkSearch, select_members
+from .search import CandidateRecord, SubnetworkSearch, rank_key, select_members
 from .training import predict_probs, train
 
 Progress = Callable[[str], None]
@@ -50,15 +50,21 @@ def _population_rows(records: list[CandidateRecord], family) -> list[dict]:
     return rows
 
 
-def _train_parent(cfg: RunConfig, data: DatasetSplits, progress: Progress) -> torch.nn.Module:
+def _build_parent(cfg: RunConfig, data: DatasetSplits) -> torch.nn.Module:
+    """The parent architecture, with the user's weights if given; fails fast on a bad model, layer
+    pattern or parent file (before the run directory exists)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes)
-    # Bind once on a throwaway copy so a bad layer pattern fails before any training.
     make_family(cfg.children).bind(build_model(cfg.model, data.input_shape, data.num_classes))
     if cfg.model.parent_path:
         load_parent_state(cfg.model.parent_path, model)
+    return model
+
+
+def _train_parent(cfg: RunConfig, model: torch.nn.Module, data: DatasetSplits, progress: Progress) -> None:
+    if cfg.model.parent_path:
         progress(f"[parent] loaded {cfg.model.parent_path} ({count_parameters(model):,} parameters)")
-        return model.eval()
+        return
     progress(f"[parent] training {count_parameters(model):,} parameters for {cfg.parent.epochs} epochs "
              f"on {len(data.train):,} samples")
 
@@ -69,7 +75,6 @@ def _train_parent(cfg: RunConfig, data: DatasetSplits, progress: Progress) -> to
                  f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  ({seconds:.1f}s)")
 
     train(model, data.train, cfg.parent, seed=cfg.seed, on_epoch=report)
-    return model
 
 
 def _finetune(cfg: RunConfig, data: DatasetSplits, states: list[dict], progress: Progress) -> list[dict]:
@@ -81,6 +86,16 @@ def _finetune(cfg: RunConfig, data: DatasetSplits, states: list[dict], progress:
         tuned.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         progress(f"[finetune] member {i + 1}/{len(states)} done")
     return tuned
+
+
+def _generation_line(search: SubnetworkSearch, cfg: RunConfig, seconds: float) -> str:
+    latest = [r for r in search.records if r.generation == search.generation - 1]
+    ranked = sorted(latest, key=lambda r: rank_key(r, cfg.search.fitness))
+    best, median, worst = ranked[0], ranked[len(ranked) // 2], ranked[-1]
+    return (f"[search] generation {search.generation}/{cfg.search.generations}  val {cfg.search.fitness}: "
+            f"best {best.fitness:.4f}  median {median.fitness:.4f}  worst {worst.fitness:.4f}  "
+            f"elite best {search.elites[0].fitness:.4f}  "
+            f"({len(latest)} candidates in {seconds:.1f}s, {len(latest) / seconds:.1f}/s)")
 
 
 def _summary_table(metrics: dict) -> str:
@@ -100,14 +115,16 @@ def run(config: RunConfig | str | Path, overrides: list[str] | None = None, *,
         config_name = Path(config).stem
         config = load_config(config, overrides)
     cfg = config
+    logging.getLogger("evotorch").setLevel(logging.WARNING)  # its per-problem INFO lines drown the progress
+    started = time.perf_counter()
+    data = load_dataset(cfg.data)
+    parent = _build_parent(cfg, data)
     run_dir = create_run_dir(cfg, config_name)
     progress(f"[run] {run_dir}")
-    started = time.perf_counter()
-
-    data = load_dataset(cfg.data)
     progress(f"[data] {data.name}: train {len(data.train):,}  validation {len(data.validation):,}  "
              f"test {len(data.test):,}")
-    parent = _train_parent(cfg, data, progress)
+    _train_parent(cfg, parent, data, progress)
+    parent.eval()
     parent_state = {k: v.detach().cpu().clone() for k, v in parent.state_dict().items()}
     write_state(run_dir / "parent.pt", parent_state)
 
@@ -126,12 +143,11 @@ def run(config: RunConfig | str | Path, overrides: list[str] | None = None, *,
             search.step()
             seconds = time.perf_counter() - step_started
             write_population(population_path, _population_rows(search.records, family))
-            fits = sorted(r.fitness for r in search.records if r.generation == search.generation - 1)
-            progress(f"[search] generation {search.generation}/{cfg.search.generations}  "
-                     f"{cfg.search.fitness}: best {search.status['best_fitness']:.4f}  "
-                     f"median {fits[len(fits) // 2]:.4f}  worst {fits[0] if cfg.search.fitness == 'accuracy' else fits[-1]:.4f}  "
-                     f"({cfg.search.population} candidates in {seconds:.1f}s, "
-                     f"{cfg.search.population / seconds:.1f}/s)")
+            if search.generation == 1:
+                devices = problem.worker_devices()
+                where = "in-process" if problem.actors is None else f"{len(devices)} Ray actors"
+                progress(f"[workers] evaluating {where} on {', '.join(sorted(set(devices)))}")
+            progress(_generation_line(search, cfg, seconds))
     finally:
         problem.close()
 
@@ -174,8 +190,3 @@ def run(config: RunConfig | str | Path, overrides: list[str] | None = None, *,
     progress(_summary_table(metrics))
     progress(f"[run] results in {run_dir}")
     return RunResult(run_dir, metrics, pd.read_parquet(population_path), [m.genome for m in members])
-
-
-def load_metrics(run_dir: str | Path) -> dict:
-    """The ``metrics.json`` of a finished run."""
-    return json.loads((Path(run_dir) / "metrics.json").read_text())

@@ -13,6 +13,7 @@ far. Elites are not evaluated again: fitness is deterministic.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,10 +49,16 @@ ROOT_CANDIDATE = -1  # the ``parent`` of generation-0 candidates: the trained pa
 
 
 def rank_key(record: CandidateRecord, fitness: str) -> tuple:
-    """Sort key, best first: the fitness metric, the other metric as tie-break, then the candidate id."""
+    """Sort key, best first: the fitness metric, the other metric as tie-break, then the candidate id.
+
+    A diverged candidate (NaN metrics) ranks last: NaN compares false with everything and would
+    otherwise land anywhere in a sort.
+    """
+    nll = math.inf if math.isnan(record.val_nll) else record.val_nll
+    accuracy = -math.inf if math.isnan(record.val_accuracy) else record.val_accuracy
     if fitness == "accuracy":
-        return (-record.val_accuracy, record.val_nll, record.candidate)
-    return (record.val_nll, -record.val_accuracy, record.candidate)
+        return (-accuracy, nll, record.candidate)
+    return (nll, -accuracy, record.candidate)
 
 
 def select_members(records: list[CandidateRecord], size: int, fitness: str) -> list[CandidateRecord]:

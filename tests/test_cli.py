@@ -1,0 +1,95 @@
+"""The `evo-subens` command line: help, a tiny run end to end, and user errors (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evo_subens import cli
+
+RUN_NAME = "cli-run"
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory: pytest.TempPathFactory, tiny_yaml_text: str, cli_command: list[str]):
+    """`evo-subens run tiny.yaml name=cli-run` in a fresh folder (runs go to its ./runs)."""
+    cwd = tmp_path_factory.mktemp("cli")
+    (cwd / "tiny.yaml").write_text(tiny_yaml_text)
+    args = ["run", "tiny.yaml", f"name={RUN_NAME}", "workers.executor=local"]
+    proc = subprocess.run([*cli_command, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return cwd, args, proc
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]], ids=["top", "run"])
+def test_help_explains_overrides(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    """Both help screens exit 0 and tell the user about key=value overrides."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 0
+    assert "key=value" in capsys.readouterr().out
+
+
+def test_tiny_run_prints_summary(cli_run) -> None:
+    """A tiny run exits 0, prints the parent / best member / ensemble table and where the results are."""
+    cwd, _, proc = cli_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stdout.splitlines()
+    number = r"\s+\d+\.\d{4}"
+    for label in ("parent", "best member", r"ensemble \(3\)"):
+        assert any(re.fullmatch(label + number * 3, line.strip()) for line in lines), label
+    run_dir = Path("runs") / RUN_NAME
+    assert str(run_dir) in proc.stdout
+    for name in ("config.yaml", "parent.pt", "population.parquet", "members.json", "metrics.json"):
+        assert (cwd / run_dir / name).is_file(), name
+
+
+def test_same_name_twice_is_refused(cli_run, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture) -> None:
+    """Re-running into an existing run directory exits 2, names it, and leaves its files untouched."""
+    cwd, args, proc = cli_run
+    assert proc.returncode == 0
+    metrics = (cwd / "runs" / RUN_NAME / "metrics.json").read_text()
+    monkeypatch.chdir(cwd)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and str(Path("runs") / RUN_NAME) in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert (cwd / "runs" / RUN_NAME / "metrics.json").read_text() == metrics
+    json.loads(metrics)
+
+
+def test_missing_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture) -> None:
+    """A config path that does not exist exits 2 with a message naming the file, and creates nothing."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "does-not-exist.yaml"]) == 2
+    assert "does-not-exist.yaml" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_invalid_yaml_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A file that is not YAML exits 2 naming the file."""
+    path = tmp_path / "broken.yaml"
+    path.write_text("search: [unclosed\n")
+    assert cli.main(["config", str(path)]) == 2
+    assert "broken.yaml" in capsys.readouterr().err
+
+
+def test_config_command_rejects_bad_override(capsys: pytest.CaptureFixture) -> None:
+    """`evo-subens config` validates too: a bad value exits 2 naming the field."""
+    assert cli.main(["config", str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml"),
+                     "children.density=2"]) == 2
+    assert "children.density" in capsys.readouterr().err
+
+
+def test_config_command_with_overrides_only(capsys: pytest.CaptureFixture) -> None:
+    """`evo-subens config key=value` (no file: 'default: built-in defaults') overrides the defaults."""
+    assert cli.main(["config", "search.population=3", "search.elites=2"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["search"]["population"] == 3 and printed["search"]["elites"] == 2

@@ -1,0 +1,118 @@
+"""Test-split metrics against hand-computed values, and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evo_subens.metrics import accuracy, classification_metrics, ece, nll
+from evo_subens.training import lr_factor
+
+# 4 samples, 3 classes. Confidence / prediction / correct:
+#   0.9 -> 0 (label 0, right)   bin 13 = (13/15, 14/15]
+#   0.7 -> 1 (label 0, wrong)   bin 10 = (10/15, 11/15]
+#   0.7 -> 2 (label 2, right)   bin 10
+#   0.5 -> 0 (label 1, wrong)   bin 7  = (7/15, 8/15]
+PROBS = torch.tensor([[0.9, 0.05, 0.05],
+                      [0.2, 0.7, 0.1],
+                      [0.1, 0.2, 0.7],
+                      [0.5, 0.3, 0.2]], dtype=torch.float64)
+LABELS = torch.tensor([0, 0, 2, 1])
+
+
+def test_accuracy_by_hand() -> None:
+    """Two of four argmax predictions are right."""
+    assert accuracy(PROBS, LABELS) == 0.5
+
+
+def test_nll_by_hand() -> None:
+    """Mean of -log p(label): p = 0.9, 0.2, 0.7, 0.3."""
+    expected = -(math.log(0.9) + math.log(0.2) + math.log(0.7) + math.log(0.3)) / 4
+    assert nll(PROBS, LABELS) == pytest.approx(expected, rel=1e-12)
+
+
+def test_nll_of_zero_probability_is_finite() -> None:
+    """A zero probability on the label is clamped, not infinite."""
+    value = nll(torch.tensor([[1.0, 0.0]]), torch.tensor([1]))
+    assert math.isfinite(value) and value == pytest.approx(-math.log(1e-12))
+
+
+def test_ece_by_hand() -> None:
+    """15 bins: bin 13 |1 - 0.9| * 1/4, bin 10 |0.5 - 0.7| * 2/4, bin 7 |0 - 0.5| * 1/4 -> 0.25.
+
+    (Without binning, |mean acc - mean conf| would be 0.2.)"""
+    expected = 0.25 * 0.1 + 0.5 * 0.2 + 0.25 * 0.5
+    assert ece(PROBS, LABELS) == pytest.approx(expected, abs=1e-12)
+
+
+def test_ece_bins_are_closed_on_the_right() -> None:
+    """A confidence of exactly 0.8 = 12/15 shares the bin (11/15, 12/15] with 0.75.
+
+    Same bin: |0.5 - 0.775| = 0.275; separate bins would give (0.2 + 0.75) / 2 = 0.475."""
+    probs = torch.tensor([[0.8, 0.2], [0.75, 0.25]], dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    assert ece(probs, labels) == pytest.approx(0.275, abs=1e-12)
+
+
+def test_ece_confidence_one_counts() -> None:
+    """Confidence 1.0 falls in the last bin: a confident mistake has ECE 1."""
+    assert ece(torch.tensor([[1.0, 0.0]]), torch.tensor([1])) == pytest.approx(1.0)
+
+
+def test_perfect_predictions() -> None:
+    """One-hot correct predictions: accuracy 1, NLL 0, ECE 0."""
+    labels = torch.tensor([0, 2, 1, 2])
+    probs = torch.nn.functional.one_hot(labels, 3).double()
+    metrics = classification_metrics(probs, labels)
+    assert metrics["accuracy"] == 1.0
+    assert metrics["nll"] == pytest.approx(0.0, abs=1e-12)
+    assert metrics["ece"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_float32_probabilities_accepted() -> None:
+    """Float32 inputs (what the models produce) give the same metrics as float64 up to rounding."""
+    m32 = classification_metrics(PROBS.float(), LABELS)
+    m64 = classification_metrics(PROBS, LABELS)
+    assert m32["accuracy"] == m64["accuracy"]
+    assert m32["nll"] == pytest.approx(m64["nll"], rel=1e-6)
+    assert m32["ece"] == pytest.approx(m64["ece"], abs=1e-6)
+
+
+# --- learning-rate schedules ----------------------------------------------------------------------
+
+TOTAL = 10_000
+
+
+def test_onecycle_warms_up_then_decays() -> None:
+    """onecycle: 0.01 at the start, 1.0 at 10%, rising before and falling after, ~1e-7 at the end."""
+    values = [lr_factor("onecycle", s, TOTAL) for s in range(TOTAL + 1)]
+    assert values[0] == pytest.approx(0.01)
+    peak = TOTAL // 10
+    assert values[peak] == pytest.approx(1.0)
+    assert max(values) == pytest.approx(1.0) and values.index(max(values)) == peak
+    assert all(a <= b for a, b in zip(values[:peak], values[1:peak + 1]))
+    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1:]))
+    assert values[TOTAL] == pytest.approx(1e-7, rel=1e-3)
+    assert values[TOTAL - 1] < 1e-6  # the last step actually taken
+
+
+def test_cosine_starts_at_one_and_ends_near_zero() -> None:
+    """cosine: 1.0 at the first step, 0.5 half way, ~0 at the end."""
+    assert lr_factor("cosine", 0, TOTAL) == pytest.approx(1.0)
+    assert lr_factor("cosine", TOTAL // 2, TOTAL) == pytest.approx(0.5)
+    assert lr_factor("cosine", TOTAL - 1, TOTAL) < 1e-6
+    assert lr_factor("cosine", TOTAL, TOTAL) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_constant_and_step() -> None:
+    """constant is 1 throughout; step divides by 10 after one and two thirds."""
+    assert {lr_factor("constant", s, 90) for s in range(90)} == {1.0}
+    assert [lr_factor("step", s, 90) for s in (0, 29, 30, 59, 60, 89)] == pytest.approx(
+        [1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_unknown_schedule_is_rejected() -> None:
+    with pytest.raises(ValueError, match="linear"):
+        lr_factor("linear", 0, 10)

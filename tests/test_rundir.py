@@ -1,0 +1,59 @@
+"""The run directory: creation, refusal to overwrite, unique default names, atomic writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evo_subens.config import load_config
+from evo_subens.errors import RunDirError
+from evo_subens.rundir import atomic_write, create_run_dir, write_text
+
+
+def test_create_writes_resolved_config(make_config) -> None:
+    """create_run_dir makes output_dir/name with a config.yaml that reloads to the same config."""
+    cfg = make_config({"name": "first"})
+    run_dir = create_run_dir(cfg)
+    assert run_dir == Path(cfg.output_dir) / "first"
+    assert load_config(run_dir / "config.yaml") == cfg
+
+
+def test_existing_run_directory_is_refused(make_config) -> None:
+    """A non-empty run directory is never reused; an empty one (e.g. made by hand) is."""
+    cfg = make_config({"name": "taken"})
+    run_dir = create_run_dir(cfg)
+    (run_dir / "metrics.json").write_text("{}")
+    with pytest.raises(RunDirError, match="already exists") as info:
+        create_run_dir(cfg)
+    assert str(run_dir) in str(info.value)
+    assert (run_dir / "metrics.json").read_text() == "{}"
+
+    empty = Path(cfg.output_dir) / "empty"
+    empty.mkdir()
+    assert create_run_dir(make_config({"name": "empty"})) == empty
+
+
+def test_default_names_are_unique(make_config) -> None:
+    """name=null: runs of one config and seed started in the same second (a sweep launched in a loop)
+    each get their own directory instead of failing or sharing one."""
+    cfg = make_config({"name": None})
+    first = create_run_dir(cfg, "sweep")
+    second = create_run_dir(cfg, "sweep")
+    assert first != second
+    assert first.name.startswith("sweep-s0-") and second.name.startswith("sweep-s0-")
+
+
+def test_atomic_write_keeps_old_file_on_error(tmp_path: Path) -> None:
+    """A write that fails half-way leaves the previous file intact and no temporary files behind."""
+    path = tmp_path / "metrics.json"
+    write_text(path, "old")
+
+    def broken(handle) -> None:
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, broken)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from .config import RunConfig, load_config
+from .config import RunConfig, apply_overrides, config_from_dict, load_config
 from .data import DatasetSplits, load_dataset
 from .evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
 from .families import make_family
@@ -107,14 +108,18 @@ def _summary_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def run(config: RunConfig | str | Path, overrides: list[str] | None = None, *,
+def run(config: RunConfig | dict | str | Path, overrides: list[str] | None = None, *,
         progress: Progress = print) -> RunResult:
-    """Run a whole search from a :class:`RunConfig` or a YAML path (plus ``key=value`` overrides)."""
+    """Run a whole search from a :class:`RunConfig`, a nested dict or a YAML path, plus ``key=value``
+    overrides (not applied to a ready :class:`RunConfig`)."""
     config_name = "run"
-    if not isinstance(config, RunConfig):
+    if isinstance(config, dict):
+        cfg = config_from_dict(apply_overrides(copy.deepcopy(config), overrides or []))
+    elif isinstance(config, RunConfig):
+        cfg = config
+    else:
         config_name = Path(config).stem
-        config = load_config(config, overrides)
-    cfg = config
+        cfg = load_config(config, overrides)
     logging.getLogger("evotorch").setLevel(logging.WARNING)  # its per-problem INFO lines drown the progress
     started = time.perf_counter()
     data = load_dataset(cfg.data)

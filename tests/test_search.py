@@ -399,3 +399,25 @@ def test_gpu_request_without_gpus_does_not_hang(ray_session, tiny_config, tmp_pa
         assert done["evals"].shape[0] == len(genomes)
     finally:
         problem.close()
+
+
+def test_more_actors_than_cluster_cpus_is_refused(ray_session, tiny_config, tmp_path: Path) -> None:
+    """Actors that could never be placed are a config error naming workers.num_actors, not a hang."""
+    payload, _ = payload_and_genomes(tiny_config(tmp_path), 2)
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    with pytest.raises(ConfigError) as info:
+        make_problem(WorkersConfig(num_actors=cpus + 1), payload, fitness="accuracy", population=4)
+    assert info.value.field == "workers.num_actors"
+
+
+def test_single_actor_still_evaluates_in_ray(ray_session, tiny_config, tmp_path: Path) -> None:
+    """num_actors=1 keeps one Ray actor (EvoTorch alone would evaluate in the driver)."""
+    payload, genomes = payload_and_genomes(tiny_config(tmp_path), 3)
+    problem = make_problem(WorkersConfig(num_actors=1), payload, fitness="accuracy", population=len(genomes))
+    try:
+        batch = problem.make_batch(genomes)
+        problem.evaluate(batch)
+        assert set(batch.evals.cpu().numpy()[:, 4].astype(int)) == {0}
+        assert problem.worker_devices() == ["cpu"]
+    finally:
+        problem.close()

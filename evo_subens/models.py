@@ -102,7 +102,18 @@ class MLP(nn.Module):
         return self.classifier(self.features(x))
 
 
-class CNN1d(nn.Module):
+class _ConvClassifier(nn.Module):
+    """features -> head -> classifier; subclasses build the three parts."""
+
+    features: nn.Module
+    head: nn.Module
+    classifier: nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.head(self.features(x)))
+
+
+class CNN1d(_ConvClassifier):
     """Conv1d/ReLU/MaxPool blocks on (C, L) signals, then Linear(hidden)/ReLU and a Linear classifier."""
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 64),
@@ -126,11 +137,8 @@ class CNN1d(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU())
         self.classifier = nn.Linear(hidden, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.head(self.features(x)))
 
-
-class CNN2d(nn.Module):
+class CNN2d(_ConvClassifier):
     """Small image CNN: Conv3x3/ReLU/MaxPool blocks, adaptive average pooling to at most
     ``pooled`` x ``pooled``, then Linear(hidden)/ReLU and a Linear classifier (~94k parameters
     with the defaults on 28x28)."""
@@ -158,11 +166,8 @@ class CNN2d(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU())
         self.classifier = nn.Linear(hidden, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.head(self.features(x)))
 
-
-class LeNet(nn.Module):
+class LeNet(_ConvClassifier):
     """LeNet-5 style: conv5x5(6)/pool, conv5x5(16)/pool, fc 120, fc 84, Linear classifier.
 
     Channels and units are scaled by ``width`` or by a named ``size`` (S=1x, M=2x, L=4x); the
@@ -198,9 +203,6 @@ class LeNet(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(_flat_size(self.features, shape), scaled(120)),
                                   nn.ReLU(), nn.Linear(scaled(120), scaled(84)), nn.ReLU())
         self.classifier = nn.Linear(scaled(84), num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.head(self.features(x)))
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

@@ -7,8 +7,9 @@
 
 from .config import RunConfig, load_config
 from .errors import ConfigError, DataError, ParentFileError, RunDirError, UserError
-from .runner import RunResult, run
+from .logs import load_population, load_runs
+from .runner import RunResult, grow, resume, run
 
 __all__ = ["ConfigError", "DataError", "ParentFileError", "RunConfig", "RunDirError", "RunResult", "UserError",
-           "load_config", "run"]
+           "grow", "load_config", "load_population", "load_runs", "resume", "run"]
 __version__ = "0.1.0"

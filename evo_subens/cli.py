@@ -15,6 +15,8 @@ EXAMPLES = """Overrides are dotted key=value pairs after the config, values pars
 examples:
   evo-subens run configs/default.yaml
   evo-subens run configs/default.yaml search.population=64 children.density=0.01 name=dense-sweep
+  evo-subens resume runs/default-s0-20261126-033727 search.generations=8
+  evo-subens grow runs/default-s0-20261126-033727 --members 4
   evo-subens config configs/default.yaml search.generations=5
   evo-subens bench throughput --models cnn,mlp10m
 """
@@ -24,6 +26,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .runner import run
 
     run(args.config, args.overrides)
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from .runner import resume
+
+    resume(args.run_dir, args.overrides)
+    return 0
+
+
+def _cmd_grow(args: argparse.Namespace) -> int:
+    from .runner import grow
+
+    grow(args.run_dir, args.members, generations=args.generations)
     return 0
 
 
@@ -66,6 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("overrides", nargs="*", metavar="key=value",
                             help="dotted overrides parsed as YAML, e.g. search.population=64 workers.executor=local")
     run_parser.set_defaults(handler=_cmd_run)
+
+    resume_parser = commands.add_parser(
+        "resume", help="go on with a stopped run from its newest usable checkpoint",
+        description="Resume runs/<name> from its newest usable checkpoint (a corrupted newest one falls back "
+                    "to the previous, with a message). The result is the same as a run that never stopped. "
+                    "Overrides may extend the search (search.generations=N) or change workers.* (actors, "
+                    "GPUs, cluster address); other changes are refused.")
+    resume_parser.add_argument("run_dir", help="run directory, e.g. runs/default-s0-20261126-033727")
+    resume_parser.add_argument("overrides", nargs="*", metavar="key=value",
+                               help="search.generations=N or workers.* overrides")
+    resume_parser.set_defaults(handler=_cmd_resume)
+
+    grow_parser = commands.add_parser(
+        "grow", help="add members to a finished run without redoing anything",
+        description="Evolve more generations from where the search stopped, keep the current members and add "
+                    "the best new distinct candidates; metrics, members and the population log are updated.")
+    grow_parser.add_argument("run_dir", help="a finished run directory")
+    grow_parser.add_argument("--members", type=int, required=True, help="members to add")
+    grow_parser.add_argument("--generations", type=int, default=1,
+                             help="generations to evolve first (0 = draw from candidates already evaluated)")
+    grow_parser.set_defaults(handler=_cmd_grow)
 
     config_parser = commands.add_parser(
         "config", help="validate a config and print it resolved, or list every field with its doc",

@@ -19,9 +19,10 @@ from evotorch import Problem, SolutionBatch
 from .config import WorkersConfig
 from .errors import ConfigError
 from .evaluation import CandidateEvaluator, EvaluationPayload, torch_threads, worker_device
+from .faults import crash_point
 
 # Columns of the evaluation data every candidate returns, after its fitness.
-EVAL_COLUMNS = ("val_accuracy", "val_nll", "eval_seconds", "worker")
+EVAL_COLUMNS = ("val_accuracy", "val_nll", "eval_seconds", "worker", "pid")
 LOCAL_WORKER = -1
 
 # glibc's default thresholds made the evaluation loop page-fault heavily (measured ~1.6x slower).
@@ -72,11 +73,9 @@ class SubnetworkProblem(Problem):
 
     @property
     def _nonserialized_attribs(self) -> list[str]:
-        return super()._nonserialized_attribs + ["payload", "_evaluator"]
-
-    @property
-    def _shared_attribs(self) -> list[str]:
-        return super()._shared_attribs + ["payload"]
+        # The payload travels inside the actor's constructor arguments (not as an EvoTorch shared
+        # attribute) so that Ray can rebuild a lost actor from its creation task alone.
+        return super()._nonserialized_attribs + ["_evaluator"]
 
     def _get_evaluator(self) -> CandidateEvaluator:
         if self._evaluator is None:
@@ -100,10 +99,12 @@ class SubnetworkProblem(Problem):
         worker = LOCAL_WORKER if self.actor_index is None else self.actor_index
         rows = []
         with torch_threads(self.payload.threads):
-            for genome in batch.values:
+            for i, genome in enumerate(batch.values):
+                if self.is_main and i == len(batch) // 2:
+                    crash_point("search.mid_generation")
                 score = evaluator.evaluate(genome)
                 fitness = score.accuracy if self.fitness_name == "accuracy" else score.nll
-                rows.append([fitness, score.accuracy, score.nll, score.seconds, worker])
+                rows.append([fitness, score.accuracy, score.nll, score.seconds, worker, os.getpid()])
         batch.set_evals(torch.tensor(rows, dtype=torch.float64))
 
     def make_batch(self, genomes: list[str]) -> SolutionBatch:
@@ -124,7 +125,10 @@ def actor_options(workers: WorkersConfig) -> dict:
     GPUs are not listed: EvoTorch adds ``num_gpus`` from ``num_gpus_per_actor`` itself.
     """
     env = dict(ACTOR_ENV, OMP_NUM_THREADS=str(workers.threads_per_actor))
-    return {"num_cpus": workers.threads_per_actor, "runtime_env": {"env_vars": env}}
+    # A lost actor (process killed, node gone) is restarted by Ray and its unfinished tasks are retried,
+    # so a generation completes with every candidate evaluated exactly once.
+    return {"num_cpus": workers.threads_per_actor, "runtime_env": {"env_vars": env},
+            "max_restarts": -1, "max_task_retries": -1}
 
 
 def make_problem(workers: WorkersConfig, payload: EvaluationPayload, *, fitness: str,

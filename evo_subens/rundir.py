@@ -8,6 +8,8 @@ Layout::
     members.json         member genomes in selection order (+ weight files of fine-tuned members)
     members/<i>.pt       state_dict of fine-tuned member i (only when finetune.epochs > 0)
     metrics.json         test metrics: parent, members, ensemble
+    incidents.json       lost workers (actor restarted by Ray, its candidates evaluated again)
+    checkpoints/         ckpt-<seq>.pt, the newest few (see checkpoint.py)
 """
 
 from __future__ import annotations
@@ -132,7 +134,11 @@ def create_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     run_dir = _claim_dir(root, cfg.name, config_name, cfg.seed)
-    resolved = config_to_dict(cfg)
-    resolved["name"] = run_dir.name
-    write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    write_run_config(run_dir, cfg)
     return run_dir
+
+
+def write_run_config(run_dir: Path, cfg: RunConfig) -> None:
+    """Write the resolved config (with the run directory's name) as ``config.yaml``."""
+    resolved = dict(config_to_dict(cfg), name=Path(run_dir).name)
+    write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))

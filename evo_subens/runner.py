@@ -1,8 +1,14 @@
 """One run, top to bottom: data -> parent -> search -> members -> fine-tune -> ensemble -> test metrics.
 
+Every stage ends with an atomic checkpoint, so :func:`resume` goes on from the last one and ends with
+the same population log, members and metrics as a run that was never stopped; :func:`grow` adds
+members to a finished run.
+
     >>> import evo_subens
     >>> result = evo_subens.run("configs/default.yaml", ["search.generations=2"])
     >>> result.metrics["ensemble"]["nll"] < result.metrics["parent"]["nll"]
+    >>> evo_subens.resume(result.run_dir, ["search.generations=4"])   # extend the finished search
+    >>> evo_subens.grow(result.run_dir, members=4)                     # 4 more members
 """
 
 from __future__ import annotations
@@ -17,14 +23,18 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from .config import RunConfig, apply_overrides, config_from_dict, load_config
+from .checkpoint import load_latest_checkpoint, save_checkpoint, set_rng_state
+from .config import RunConfig, apply_overrides, config_from_dict, config_to_dict, load_config
+from .errors import ConfigError, RunDirError
 from .data import DatasetSplits, load_dataset
 from .evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
 from .families import make_family
 from .metrics import classification_metrics
 from .models import build_model, count_parameters, load_parent_state
 from .problem import LOCAL_WORKER, make_problem
-from .rundir import create_run_dir, write_json, write_population, write_state
+from .faults import crash_point
+from .logs import check_resume_compatible, load_population, read_run_config
+from .rundir import create_run_dir, write_json, write_population, write_run_config, write_state
 from .search import CandidateRecord, SubnetworkSearch, rank_key, select_members
 from .training import predict_probs, train
 
@@ -41,10 +51,12 @@ class RunResult:
     member_genomes: list[str]
 
 
-def _population_rows(records: list[CandidateRecord], family) -> list[dict]:
+def _population_rows(records: list[CandidateRecord], family, members: list[int]) -> list[dict]:
+    member_ids = set(members)
     rows = []
     for record in records:
         row = record.as_row()
+        row["is_member"] = record.candidate in member_ids
         row.update(family.describe(record.genome))
         row["worker"] = "local" if record.worker == LOCAL_WORKER else f"actor-{record.worker}"
         rows.append(row)
@@ -78,17 +90,6 @@ def _train_parent(cfg: RunConfig, model: torch.nn.Module, data: DatasetSplits, p
     train(model, data.train, cfg.parent, seed=cfg.seed, on_epoch=report)
 
 
-def _finetune(cfg: RunConfig, data: DatasetSplits, states: list[dict], progress: Progress) -> list[dict]:
-    tuned = []
-    for i, state in enumerate(states):
-        model = build_model(cfg.model, data.input_shape, data.num_classes)
-        model.load_state_dict(state)
-        train(model, data.train, cfg.finetune, seed=cfg.seed + 1 + i)
-        tuned.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        progress(f"[finetune] member {i + 1}/{len(states)} done")
-    return tuned
-
-
 def _generation_line(search: SubnetworkSearch, cfg: RunConfig, seconds: float) -> str:
     latest = [r for r in search.records if r.generation == search.generation - 1]
     ranked = sorted(latest, key=lambda r: rank_key(r, cfg.search.fitness))
@@ -108,90 +109,194 @@ def _summary_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _load_config_arg(config: RunConfig | dict | str | Path, overrides: list[str] | None) -> tuple[RunConfig, str]:
+    if isinstance(config, dict):
+        return config_from_dict(apply_overrides(copy.deepcopy(config), overrides or [])), "run"
+    if isinstance(config, RunConfig):
+        return config, "run"
+    return load_config(config, overrides), Path(config).stem
+
+
 def run(config: RunConfig | dict | str | Path, overrides: list[str] | None = None, *,
         progress: Progress = print) -> RunResult:
     """Run a whole search from a :class:`RunConfig`, a nested dict or a YAML path, plus ``key=value``
     overrides (not applied to a ready :class:`RunConfig`)."""
-    config_name = "run"
-    if isinstance(config, dict):
-        cfg = config_from_dict(apply_overrides(copy.deepcopy(config), overrides or []))
-    elif isinstance(config, RunConfig):
-        cfg = config
-    else:
-        config_name = Path(config).stem
-        cfg = load_config(config, overrides)
-    logging.getLogger("evotorch").setLevel(logging.WARNING)  # its per-problem INFO lines drown the progress
-    started = time.perf_counter()
+    cfg, config_name = _load_config_arg(config, overrides)
     data = load_dataset(cfg.data)
     parent = _build_parent(cfg, data)
     run_dir = create_run_dir(cfg, config_name)
+    return _execute(cfg, run_dir, data, parent, None, progress)
+
+
+def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress: Progress = print) -> RunResult:
+    """Go on with ``run_dir`` from its newest usable checkpoint.
+
+    Compatible overrides: ``search.generations`` (to extend a search) and ``workers.*`` (actors, GPUs,
+    cluster address); anything else would make it another run and is refused.
+    """
+    run_dir = Path(run_dir)
+    saved = read_run_config(run_dir)
+    cfg = config_from_dict(apply_overrides(copy.deepcopy(saved), overrides or []))
+    check_resume_compatible(saved, config_to_dict(cfg), run_dir)
+    state = load_latest_checkpoint(run_dir, progress)
+    if state is not None and state["search"] and cfg.search.generations < state["search"]["generation"]:
+        raise ConfigError("search.generations", f"at least the {state['search']['generation']} generations "
+                                                f"{run_dir} has already run", cfg.search.generations)
+    data = load_dataset(cfg.data)
+    parent = _build_parent(cfg, data)
+    if cfg != config_from_dict(saved):
+        write_run_config(run_dir, cfg)
+    return _execute(cfg, run_dir, data, parent, state, progress)
+
+
+def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: Progress = print) -> RunResult:
+    """Add ``members`` members to a finished run: evolve ``generations`` more generations from where the
+    search stopped, keep the current members and add the best new distinct candidates."""
+    run_dir = Path(run_dir)
+    if members < 1 or generations < 0:
+        raise ConfigError("grow", "--members >= 1 and --generations >= 0", (members, generations))
+    state = load_latest_checkpoint(run_dir, progress)
+    if state is None or state["stage"] != "done":
+        raise RunDirError(f"{run_dir} has not finished; resume it first (evo-subens resume {run_dir})")
+    cfg = config_from_dict(read_run_config(run_dir))
+    cfg.search.generations = state["search"]["generation"] + generations
+    cfg.ensemble.size = len(state["members"]) + members
+    data = load_dataset(cfg.data)
+    parent = _build_parent(cfg, data)
+    write_run_config(run_dir, cfg)
+    progress(f"[grow] {len(state['members'])} -> {cfg.ensemble.size} members, "
+             f"{generations} more generation(s)")
+    return _execute(cfg, run_dir, data, parent, dict(state, stage="grow"), progress)
+
+
+def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.nn.Module,
+             state: dict | None, progress: Progress) -> RunResult:
+    """The pipeline from ``state`` (None: from the start) to metrics.json, checkpointing each stage."""
+    logging.getLogger("evotorch").setLevel(logging.WARNING)  # its per-problem INFO lines drown the progress
+    started = time.perf_counter()
     progress(f"[run] {run_dir}")
     progress(f"[data] {data.name}: train {len(data.train):,}  validation {len(data.validation):,}  "
              f"test {len(data.test):,}")
-    _train_parent(cfg, parent, data, progress)
-    parent.eval()
-    parent_state = {k: v.detach().cpu().clone() for k, v in parent.state_dict().items()}
-    write_state(run_dir / "parent.pt", parent_state)
 
+    # Stage 1: the parent.
+    if state is None:
+        _train_parent(cfg, parent, data, progress)
+        parent_state = {k: v.detach().cpu().clone() for k, v in parent.state_dict().items()}
+        write_state(run_dir / "parent.pt", parent_state)
+        parent_id = parent_fingerprint(parent_state)
+        state = {"stage": "parent", "parent_id": parent_id, "search": None, "members": [], "tuned": 0}
+        _checkpoint(run_dir, cfg, state)
+    else:
+        load_parent_state(run_dir / "parent.pt", parent)
+        parent_state = {k: v.detach().cpu().clone() for k, v in parent.state_dict().items()}
+        if parent_fingerprint(parent_state) != state["parent_id"]:
+            raise RunDirError(f"{run_dir / 'parent.pt'} is not the parent this run's checkpoint was made with")
+        set_rng_state(state["rng"])
+    parent.eval()
+
+    # Stage 2: the search, one checkpoint per generation.
     payload = EvaluationPayload(
         model=cfg.model, input_shape=data.input_shape, num_classes=data.num_classes, parent_state=parent_state,
-        parent_id=parent_fingerprint(parent_state), children=cfg.children, val_x=data.validation.x,
-        val_y=data.validation.y, batch_size=cfg.search.eval_batch_size, threads=cfg.workers.threads_per_actor,
+        parent_id=state["parent_id"], children=cfg.children, val_x=data.validation.x, val_y=data.validation.y,
+        batch_size=cfg.search.eval_batch_size, threads=cfg.workers.threads_per_actor,
         use_gpu=cfg.workers.num_gpus_per_actor > 0)
     family = make_family(cfg.children)
+    population_path = run_dir / "population.parquet"
     problem = make_problem(cfg.workers, payload, fitness=cfg.search.fitness, population=cfg.search.population)
     search = SubnetworkSearch(problem, family, cfg.search, seed=cfg.seed)
-    population_path = run_dir / "population.parquet"
+    if state["search"]:
+        search.load_state_dict(state["search"])
+    searched = search.generation < cfg.search.generations
+    first_step = True
     try:
-        for _ in range(cfg.search.generations):
+        while search.generation < cfg.search.generations:
             step_started = time.perf_counter()
             search.step()
             seconds = time.perf_counter() - step_started
-            write_population(population_path, _population_rows(search.records, family))
-            if search.generation == 1:
+            state = dict(state, stage="search", search=search.state_dict(), members=[], tuned=0)
+            _checkpoint(run_dir, cfg, state)
+            write_population(population_path, _population_rows(search.records, family, state["members"]))
+            if first_step:
+                first_step = False
                 devices = problem.worker_devices()
                 where = "in-process" if problem.actors is None else f"{len(devices)} Ray actors"
                 progress(f"[workers] evaluating {where} on {', '.join(sorted(set(devices)))}")
+            for incident in search.incidents:
+                if incident["generation"] == search.generation - 1:
+                    progress(f"[workers] actor-{incident['worker']} was lost (pid {incident['lost_pid']}) and "
+                             f"restarted; its unfinished candidates were evaluated again")
             progress(_generation_line(search, cfg, seconds))
+            crash_point("search.after_generation")
     finally:
         problem.close()
 
-    members = select_members(search.records, cfg.ensemble.size, cfg.search.fitness)
-    for record in members:
-        record.is_member = True
-    write_population(population_path, _population_rows(search.records, family))
+    # Stage 3: members. A grown ensemble keeps its members; an extended search selects afresh.
+    if state["stage"] in ("parent", "search") or searched:
+        keep = [search.records[i] for i in state["members"]] if state["stage"] == "grow" else []
+        members = select_members(search.records, cfg.ensemble.size, cfg.search.fitness, keep)
+        tuned = state["tuned"] if state["stage"] == "grow" else 0
+        state = dict(state, stage="members", members=[m.candidate for m in members], tuned=tuned)
+        _checkpoint(run_dir, cfg, state)
+    members = [search.records[i] for i in state["members"]]
 
+    # Stage 4: optional fine-tuning, one checkpoint per member.
     materialiser = CandidateEvaluator(payload)
     member_states = [materialiser.child_state(m.genome) for m in members]
     member_files: list[str | None] = [None] * len(members)
     if cfg.finetune.epochs > 0:
-        member_states = _finetune(cfg, data, member_states, progress)
         (run_dir / "members").mkdir(exist_ok=True)
-        for i, state in enumerate(member_states):
+        for i in range(len(members)):
             member_files[i] = f"members/{i}.pt"
-            write_state(run_dir / member_files[i], state)
+            if i < state["tuned"]:
+                member_states[i] = torch.load(run_dir / member_files[i], map_location="cpu", weights_only=True)
+                continue
+            member_states[i] = _finetune_member(cfg, data, member_states[i], i)
+            write_state(run_dir / member_files[i], member_states[i])
+            state = dict(state, stage="finetune", tuned=i + 1)
+            _checkpoint(run_dir, cfg, state)
+            progress(f"[finetune] member {i + 1}/{len(members)} done")
+            crash_point("finetune.after_member")
+
+    # Stage 5: the ensemble on the test split, touched only here, after every selection decision.
+    write_population(population_path, _population_rows(search.records, family, state["members"]))
     write_json(run_dir / "members.json", [
         {"candidate": m.candidate, "genome": m.genome, "weights": f, "val_accuracy": m.val_accuracy,
          "val_nll": m.val_nll} for m, f in zip(members, member_files)])
+    write_json(run_dir / "incidents.json", search.incidents)
+    metrics = _test_metrics(cfg, data, parent, member_states, members)
+    write_json(run_dir / "metrics.json", metrics)
+    _checkpoint(run_dir, cfg, dict(state, stage="done"))
+    progress(_summary_table(metrics))
+    progress(f"[run] results in {run_dir} ({time.perf_counter() - started:.0f}s)")
+    return RunResult(run_dir, metrics, load_population(run_dir), [m.genome for m in members])
 
-    # The test split is touched only here, after every selection decision has been made.
+
+def _checkpoint(run_dir: Path, cfg: RunConfig, state: dict) -> None:
+    save_checkpoint(run_dir, dict(state, config=config_to_dict(cfg)))
+
+
+def _finetune_member(cfg: RunConfig, data: DatasetSplits, state: dict, index: int) -> dict:
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    model.load_state_dict(state)
+    torch.manual_seed(cfg.seed + 1 + index)  # each member's tuning is a function of the run seed and its index
+    train(model, data.train, cfg.finetune, seed=cfg.seed + 1 + index)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _test_metrics(cfg: RunConfig, data: DatasetSplits, parent: torch.nn.Module, member_states: list[dict],
+                  members: list[CandidateRecord]) -> dict:
     test_x, test_y = data.test.x, data.test.y
     batch = cfg.search.eval_batch_size
     model = build_model(cfg.model, data.input_shape, data.num_classes).eval()
     member_probs = []
-    for state in member_states:
-        model.load_state_dict(state)
+    for member_state in member_states:
+        model.load_state_dict(member_state)
         member_probs.append(predict_probs(model, test_x, batch))
     ensemble_probs = torch.stack(member_probs).mean(dim=0)
-    metrics = {
+    return {
         "parent": classification_metrics(predict_probs(parent, test_x, batch), test_y),
         "ensemble": classification_metrics(ensemble_probs, test_y),
         "members": [dict(classification_metrics(p, test_y), candidate=m.candidate)
                     for p, m in zip(member_probs, members)],
         "test_samples": len(test_y),
-        "seconds": round(time.perf_counter() - started, 3),
     }
-    write_json(run_dir / "metrics.json", metrics)
-    progress(_summary_table(metrics))
-    progress(f"[run] results in {run_dir}")
-    return RunResult(run_dir, metrics, pd.read_parquet(population_path), [m.genome for m in members])

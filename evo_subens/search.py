@@ -38,7 +38,6 @@ class CandidateRecord:
     eval_seconds: float
     worker: int
     is_elite: bool = False
-    is_member: bool = False
 
     def as_row(self) -> dict:
         """The record as a flat dict."""
@@ -61,16 +60,18 @@ def rank_key(record: CandidateRecord, fitness: str) -> tuple:
     return (nll, -accuracy, record.candidate)
 
 
-def select_members(records: list[CandidateRecord], size: int, fitness: str) -> list[CandidateRecord]:
-    """The ``size`` best candidates with distinct genomes, best first."""
-    members: list[CandidateRecord] = []
-    seen: set[str] = set()
+def select_members(records: list[CandidateRecord], size: int, fitness: str,
+                   keep: list[CandidateRecord] = ()) -> list[CandidateRecord]:
+    """The ``size`` best candidates with distinct genomes, best first, after the members in ``keep``
+    (growing an ensemble keeps its members and adds the best of the rest)."""
+    members: list[CandidateRecord] = list(keep)
+    seen: set[str] = {m.genome for m in keep}
     for record in sorted(records, key=lambda r: rank_key(r, fitness)):
+        if len(members) >= size:
+            break
         if record.genome not in seen:
             seen.add(record.genome)
             members.append(record)
-        if len(members) == size:
-            break
     return members
 
 
@@ -87,6 +88,31 @@ class SubnetworkSearch(SearchAlgorithm):
         self.records: list[CandidateRecord] = []
         self.elites: list[CandidateRecord] = []
         self.generation = 0
+        self.worker_pids: dict[int, int] = {}  # per process: a resumed run starts new actors
+        self.incidents: list[dict] = []
+
+    def state_dict(self) -> dict:
+        """The search state as plain data (for checkpoints); :meth:`load_state_dict` restores it."""
+        return {"generation": self.generation, "records": [r.as_row() for r in self.records],
+                "elites": [r.candidate for r in self.elites], "rng": self.rng.bit_generator.state,
+                "incidents": list(self.incidents)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict`: the next step proposes exactly what it would have."""
+        self.generation = state["generation"]
+        self.records = [CandidateRecord(**row) for row in state["records"]]
+        self.elites = [self.records[i] for i in state["elites"]]
+        self.rng.bit_generator.state = state["rng"]
+        self.incidents = list(state["incidents"])
+
+    def _note_restarts(self, rows: list[tuple[int, int]]) -> None:
+        """Record a lost worker when an actor index reports a new process id (Ray restarted it)."""
+        for worker, pid in rows:
+            previous = self.worker_pids.get(worker)
+            if previous is not None and previous != pid:
+                self.incidents.append({"generation": self.generation, "worker": worker, "lost_pid": previous,
+                                       "new_pid": pid})
+            self.worker_pids[worker] = pid
 
     def _best(self) -> CandidateRecord:
         return self.elites[0]
@@ -109,11 +135,14 @@ class SubnetworkSearch(SearchAlgorithm):
         evals = batch.evals.cpu().numpy()
         first_id = len(self.records)
         new = []
+        pids = []
         for i, ((parent_index, genome), row) in enumerate(zip(proposals, evals)):
-            fitness, accuracy, nll, seconds, worker = (float(v) for v in row)
+            fitness, accuracy, nll, seconds, worker, pid = (float(v) for v in row)
             parent_id = parents[parent_index].candidate if parents else ROOT_CANDIDATE
             new.append(CandidateRecord(self.generation, first_id + i, parent_id, genome, fitness, accuracy, nll,
                                        seconds, int(worker)))
+            pids.append((int(worker), int(pid)))
+        self._note_restarts(pids)
         self.records.extend(new)
         self.elites = sorted(self.elites + new, key=lambda r: rank_key(r, self.cfg.fitness))[: self.cfg.elites]
         for record in self.elites:

@@ -1,0 +1,100 @@
+"""Reading run directories back: configs, population logs for pandas, resume compatibility.
+
+    >>> import evo_subens
+    >>> pop = evo_subens.load_population("runs/default-s0-20261126-033727")
+    >>> pop.groupby("generation")["val_nll"].min()
+    >>> runs = evo_subens.load_runs("runs")        # every run, config flattened into columns
+    >>> runs.groupby(["children.density", "children.sigma"])["val_nll"].median()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow
+
+from .config import parse_yaml
+from .errors import RunDirError
+from .rundir import POPULATION_SCHEMA
+
+# Fields a resume may change: how long the search runs and where/how it is evaluated.
+RESUMABLE_CHANGES = ("search.generations", "workers.", "name", "output_dir")
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The resolved config a run directory was started with, as a nested dict."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} does not exist")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} is not a run directory: {path.name} is missing")
+    try:
+        data = parse_yaml(path.read_text())
+    except Exception as exc:
+        raise RunDirError(f"{path} is unreadable: {exc}") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path} does not hold a config mapping")
+    return data
+
+
+def flatten_config(data: dict, prefix: str = "") -> dict:
+    """``{"search": {"population": 8}}`` -> ``{"search.population": 8}`` (lists and dicts of kwargs as is)."""
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name != "model.kwargs":
+            flat.update(flatten_config(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def check_resume_compatible(saved: dict, new: dict, run_dir: Path) -> None:
+    """Refuse changes that would make a resumed run a different run (model, data, family, seed, ...)."""
+    before, after = flatten_config(saved), flatten_config(new)
+    for key in sorted(set(before) | set(after)):
+        if key.startswith(RESUMABLE_CHANGES) or before.get(key) == after.get(key):
+            continue
+        raise RunDirError(f"cannot resume {run_dir} with {key}={after.get(key)!r} (the run has "
+                          f"{before.get(key)!r}): that would be a different run; start a new one instead. "
+                          f"Resume may change search.generations and workers.*")
+
+
+def load_population(run_dir: str | Path) -> pd.DataFrame:
+    """The population log of a run: one row per evaluated candidate.
+
+    Columns and dtypes are :data:`evo_subens.rundir.POPULATION_SCHEMA`; ``eval_seconds`` and ``worker``
+    record where and how fast a candidate ran, everything else is a function of the config.
+    """
+    path = Path(run_dir) / "population.parquet"
+    if not path.is_file():
+        raise RunDirError(f"{path} does not exist (the run has not finished a generation yet)")
+    try:
+        frame = pd.read_parquet(path)
+    except (pyarrow.ArrowException, OSError, ValueError) as exc:
+        raise RunDirError(f"population log {path} is unreadable ({exc})") from None
+    missing = set(POPULATION_SCHEMA) - set(frame.columns)
+    if missing:
+        raise RunDirError(f"population log {path} lacks columns {sorted(missing)}")
+    return frame
+
+
+def load_runs(runs_dir: str | Path = "runs") -> pd.DataFrame:
+    """The population logs of every run under ``runs_dir``, with a ``run`` column and the run's config
+    flattened into columns (``search.population``, ``children.sigma``, ...) for ``groupby``."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise RunDirError(f"runs folder {runs_dir} does not exist")
+    frames = []
+    for run_dir in sorted(p for p in runs_dir.iterdir() if (p / "population.parquet").is_file()):
+        frame = load_population(run_dir)
+        config = flatten_config(read_run_config(run_dir))
+        frame.insert(0, "run", run_dir.name)
+        for key, value in config.items():
+            frame[key] = str(value) if isinstance(value, (list, dict)) else value
+        frames.append(frame)
+    if not frames:
+        raise RunDirError(f"no run with a population log under {runs_dir}")
+    return pd.concat(frames, ignore_index=True)

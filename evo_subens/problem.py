@@ -67,18 +67,22 @@ class SubnetworkProblem(Problem):
             # cluster the driver may have no GPU, and the Ray path must stay the same for any actor count.
             self._num_actors = 1
             self._num_gpus_per_actor = num_gpus_per_actor or None
-        self.payload = payload
+        self.payload: EvaluationPayload | None = payload
+        # Actors fetch the payload through an object reference the driver holds for the problem's life:
+        # Ray can then rebuild a lost actor from its (small) creation task and fetch the payload again.
+        # Passed by value, the payload would be released after the first construction.
+        self._payload_ref = ray.put(payload) if self._num_actors else None
         self.fitness_name = fitness
         self._evaluator: CandidateEvaluator | None = None
 
     @property
     def _nonserialized_attribs(self) -> list[str]:
-        # The payload travels inside the actor's constructor arguments (not as an EvoTorch shared
-        # attribute) so that Ray can rebuild a lost actor from its creation task alone.
-        return super()._nonserialized_attribs + ["_evaluator"]
+        return super()._nonserialized_attribs + ["payload", "_evaluator"]
 
     def _get_evaluator(self) -> CandidateEvaluator:
         if self._evaluator is None:
+            if self.payload is None:
+                self.payload = ray.get(self._payload_ref)
             if self.is_remote:
                 torch.set_num_threads(self.payload.threads)
             self._evaluator = CandidateEvaluator(self.payload, worker_device(self.payload))

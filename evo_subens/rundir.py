@@ -75,6 +75,14 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     _fsync_dir(path.parent)
 
 
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete temp files a killed write left behind (never a finished file); returns what was removed."""
+    stale = [p for p in Path(run_dir).rglob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def write_text(path: Path, text: str) -> None:
     """Atomically write a text file."""
     atomic_write(path, lambda f: f.write(text.encode()))

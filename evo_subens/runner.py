@@ -34,7 +34,7 @@ from .models import build_model, count_parameters, load_parent_state
 from .problem import LOCAL_WORKER, make_problem
 from .faults import crash_point
 from .logs import check_resume_compatible, load_population, read_run_config
-from .rundir import create_run_dir, write_json, write_population, write_run_config, write_state
+from .rundir import create_run_dir, remove_stale_temp_files, write_json, write_population, write_run_config, write_state
 from .search import CandidateRecord, SubnetworkSearch, rank_key, select_members
 from .training import predict_probs, train
 
@@ -139,6 +139,8 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress:
     cfg = config_from_dict(apply_overrides(copy.deepcopy(saved), overrides or []))
     check_resume_compatible(saved, config_to_dict(cfg), run_dir)
     state = load_latest_checkpoint(run_dir, progress)
+    for path in remove_stale_temp_files(run_dir):
+        progress(f"[resume] removed {path.name}, left by an interrupted write")
     if state is not None and state["search"] and cfg.search.generations < state["search"]["generation"]:
         raise ConfigError("search.generations", f"at least the {state['search']['generation']} generations "
                                                 f"{run_dir} has already run", cfg.search.generations)
@@ -166,7 +168,8 @@ def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: P
     write_run_config(run_dir, cfg)
     progress(f"[grow] {len(state['members'])} -> {cfg.ensemble.size} members, "
              f"{generations} more generation(s)")
-    return _execute(cfg, run_dir, data, parent, dict(state, stage="grow"), progress)
+    grown = dict(state, stage="search", keep=state["members"], keep_tuned=state["tuned"])
+    return _execute(cfg, run_dir, data, parent, grown, progress)
 
 
 def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.nn.Module,
@@ -207,6 +210,9 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
     if state["search"]:
         search.load_state_dict(state["search"])
     searched = search.generation < cfg.search.generations
+    # Growing keeps the current members (and their tuned weights); other searches select afresh. The
+    # checkpoints carry what to keep, so a grow that is killed and resumed keeps them too.
+    keep_ids, keep_tuned = state.get("keep", []), state.get("keep_tuned", 0)
     first_step = True
     try:
         while search.generation < cfg.search.generations:
@@ -232,10 +238,9 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
 
     # Stage 3: members. A grown ensemble keeps its members; an extended search selects afresh.
     if state["stage"] in ("parent", "search") or searched:
-        keep = [search.records[i] for i in state["members"]] if state["stage"] == "grow" else []
+        keep = [search.records[i] for i in keep_ids]
         members = select_members(search.records, cfg.ensemble.size, cfg.search.fitness, keep)
-        tuned = state["tuned"] if state["stage"] == "grow" else 0
-        state = dict(state, stage="members", members=[m.candidate for m in members], tuned=tuned)
+        state = dict(state, stage="members", members=[m.candidate for m in members], tuned=keep_tuned)
         _checkpoint(run_dir, cfg, state)
     members = [search.records[i] for i in state["members"]]
 
@@ -265,7 +270,7 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
     write_json(run_dir / "incidents.json", search.incidents)
     metrics = _test_metrics(cfg, data, parent, member_states, members)
     write_json(run_dir / "metrics.json", metrics)
-    _checkpoint(run_dir, cfg, dict(state, stage="done"))
+    _checkpoint(run_dir, cfg, dict(state, stage="done", keep=[], keep_tuned=0))
     progress(_summary_table(metrics))
     progress(f"[run] results in {run_dir} ({time.perf_counter() - started:.0f}s)")
     return RunResult(run_dir, metrics, load_population(run_dir), [m.genome for m in members])

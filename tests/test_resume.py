@@ -1,0 +1,310 @@
+"""Runs you can trust: SIGKILL at several points, resume, and get what an uninterrupted run gets.
+
+Every kill test runs the real ``evo-subens`` command in a subprocess, kills it with SIGKILL at a crash
+point (``EVO_SUBENS_CRASH_AT``), resumes it (``evo-subens resume``) and compares population.parquet,
+members.json and metrics.json with an uninterrupted run of the same config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import evo_subens
+from evo_subens.errors import RunDirError
+
+from conftest import TINY, deep_merge
+
+# Run-time facts, not functions of the config: where and how fast each candidate ran.
+RUNTIME_COLUMNS = ["eval_seconds", "worker"]
+
+# Three generations and a fine-tune pass so every crash point is visited.
+CRASH_CONFIG = deep_merge(TINY, {"search": {"generations": 3}, "finetune": {"epochs": 1, "lr": 0.01}})
+
+
+def _write_config(folder: Path, config: dict) -> Path:
+    path = folder / "crash.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _cli(cli_command: list[str], args: list[str], crash_at: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("EVO_SUBENS_CRASH_AT", None)
+    if crash_at:
+        env["EVO_SUBENS_CRASH_AT"] = crash_at
+    return subprocess.run(cli_command + args, capture_output=True, text=True, env=env, timeout=300)
+
+
+def _outputs(run_dir: Path) -> tuple[pd.DataFrame, list, dict]:
+    population = pd.read_parquet(run_dir / "population.parquet").drop(columns=RUNTIME_COLUMNS)
+    members = json.loads((run_dir / "members.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return population, members, metrics
+
+
+def _assert_same_run(run_dir: Path, reference: Path) -> None:
+    population, members, metrics = _outputs(run_dir)
+    ref_population, ref_members, ref_metrics = _outputs(reference)
+    pd.testing.assert_frame_equal(population, ref_population)
+    assert members == ref_members
+    assert metrics == ref_metrics
+    for i, member in enumerate(members):
+        if member["weights"]:
+            mine = torch.load(run_dir / member["weights"], weights_only=True)
+            theirs = torch.load(reference / member["weights"], weights_only=True)
+            assert all(torch.equal(mine[k], theirs[k]) for k in mine), f"member {i} weights differ"
+
+
+@pytest.fixture(scope="module")
+def crash_setup(tmp_path_factory, cli_command) -> tuple[Path, Path]:
+    """The crash config file and its uninterrupted reference run."""
+    folder = tmp_path_factory.mktemp("crash")
+    config = _write_config(folder, dict(CRASH_CONFIG, output_dir=str(folder / "runs")))
+    done = _cli(cli_command, ["run", str(config), "name=reference"])
+    assert done.returncode == 0, done.stderr
+    return config, folder / "runs" / "reference"
+
+
+# (crash point, what the kill interrupts)
+KILL_POINTS = [
+    ("search.mid_generation:2", "inside generation 2, half its candidates evaluated"),
+    ("search.after_generation:1", "between generations 1 and 2"),
+    ("checkpoint.write:3", "while writing the checkpoint of generation 2"),
+    ("finetune.after_member:1", "during fine-tuning, after member 1 of 3"),
+]
+
+
+@pytest.mark.parametrize("crash_at", [p for p, _ in KILL_POINTS], ids=[d for _, d in KILL_POINTS])
+def test_killed_and_resumed_run_equals_uninterrupted(crash_setup, cli_command, crash_at: str) -> None:
+    """SIGKILL at the point, resume: same population log, members (and their weights) and metrics."""
+    config, reference = crash_setup
+    name = "killed-" + crash_at.replace(":", "-").replace(".", "-")
+    killed = _cli(cli_command, ["run", str(config), f"name={name}"], crash_at=crash_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_dir = reference.parent / name
+    assert not (run_dir / "metrics.json").exists()
+    resumed = _cli(cli_command, ["resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "[resume] from ckpt-" in resumed.stdout
+    _assert_same_run(run_dir, reference)
+
+
+def test_killed_repeatedly(crash_setup, cli_command) -> None:
+    """Killed three times at different points, resumed each time: still the uninterrupted result."""
+    config, reference = crash_setup
+    run_dir = reference.parent / "killed-thrice"
+    first = _cli(cli_command, ["run", str(config), "name=killed-thrice"], crash_at="search.after_generation:1")
+    assert first.returncode == -signal.SIGKILL
+    second = _cli(cli_command, ["resume", str(run_dir)], crash_at="checkpoint.write:2")
+    assert second.returncode == -signal.SIGKILL
+    third = _cli(cli_command, ["resume", str(run_dir)], crash_at="finetune.after_member:2")
+    assert third.returncode == -signal.SIGKILL
+    last = _cli(cli_command, ["resume", str(run_dir)])
+    assert last.returncode == 0, last.stderr
+    _assert_same_run(run_dir, reference)
+
+
+def test_killed_before_any_checkpoint_restarts_cleanly(crash_setup, cli_command) -> None:
+    """Killed during the very first checkpoint write (no checkpoint yet): resume starts over."""
+    config, reference = crash_setup
+    run_dir = reference.parent / "killed-first"
+    killed = _cli(cli_command, ["run", str(config), "name=killed-first"], crash_at="checkpoint.write:1")
+    assert killed.returncode == -signal.SIGKILL
+    assert not list((run_dir / "checkpoints").glob("ckpt-*.pt"))
+    resumed = _cli(cli_command, ["resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(run_dir, reference)
+
+
+def test_population_log_keeps_finished_generations(crash_setup, cli_command) -> None:
+    """A run killed after generation 2 keeps generations 1-2 in population.parquet, readable by pandas."""
+    config, reference = crash_setup
+    killed = _cli(cli_command, ["run", str(config), "name=killed-log"], crash_at="search.after_generation:2")
+    assert killed.returncode == -signal.SIGKILL
+    population = evo_subens.load_population(reference.parent / "killed-log")
+    assert sorted(population["generation"].unique()) == [0, 1]
+    assert len(population) == 2 * CRASH_CONFIG["search"]["population"]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_corrupted_latest_checkpoint_falls_back(crash_setup, cli_command) -> None:
+    """A truncated newest checkpoint is reported and the previous one is used; the result is unchanged."""
+    config, reference = crash_setup
+    run_dir = reference.parent / "corrupt-latest"
+    killed = _cli(cli_command, ["run", str(config), "name=corrupt-latest"], crash_at="search.after_generation:2")
+    assert killed.returncode == -signal.SIGKILL
+    newest = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1]
+    newest.write_bytes(newest.read_bytes()[:100])
+    resumed = _cli(cli_command, ["resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"checkpoint {newest} is unreadable" in resumed.stdout
+    assert "falling back to the previous checkpoint" in resumed.stdout
+    _assert_same_run(run_dir, reference)
+
+
+def test_no_usable_checkpoint_is_an_error_and_touches_nothing(crash_setup, cli_command) -> None:
+    """Every checkpoint corrupted: exit 2 naming the folder, no file changed."""
+    config, reference = crash_setup
+    run_dir = reference.parent / "all-corrupt"
+    killed = _cli(cli_command, ["run", str(config), "name=all-corrupt"], crash_at="search.after_generation:1")
+    assert killed.returncode == -signal.SIGKILL
+    for path in (run_dir / "checkpoints").glob("ckpt-*.pt"):
+        path.write_bytes(b"not a checkpoint")
+    before = _digest(run_dir)
+    resumed = _cli(cli_command, ["resume", str(run_dir)])
+    assert resumed.returncode == 2
+    assert "no usable checkpoint" in resumed.stderr and "Traceback" not in resumed.stderr
+    assert _digest(run_dir) == before
+
+
+def test_missing_run_dir(cli_command, tmp_path: Path) -> None:
+    """Resuming a folder that does not exist: exit 2 naming it."""
+    result = _cli(cli_command, ["resume", str(tmp_path / "nope")])
+    assert result.returncode == 2
+    assert f"run directory {tmp_path / 'nope'} does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("override, field", [("seed=7", "seed"), ("data.name=mnist1d", "data.name"),
+                                             ("children.sigma=0.1", "children.sigma"),
+                                             ("model.kwargs={hidden: [8]}", "model.kwargs")])
+def test_incompatible_resume_is_refused(crash_setup, cli_command, override: str, field: str) -> None:
+    """Changing model, data, family or seed on resume: exit 2 naming the field, nothing written."""
+    _, reference = crash_setup
+    before = _digest(reference)
+    result = _cli(cli_command, ["resume", str(reference), override])
+    assert result.returncode == 2
+    assert f"cannot resume {reference} with {field}=" in result.stderr
+    assert _digest(reference) == before
+
+
+def test_extending_a_finished_search_equals_a_longer_run(tmp_path: Path) -> None:
+    """Run 2 generations, resume with search.generations=3: the same as running 3 from the start."""
+    quiet = {"progress": lambda line: None}
+    short = evo_subens.run(dict(TINY, output_dir=str(tmp_path), name="short"), **quiet)
+    evo_subens.resume(short.run_dir, ["search.generations=3"], **quiet)
+    longer = evo_subens.run(deep_merge(TINY, {"output_dir": str(tmp_path), "name": "long",
+                                              "search": {"generations": 3}}), **quiet)
+    _assert_same_run(short.run_dir, longer.run_dir)
+    assert yaml.safe_load((short.run_dir / "config.yaml").read_text())["search"]["generations"] == 3
+
+
+def test_resume_may_change_workers(tmp_path: Path) -> None:
+    """workers.* are compatible changes (here: in-process -> 2 threads) and change no result."""
+    quiet = {"progress": lambda line: None}
+    first = evo_subens.run(dict(TINY, output_dir=str(tmp_path), name="a"), **quiet)
+    reference = _outputs(first.run_dir)
+    evo_subens.resume(first.run_dir, ["search.generations=2", "workers.threads_per_actor=2"], **quiet)
+    again = _outputs(first.run_dir)
+    pd.testing.assert_frame_equal(reference[0], again[0])
+    assert reference[1:] == again[1:]
+
+
+def test_replaced_parent_file_is_refused(tmp_path: Path) -> None:
+    """A parent.pt that is not the checkpoint's parent is refused by name, not silently used."""
+    quiet = {"progress": lambda line: None}
+    result = evo_subens.run(dict(TINY, output_dir=str(tmp_path), name="p"), **quiet)
+    state = torch.load(result.run_dir / "parent.pt", weights_only=True)
+    state = {k: v + 1 for k, v in state.items()}
+    torch.save(state, result.run_dir / "parent.pt")
+    with pytest.raises(RunDirError, match="parent.pt is not the parent"):
+        evo_subens.resume(result.run_dir, **quiet)
+
+
+def test_truncated_population_log(tmp_path: Path) -> None:
+    """load_population on a truncated Parquet file names the file."""
+    result = evo_subens.run(dict(TINY, output_dir=str(tmp_path), name="t"), progress=lambda line: None)
+    path = result.run_dir / "population.parquet"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(RunDirError, match="population log .*population.parquet is unreadable"):
+        evo_subens.load_population(result.run_dir)
+
+
+def test_grow_adds_members_without_redoing(tmp_path: Path) -> None:
+    """grow keeps the members, evolves one more generation and adds the best new distinct candidates."""
+    quiet = {"progress": lambda line: None}
+    result = evo_subens.run(dict(TINY, output_dir=str(tmp_path), name="g"), **quiet)
+    parent_bytes = (result.run_dir / "parent.pt").read_bytes()
+    old_members = json.loads((result.run_dir / "members.json").read_text())
+    old_population = evo_subens.load_population(result.run_dir)
+    grown = evo_subens.grow(result.run_dir, members=2, **quiet)
+    members = json.loads((result.run_dir / "members.json").read_text())
+    assert members[:3] == old_members
+    assert len(members) == 5 and len({m["genome"] for m in members}) == 5
+    assert len(grown.metrics["members"]) == 5
+    population = grown.population
+    assert len(population) == len(old_population) + TINY["search"]["population"]
+    pd.testing.assert_frame_equal(population.iloc[: len(old_population)].drop(columns=["is_member"]),
+                                  old_population.drop(columns=["is_member"]))
+    assert population["is_member"].sum() == 5
+    assert (result.run_dir / "parent.pt").read_bytes() == parent_bytes  # the parent was not retrained
+    config = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert config["ensemble"]["size"] == 5 and config["search"]["generations"] == 3
+
+
+def test_load_runs_flattens_configs(tmp_path: Path) -> None:
+    """load_runs concatenates every run's log with its config as columns, ready for groupby."""
+    quiet = {"progress": lambda line: None}
+    for sigma in (0.2, 0.4):
+        evo_subens.run(deep_merge(TINY, {"output_dir": str(tmp_path), "name": f"s{sigma}",
+                                         "children": {"sigma": sigma}}), **quiet)
+    runs = evo_subens.load_runs(tmp_path)
+    assert set(runs["run"]) == {"s0.2", "s0.4"}
+    assert runs.groupby("children.sigma").size().to_dict() == {0.2: 16, 0.4: 16}
+    assert (runs["search.population"] == 8).all()
+
+
+def test_killed_grow_resumes_to_the_same_ensemble(crash_setup, cli_command) -> None:
+    """grow killed after its new generation, then resumed: the same members and metrics as a grow that
+    ran through (the current members are kept in both)."""
+    _, reference = crash_setup
+    straight, killed = reference.parent / "grow-straight", reference.parent / "grow-killed"
+    shutil.copytree(reference, straight)
+    shutil.copytree(reference, killed)
+    assert _cli(cli_command, ["grow", str(straight), "--members", "2"]).returncode == 0
+    crashed = _cli(cli_command, ["grow", str(killed), "--members", "2"], crash_at="search.after_generation:1")
+    assert crashed.returncode == -signal.SIGKILL
+    resumed = _cli(cli_command, ["resume", str(killed)])
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(killed, straight)
+    members = json.loads((killed / "members.json").read_text())
+    assert members[:3] == json.loads((reference / "members.json").read_text())
+
+
+def test_killed_ray_run_resumes_to_the_same_result(crash_setup, cli_command) -> None:
+    """The same with Ray actors: the driver SIGKILLed between generations, resumed with its own Ray."""
+    config, reference = crash_setup
+    run_dir = reference.parent / "killed-ray"
+    killed = _cli(cli_command, ["run", str(config), "name=killed-ray", "workers.executor=ray"],
+                  crash_at="search.after_generation:2")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _cli(cli_command, ["resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Ray actors" in resumed.stdout
+    _assert_same_run(run_dir, reference)
+
+
+def test_parent_file_that_does_not_fit(crash_setup, cli_command, tmp_path: Path) -> None:
+    """A parent state_dict for another architecture: exit 2 naming the file, no run directory made."""
+    config, reference = crash_setup
+    wrong = tmp_path / "wrong-parent.pt"
+    torch.save({"weight": torch.zeros(3, 3)}, wrong)
+    result = _cli(cli_command, ["run", str(config), "name=wrong-parent", f"model.parent_path={wrong}"])
+    assert result.returncode == 2
+    assert str(wrong) in result.stderr and "does not fit the architecture" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (reference.parent / "wrong-parent").exists()

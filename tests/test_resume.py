@@ -46,6 +46,20 @@ def _cli(cli_command: list[str], args: list[str], crash_at: str | None = None) -
     return subprocess.run(cli_command + args, capture_output=True, text=True, env=env, timeout=300)
 
 
+def _killed_run(cli_command: list[str], config: Path, name: str, crash_at: str, *overrides: str) -> Path:
+    """Start ``evo-subens run`` and check it died by SIGKILL at ``crash_at``; returns its run dir."""
+    killed = _cli(cli_command, ["run", str(config), f"name={name}", *overrides], crash_at=crash_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    return config.parent / "runs" / name
+
+
+def _resumed(cli_command: list[str], run_dir: Path) -> subprocess.CompletedProcess:
+    """``evo-subens resume`` that must succeed."""
+    resumed = _cli(cli_command, ["resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr
+    return resumed
+
+
 def _outputs(run_dir: Path) -> tuple[pd.DataFrame, list, dict]:
     population = pd.read_parquet(run_dir / "population.parquet").drop(columns=RUNTIME_COLUMNS)
     members = json.loads((run_dir / "members.json").read_text())
@@ -89,50 +103,38 @@ KILL_POINTS = [
 def test_killed_and_resumed_run_equals_uninterrupted(crash_setup, cli_command, crash_at: str) -> None:
     """SIGKILL at the point, resume: same population log, members (and their weights) and metrics."""
     config, reference = crash_setup
-    name = "killed-" + crash_at.replace(":", "-").replace(".", "-")
-    killed = _cli(cli_command, ["run", str(config), f"name={name}"], crash_at=crash_at)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    run_dir = reference.parent / name
+    run_dir = _killed_run(cli_command, config, "killed-" + crash_at.replace(":", "-").replace(".", "-"), crash_at)
     assert not (run_dir / "metrics.json").exists()
-    resumed = _cli(cli_command, ["resume", str(run_dir)])
-    assert resumed.returncode == 0, resumed.stderr
-    assert "[resume] from ckpt-" in resumed.stdout
+    assert "[resume] from ckpt-" in _resumed(cli_command, run_dir).stdout
     _assert_same_run(run_dir, reference)
 
 
 def test_killed_repeatedly(crash_setup, cli_command) -> None:
     """Killed three times at different points, resumed each time: still the uninterrupted result."""
     config, reference = crash_setup
-    run_dir = reference.parent / "killed-thrice"
-    first = _cli(cli_command, ["run", str(config), "name=killed-thrice"], crash_at="search.after_generation:1")
-    assert first.returncode == -signal.SIGKILL
+    run_dir = _killed_run(cli_command, config, "killed-thrice", "search.after_generation:1")
     second = _cli(cli_command, ["resume", str(run_dir)], crash_at="checkpoint.write:2")
     assert second.returncode == -signal.SIGKILL
     third = _cli(cli_command, ["resume", str(run_dir)], crash_at="finetune.after_member:2")
     assert third.returncode == -signal.SIGKILL
-    last = _cli(cli_command, ["resume", str(run_dir)])
-    assert last.returncode == 0, last.stderr
+    _resumed(cli_command, run_dir)
     _assert_same_run(run_dir, reference)
 
 
 def test_killed_before_any_checkpoint_restarts_cleanly(crash_setup, cli_command) -> None:
     """Killed during the very first checkpoint write (no checkpoint yet): resume starts over."""
     config, reference = crash_setup
-    run_dir = reference.parent / "killed-first"
-    killed = _cli(cli_command, ["run", str(config), "name=killed-first"], crash_at="checkpoint.write:1")
-    assert killed.returncode == -signal.SIGKILL
+    run_dir = _killed_run(cli_command, config, "killed-first", "checkpoint.write:1")
     assert not list((run_dir / "checkpoints").glob("ckpt-*.pt"))
-    resumed = _cli(cli_command, ["resume", str(run_dir)])
-    assert resumed.returncode == 0, resumed.stderr
+    _resumed(cli_command, run_dir)
     _assert_same_run(run_dir, reference)
 
 
 def test_population_log_keeps_finished_generations(crash_setup, cli_command) -> None:
     """A run killed after generation 2 keeps generations 1-2 in population.parquet, readable by pandas."""
     config, reference = crash_setup
-    killed = _cli(cli_command, ["run", str(config), "name=killed-log"], crash_at="search.after_generation:2")
-    assert killed.returncode == -signal.SIGKILL
-    population = evo_subens.load_population(reference.parent / "killed-log")
+    run_dir = _killed_run(cli_command, config, "killed-log", "search.after_generation:2")
+    population = evo_subens.load_population(run_dir)
     assert sorted(population["generation"].unique()) == [0, 1]
     assert len(population) == 2 * CRASH_CONFIG["search"]["population"]
 
@@ -145,13 +147,10 @@ def _digest(folder: Path) -> dict[str, str]:
 def test_corrupted_latest_checkpoint_falls_back(crash_setup, cli_command) -> None:
     """A truncated newest checkpoint is reported and the previous one is used; the result is unchanged."""
     config, reference = crash_setup
-    run_dir = reference.parent / "corrupt-latest"
-    killed = _cli(cli_command, ["run", str(config), "name=corrupt-latest"], crash_at="search.after_generation:2")
-    assert killed.returncode == -signal.SIGKILL
+    run_dir = _killed_run(cli_command, config, "corrupt-latest", "search.after_generation:2")
     newest = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1]
     newest.write_bytes(newest.read_bytes()[:100])
-    resumed = _cli(cli_command, ["resume", str(run_dir)])
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = _resumed(cli_command, run_dir)
     assert f"checkpoint {newest} is unreadable" in resumed.stdout
     assert "falling back to the previous checkpoint" in resumed.stdout
     _assert_same_run(run_dir, reference)
@@ -160,9 +159,7 @@ def test_corrupted_latest_checkpoint_falls_back(crash_setup, cli_command) -> Non
 def test_no_usable_checkpoint_is_an_error_and_touches_nothing(crash_setup, cli_command) -> None:
     """Every checkpoint corrupted: exit 2 naming the folder, no file changed."""
     config, reference = crash_setup
-    run_dir = reference.parent / "all-corrupt"
-    killed = _cli(cli_command, ["run", str(config), "name=all-corrupt"], crash_at="search.after_generation:1")
-    assert killed.returncode == -signal.SIGKILL
+    run_dir = _killed_run(cli_command, config, "all-corrupt", "search.after_generation:1")
     for path in (run_dir / "checkpoints").glob("ckpt-*.pt"):
         path.write_bytes(b"not a checkpoint")
     before = _digest(run_dir)
@@ -278,8 +275,7 @@ def test_killed_grow_resumes_to_the_same_ensemble(crash_setup, cli_command) -> N
     assert _cli(cli_command, ["grow", str(straight), "--members", "2"]).returncode == 0
     crashed = _cli(cli_command, ["grow", str(killed), "--members", "2"], crash_at="search.after_generation:1")
     assert crashed.returncode == -signal.SIGKILL
-    resumed = _cli(cli_command, ["resume", str(killed)])
-    assert resumed.returncode == 0, resumed.stderr
+    _resumed(cli_command, killed)
     _assert_same_run(killed, straight)
     members = json.loads((killed / "members.json").read_text())
     assert members[:3] == json.loads((reference / "members.json").read_text())
@@ -288,13 +284,8 @@ def test_killed_grow_resumes_to_the_same_ensemble(crash_setup, cli_command) -> N
 def test_killed_ray_run_resumes_to_the_same_result(crash_setup, cli_command) -> None:
     """The same with Ray actors: the driver SIGKILLed between generations, resumed with its own Ray."""
     config, reference = crash_setup
-    run_dir = reference.parent / "killed-ray"
-    killed = _cli(cli_command, ["run", str(config), "name=killed-ray", "workers.executor=ray"],
-                  crash_at="search.after_generation:2")
-    assert killed.returncode == -signal.SIGKILL
-    resumed = _cli(cli_command, ["resume", str(run_dir)])
-    assert resumed.returncode == 0, resumed.stderr
-    assert "Ray actors" in resumed.stdout
+    run_dir = _killed_run(cli_command, config, "killed-ray", "search.after_generation:2", "workers.executor=ray")
+    assert "Ray actors" in _resumed(cli_command, run_dir).stdout
     _assert_same_run(run_dir, reference)
 
 

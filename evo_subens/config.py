@@ -61,6 +61,8 @@ class TrainConfig:
     lr: float = option(0.1, "peak learning rate", gt=0)
     lr_schedule: str = option("cosine", "learning-rate schedule, stepped per batch",
                               choices=("constant", "cosine", "onecycle", "step"))
+    optimizer: str = option("sgd", "sgd (momentum, nesterov, weight_decay apply) or adam (weight_decay "
+                                   "applies)", choices=("sgd", "adam"))
     momentum: float = option(0.9, "SGD momentum", ge=0, le=1)
     nesterov: bool = option(False, "Nesterov momentum")
     weight_decay: float = option(5e-4, "L2 weight decay", ge=0)
@@ -73,8 +75,19 @@ class FinetuneConfig(TrainConfig):
 
 
 @dataclass
+class TuneConfig(TrainConfig):
+    epochs: int = option(1, "epochs each sparse child is tuned (mask fixed) before it is scored", ge=0)
+    lr: float = option(0.1, "peak learning rate", gt=0)
+    lr_schedule: str = option("onecycle", "constant, or onecycle: warm-up over 10% from lr/100 to lr, then "
+                                          "cosine to ~1e-7 lr (Prune and Tune)",
+                              choices=("constant", "cosine", "onecycle", "step"))
+    bagging: bool = option(False, "each child tunes on its own random 90% of the training split")
+
+
+@dataclass
 class ChildrenConfig:
-    family: str = option("noisy", "how children are derived from a parent", choices=("noisy",))
+    family: str = option("noisy", "how children are derived from a parent: noisy (Gaussian mutations) or "
+                                  "sparse (pruning masks, tuned)", choices=("noisy", "sparse"))
     density: float = option(0.05, "fraction of the eligible parameters each mutation perturbs "
                                   "(1.0 = dense noise)", gt=0, le=1)
     sigma: float = option(0.1, "noise standard deviation (absolute, or a multiple of each layer's "
@@ -84,7 +97,20 @@ class ChildrenConfig:
                            choices=("static", "dynamic"))
     layers: list = option(["*"], "glob patterns over parameter names (e.g. 'features.*', '*.weight') "
                                  "selecting the eligible parameters")
-    include_classifier: bool = option(True, "whether the final classifier layer may be perturbed")
+    include_classifier: bool = option(True, "noisy: whether the final classifier layer may be perturbed "
+                                            "(sparse never prunes it)")
+    mask: str = option("random", "sparse: random masks, antirandom pairs (M, 1-M at sparsity 0.5), or "
+                                 "partition (each generation's children share out the parent)",
+                       choices=("random", "antirandom", "partition"))
+    sparsity: float = option(0.5, "sparse (random): fraction of the prunable units removed; partition: "
+                                  "derived as 1 - partition_overlap / search.population", ge=0, le=0.999)
+    structure: str = option("connection", "sparse: prune single weights (connection) or whole output "
+                                          "units of Linear/Conv layers (neuron)", choices=("connection", "neuron"))
+    scope: str = option("global", "sparse: draw masks over all prunable units at once (global) or per "
+                                  "layer at the same sparsity (layerwise)", choices=("global", "layerwise"))
+    partition_overlap: int = option(1, "sparse partition: every prunable unit is kept by exactly this many "
+                                       "of a generation's children", ge=1)
+    tune: TuneConfig = field(default_factory=TuneConfig, metadata={"doc": "tuning of sparse children"})
 
 
 @dataclass
@@ -144,6 +170,17 @@ class RunConfig:
         if not self.children.layers or not all(isinstance(p, str) for p in self.children.layers):
             raise ConfigError("children.layers", "a non-empty list of glob patterns (strings)",
                               self.children.layers)
+        children = self.children
+        if children.family == "sparse" and children.mask == "antirandom":
+            if children.sparsity != 0.5:
+                raise ConfigError("children.sparsity", "0.5 for antirandom masks (M and 1 - M)", children.sparsity)
+            if self.search.population % 2:
+                raise ConfigError("search.population", "an even number for antirandom pairs",
+                                  self.search.population)
+        if children.family == "sparse" and children.mask == "partition" and \
+                children.partition_overlap >= self.search.population:
+            raise ConfigError("children.partition_overlap", f"less than search.population = "
+                                                             f"{self.search.population}", children.partition_overlap)
         v = self.data.validation_size
         if v >= 1 and v != int(v):
             raise ConfigError("data.validation_size", "a fraction in (0, 1) or a whole number of samples", v)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ChildrenConfig, ModelConfig
+from .data import Split
 from .families import make_family
 from .models import build_model
 
@@ -48,6 +49,8 @@ class EvaluationPayload:
     batch_size: int
     threads: int
     use_gpu: bool = False
+    train_x: torch.Tensor | None = None  # only for families that train children (sparse tuning)
+    train_y: torch.Tensor | None = None
 
 
 def worker_device(payload: EvaluationPayload) -> str:
@@ -85,9 +88,12 @@ class CandidateEvaluator:
         self.model.load_state_dict(payload.parent_state)
         self.model.to(self.device).eval()
         self.family = make_family(payload.children)
-        self.materialiser = self.family.bind(self.model)
+        train_data = Split(payload.train_x, payload.train_y) if payload.train_x is not None else None
+        self.materialiser = self.family.bind(self.model, train_data)
         self.val_x = payload.val_x.to(self.device)
         self.val_y = payload.val_y.to(self.device)
+        # Trained children are expensive to rebuild: keep the weights of those scored here until fetched.
+        self._trained: dict[str, dict[str, torch.Tensor]] = {}
 
     def _check_parent(self, genome: str) -> None:
         if f'"parent":"{self.payload.parent_id}"' not in genome:
@@ -114,10 +120,17 @@ class CandidateEvaluator:
         self._check_parent(genome)
         with self.materialiser.materialised(genome):
             accuracy, nll = self.score_current()
+            if self.family.trains_children:
+                self._trained[genome] = self._current_state()
         return CandidateScore(accuracy, nll, time.perf_counter() - started)
 
+    def _current_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
     def child_state(self, genome: str) -> dict[str, torch.Tensor]:
-        """A CPU copy of the child's full ``state_dict``."""
+        """A CPU copy of the child's full ``state_dict`` (kept from its evaluation, else rebuilt)."""
         self._check_parent(genome)
+        if genome in self._trained:
+            return self._trained[genome]
         with self.materialiser.materialised(genome):
-            return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            return self._current_state()

@@ -171,13 +171,16 @@ class LeNet(_ConvClassifier):
     """LeNet-5 style: conv5x5(6)/pool, conv5x5(16)/pool, fc 120, fc 84, Linear classifier.
 
     Channels and units are scaled by ``width`` or by a named ``size`` (S=1x, M=2x, L=4x); the
-    convolutions are padded by 2 so 8x8 inputs keep enough room.
+    convolutions are padded by 2 so 8x8 inputs keep enough room; ``dropout`` acts before each hidden
+    fully connected layer's successor (off at evaluation).
     """
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, width: float = 1.0,
-                 size: str | None = None):
+                 size: str | None = None, dropout: float = 0.0):
         super().__init__()
         shape = _check_rank("lenet", input_shape, 3, "2-D image inputs (C, H, W)")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+            raise ConfigError("model.kwargs", "'dropout' in [0, 1)", dropout)
         if size is not None:
             if size not in LENET_SIZES:
                 raise ConfigError("model.kwargs", f"'size' as one of {', '.join(LENET_SIZES)}", size)
@@ -201,7 +204,8 @@ class LeNet(_ConvClassifier):
             c = out
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(_flat_size(self.features, shape), scaled(120)),
-                                  nn.ReLU(), nn.Linear(scaled(120), scaled(84)), nn.ReLU())
+                                  nn.ReLU(), nn.Dropout(dropout), nn.Linear(scaled(120), scaled(84)), nn.ReLU(),
+                                  nn.Dropout(dropout))
         self.classifier = nn.Linear(scaled(84), num_classes)
 
 

@@ -111,6 +111,31 @@ class SubnetworkProblem(Problem):
                 rows.append([fitness, score.accuracy, score.nll, score.seconds, worker, os.getpid()])
         batch.set_evals(torch.tensor(rows, dtype=torch.float64))
 
+    def local_child_states(self, genomes: list[str]) -> list[dict[str, torch.Tensor]]:
+        """Weights of children this process evaluated (or rebuilds); called on actors by the driver."""
+        evaluator = self._get_evaluator()
+        with torch_threads(self.payload.threads):
+            return [evaluator.child_state(genome) for genome in genomes]
+
+    def child_states(self, genomes: list[str], workers: list[int]) -> list[dict[str, torch.Tensor]]:
+        """Weights of children, fetched from the worker that evaluated each (``workers``: actor indices).
+
+        A worker that no longer holds a child (restarted, or another process) rebuilds it: the result is
+        the same, only slower.
+        """
+        if self.actors is None:
+            return self.local_child_states(genomes)
+        states: list[dict | None] = [None] * len(genomes)
+        by_actor: dict[int, list[int]] = {}
+        for i, worker in enumerate(workers):
+            by_actor.setdefault(worker % len(self.actors), []).append(i)
+        futures = {actor: self.actors[actor].call.remote("local_child_states", [[genomes[i] for i in idx]], {})
+                   for actor, idx in by_actor.items()}
+        for actor, idx in by_actor.items():
+            for i, state in zip(idx, ray.get(futures[actor])):
+                states[i] = state
+        return states
+
     def make_batch(self, genomes: list[str]) -> SolutionBatch:
         """An unevaluated batch holding ``genomes``."""
         batch = SolutionBatch(self, popsize=len(genomes), empty=True)

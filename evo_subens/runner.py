@@ -204,6 +204,9 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
         batch_size=cfg.search.eval_batch_size, threads=cfg.workers.threads_per_actor,
         use_gpu=cfg.workers.num_gpus_per_actor > 0)
     family = make_family(cfg.children)
+    if family.trains_children:
+        payload.train_x, payload.train_y = data.train.x, data.train.y
+    driver = CandidateEvaluator(payload)  # builds members' weights here when they are cheap to rebuild
     population_path = run_dir / "population.parquet"
     problem = make_problem(cfg.workers, payload, fitness=cfg.search.fitness, population=cfg.search.population)
     search = SubnetworkSearch(problem, family, cfg.search, seed=cfg.seed)
@@ -233,30 +236,36 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
                              f"restarted; its unfinished candidates were evaluated again")
             progress(_generation_line(search, cfg, seconds))
             crash_point("search.after_generation")
+
+        # Stage 3: members. A grown ensemble keeps its members; an extended search selects afresh.
+        if state["stage"] in ("parent", "search") or searched:
+            keep = [search.records[i] for i in keep_ids]
+            members = select_members(search.records, cfg.ensemble.size, cfg.search.fitness, keep)
+            if family.trains_children:  # fetch trained weights from the workers while they are up
+                fresh = members[len(keep):]
+                states = problem.child_states([m.genome for m in fresh], [m.worker for m in fresh])
+                for i, (member, member_state) in enumerate(zip(fresh, states), start=len(keep)):
+                    _save_member(run_dir, i, family.pack(member_state, member.genome, driver.materialiser))
+            state = dict(state, stage="members", members=[m.candidate for m in members], tuned=keep_tuned)
+            _checkpoint(run_dir, cfg, state)
     finally:
         problem.close()
-
-    # Stage 3: members. A grown ensemble keeps its members; an extended search selects afresh.
-    if state["stage"] in ("parent", "search") or searched:
-        keep = [search.records[i] for i in keep_ids]
-        members = select_members(search.records, cfg.ensemble.size, cfg.search.fitness, keep)
-        state = dict(state, stage="members", members=[m.candidate for m in members], tuned=keep_tuned)
-        _checkpoint(run_dir, cfg, state)
     members = [search.records[i] for i in state["members"]]
+    member_files: list[str | None] = []
+    member_states = []
+    for i, member in enumerate(members):
+        stored = family.trains_children or i < state["tuned"]
+        member_files.append(_member_file(i) if stored else None)
+        member_states.append(_load_member(run_dir, i, family, member.genome, driver.materialiser) if stored
+                             else driver.child_state(member.genome))
 
     # Stage 4: optional fine-tuning, one checkpoint per member.
-    materialiser = CandidateEvaluator(payload)
-    member_states = [materialiser.child_state(m.genome) for m in members]
-    member_files: list[str | None] = [None] * len(members)
     if cfg.finetune.epochs > 0:
-        (run_dir / "members").mkdir(exist_ok=True)
-        for i in range(len(members)):
-            member_files[i] = f"members/{i}.pt"
-            if i < state["tuned"]:
-                member_states[i] = torch.load(run_dir / member_files[i], map_location="cpu", weights_only=True)
-                continue
-            member_states[i] = _finetune_member(cfg, data, member_states[i], i)
-            write_state(run_dir / member_files[i], member_states[i])
+        for i in range(state["tuned"], len(members)):
+            constraint = family.constraint(members[i].genome, driver.materialiser)
+            member_states[i] = _finetune_member(cfg, data, member_states[i], i, constraint)
+            _save_member(run_dir, i, family.pack(member_states[i], members[i].genome, driver.materialiser))
+            member_files[i] = _member_file(i)
             state = dict(state, stage="finetune", tuned=i + 1)
             _checkpoint(run_dir, cfg, state)
             progress(f"[finetune] member {i + 1}/{len(members)} done")
@@ -280,11 +289,26 @@ def _checkpoint(run_dir: Path, cfg: RunConfig, state: dict) -> None:
     save_checkpoint(run_dir, dict(state, config=config_to_dict(cfg)))
 
 
-def _finetune_member(cfg: RunConfig, data: DatasetSplits, state: dict, index: int) -> dict:
+def _member_file(index: int) -> str:
+    return f"members/{index}.pt"
+
+
+def _save_member(run_dir: Path, index: int, packed: dict) -> None:
+    (run_dir / "members").mkdir(exist_ok=True)
+    write_state(run_dir / _member_file(index), packed)
+
+
+def _load_member(run_dir: Path, index: int, family, genome: str, materialiser) -> dict:
+    packed = torch.load(run_dir / _member_file(index), map_location="cpu", weights_only=True)
+    return family.unpack(packed, genome, materialiser)
+
+
+def _finetune_member(cfg: RunConfig, data: DatasetSplits, state: dict, index: int,
+                     constraint: Callable[[torch.nn.Module], None] | None) -> dict:
     model = build_model(cfg.model, data.input_shape, data.num_classes)
     model.load_state_dict(state)
     torch.manual_seed(cfg.seed + 1 + index)  # each member's tuning is a function of the run seed and its index
-    train(model, data.train, cfg.finetune, seed=cfg.seed + 1 + index)
+    train(model, data.train, cfg.finetune, seed=cfg.seed + 1 + index, parameter_filter=constraint)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -138,7 +138,7 @@ class SubnetworkSearch(SearchAlgorithm):
         pids = []
         for i, ((parent_index, genome), row) in enumerate(zip(proposals, evals)):
             fitness, accuracy, nll, seconds, worker, pid = (float(v) for v in row)
-            parent_id = parents[parent_index].candidate if parents else ROOT_CANDIDATE
+            parent_id = parents[parent_index].candidate if parents and parent_index >= 0 else ROOT_CANDIDATE
             new.append(CandidateRecord(self.generation, first_id + i, parent_id, genome, fitness, accuracy, nll,
                                        seconds, int(worker)))
             pids.append((int(worker), int(pid)))

@@ -37,10 +37,18 @@ def lr_factor(schedule: str, step: int, total_steps: int) -> float:
     raise ValueError(f"unknown lr schedule {schedule!r}")
 
 
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov, weight decay) or Adam (weight decay), as ``cfg.optimizer`` says."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+
+
 def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int,
           on_epoch: Callable[[int, float, float], None] | None = None,
           parameter_filter: Callable[[nn.Module], None] | None = None) -> None:
-    """Train ``model`` in place with SGD on ``data`` for ``cfg.epochs`` epochs.
+    """Train ``model`` in place on ``data`` for ``cfg.epochs`` epochs.
 
     Batches are drawn from a generator seeded with ``seed``, so training is a function of its inputs.
     ``on_epoch(epoch, mean_loss, seconds)`` reports progress; ``parameter_filter(model)`` runs after every
@@ -48,13 +56,13 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int,
     """
     if cfg.epochs == 0:
         return
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(seed)
     n = len(data)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     step = 0
+    device = next(model.parameters()).device
     model.train()
     for epoch in range(cfg.epochs):
         started = time.perf_counter()
@@ -64,7 +72,7 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int,
             index = order[begin:begin + cfg.batch_size]
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, step, total_steps)
-            loss = F.cross_entropy(model(data.x[index]), data.y[index])
+            loss = F.cross_entropy(model(data.x[index].to(device)), data.y[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

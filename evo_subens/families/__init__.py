@@ -5,8 +5,9 @@ from __future__ import annotations
 from ..config import ChildrenConfig
 from .base import Family, Materialiser, decode_genome, encode_genome
 from .noisy import NoisyFamily
+from .sparse import SparseFamily
 
-FAMILIES: dict[str, type[Family]] = {"noisy": NoisyFamily}
+FAMILIES: dict[str, type[Family]] = {"noisy": NoisyFamily, "sparse": SparseFamily}
 
 
 def make_family(cfg: ChildrenConfig) -> Family:

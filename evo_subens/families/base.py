@@ -51,6 +51,9 @@ class Family(ABC):
     """How children are derived from a parent. Adding a family is one module and one registry entry."""
 
     name: str
+    # Scoring a child trains it (sparse tuning): workers then get the training split, and a child's
+    # weights are no longer cheap to rebuild from its genome, so members' weights are stored.
+    trains_children: bool = False
 
     def __init__(self, cfg: ChildrenConfig):
         self.cfg = cfg
@@ -61,11 +64,25 @@ class Family(ABC):
 
     @abstractmethod
     def propose(self, parents: Sequence[str], count: int, rng: np.random.Generator) -> list[tuple[int, str]]:
-        """``count`` new genomes, each paired with the index in ``parents`` of the genome it extends."""
+        """``count`` new genomes, each paired with the index in ``parents`` of the genome it extends
+        (-1: derived from the trained parent itself)."""
 
     @abstractmethod
-    def bind(self, model: nn.Module) -> Materialiser:
-        """A materialiser for ``model``, which must hold the root parent's weights."""
+    def bind(self, model: nn.Module, train_data: Any = None) -> Materialiser:
+        """A materialiser for ``model``, which must hold the root parent's weights; ``train_data`` (a
+        :class:`~evo_subens.data.Split`) is given to families that train children."""
+
+    def constraint(self, genome: str, materialiser: Materialiser) -> Callable[[nn.Module], None] | None:
+        """What must hold while a member is fine-tuned (e.g. re-applying its mask); None: nothing."""
+        return None
+
+    def pack(self, state: dict, genome: str, materialiser: Materialiser) -> dict:
+        """A member's weights as stored in the run directory (families may store them compactly)."""
+        return state
+
+    def unpack(self, packed: dict, genome: str, materialiser: Materialiser) -> dict:
+        """Inverse of :meth:`pack`."""
+        return packed
 
     @abstractmethod
     def describe(self, genome: str) -> dict[str, Any]:

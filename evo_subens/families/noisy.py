@@ -145,7 +145,7 @@ class NoisyFamily(Family):
             children.append((parent_index, encode_genome(spec)))
         return children
 
-    def bind(self, model: nn.Module) -> NoisyMaterialiser:
+    def bind(self, model: nn.Module, train_data: Any = None) -> NoisyMaterialiser:
         return NoisyMaterialiser(model, self.space)
 
     def describe(self, genome: str) -> dict[str, Any]:

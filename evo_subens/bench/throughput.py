@@ -25,12 +25,12 @@ import numpy as np
 import ray
 import torch
 
-from .config import ChildrenConfig, DataConfig, ModelConfig, WorkersConfig
-from .data import load_dataset
-from .evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint, worker_device
-from .families import make_family
-from .models import build_model, count_parameters
-from .problem import ACTOR_ENV, actor_options, make_problem
+from ..config import ChildrenConfig, DataConfig, ModelConfig, WorkersConfig
+from ..data import load_dataset
+from ..evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint, torch_threads, worker_device
+from ..families import make_family
+from ..models import build_model, count_parameters
+from ..problem import ACTOR_ENV, actor_options, make_problem
 
 BENCH_MODELS = {
     "cnn": ModelConfig(name="cnn2d"),  # ~0.1M parameters on 28x28 images
@@ -50,8 +50,10 @@ class ForwardPassActor:
         return str(self.evaluator.device)
 
     def passes(self, count: int) -> int:
-        for _ in range(count):
-            self.evaluator.score_current()
+        # The same thread setting, in the executing thread, as the engine's evaluation uses.
+        with torch_threads(self.evaluator.payload.threads):
+            for _ in range(count):
+                self.evaluator.score_current()
         return count
 
 

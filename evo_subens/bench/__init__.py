@@ -1,0 +1,5 @@
+"""Benchmarks (not tests): each compares methods side by side in one run and prints a table.
+
+- :mod:`.throughput`: candidates/s of the engine vs plain forward passes of the parent;
+- :mod:`.prune_tune`: Prune-and-Tune ensembles vs matched-budget baselines (PAT Table 1 shape).
+"""

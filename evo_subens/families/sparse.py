@@ -1,0 +1,220 @@
+"""Sparse children (Prune and Tune Ensembles): the parent times a binary mask, tuned with the mask fixed.
+
+Masks are random, not by magnitude, over the prunable units: single weights (``connection``) or whole
+output units of Linear/Conv layers (``neuron``: the filter's weights and its bias), drawn over all
+layers at once (``global``) or per layer (``layerwise``). The final classifier is never pruned.
+
+- ``random``: each child keeps a random ``1 - sparsity`` share of the units;
+- ``antirandom``: children come in pairs with complementary masks M and 1 - M (sparsity 0.5);
+- ``partition`` (Neural Partitioning): a generation's N children share out the units, every unit kept
+  by exactly ``partition_overlap`` (k) of them (k = 1: disjoint 1/N shares covering the parent).
+
+A genome names the mask (``seed`` + pair side or partition index), so any process rebuilds it. Scoring a
+child tunes it first (``children.tune``); pruned weights stay exactly zero, the mask is re-applied after
+every optimiser step. Children always derive from the trained parent (a mask of a mask would only prune
+more), so later generations draw fresh masks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ChildrenConfig, TuneConfig
+from ..errors import ConfigError
+from ..models import classifier_parameter_names
+from ..training import train
+from .base import Family, Materialiser, Undo, decode_genome, encode_genome
+from .noisy import SEED_BOUND
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BAGGING_SHARE = 0.9
+
+
+@dataclass(frozen=True)
+class PrunableLayer:
+    """A Linear/Conv layer whose weights (and, for neuron pruning, biases) masks act on."""
+
+    weight: str
+    bias: str | None
+    shape: tuple[int, ...]
+
+
+def prunable_layers(model: nn.Module, patterns: Sequence[str]) -> list[PrunableLayer]:
+    """The layers masks may prune: Linear/Conv layers matching ``patterns``, never the classifier."""
+    classifier = set(classifier_parameter_names(model))
+    layers = []
+    for name, module in model.named_modules():
+        weight = f"{name}.weight" if name else "weight"
+        if not isinstance(module, PRUNABLE_TYPES) or weight in classifier:
+            continue
+        if any(fnmatch.fnmatchcase(weight, p) for p in patterns):
+            bias = f"{name}.bias" if module.bias is not None else None
+            layers.append(PrunableLayer(weight, bias, tuple(module.weight.shape)))
+    if not layers:
+        raise ConfigError("children.layers", "patterns matching the weight of at least one Linear/Conv layer "
+                                             "other than the classifier", list(patterns))
+    return layers
+
+
+def _keep_units(spec: dict, count: int, seed: list[int]) -> np.ndarray:
+    """Boolean keep-vector over ``count`` units for one mask ``spec``."""
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(count, dtype=bool)
+    if spec["kind"] == "random":
+        keep[rng.choice(count, count - round(spec["sparsity"] * count), replace=False)] = True
+    elif spec["kind"] == "antirandom":
+        keep[rng.choice(count, count // 2, replace=False)] = True
+        if spec["complement"]:
+            keep = ~keep
+    else:  # partition: a random balanced assignment of units to parts, then a window of k parts
+        parts = spec["parts"]
+        part = np.empty(count, dtype=np.int64)
+        part[rng.permutation(count)] = np.arange(count) % parts
+        keep = (part - spec["index"]) % parts < spec["overlap"]
+    return keep
+
+
+def unit_masks(spec: dict, counts: list[int], scope: str) -> list[np.ndarray]:
+    """Keep-vectors per layer; global masks are drawn once over all units, layerwise ones per layer."""
+    if scope == "layerwise":
+        return [_keep_units(spec, n, [spec["seed"], layer]) for layer, n in enumerate(counts)]
+    keep = _keep_units(spec, sum(counts), [spec["seed"]])
+    return np.split(keep, np.cumsum(counts)[:-1])
+
+
+def tune_seed(spec: dict) -> int:
+    """Seed of a child's tuning (batch order, bagging subset), distinct for each side and partition."""
+    salt = spec.get("index", 0) if spec["kind"] == "partition" else int(spec.get("complement", False))
+    return int(np.random.default_rng([spec["seed"], salt, 1]).integers(SEED_BOUND))
+
+
+class SparseMaterialiser(Materialiser):
+    """Writes tuned sparse children into a model; ``undo`` copies the parent's weights back."""
+
+    def __init__(self, model: nn.Module, space: dict[str, Any], tune: TuneConfig, train_data=None):
+        self.model = model
+        self.space = space
+        self.tune = tune
+        self.train_data = train_data
+        self.layers = prunable_layers(model, space["layers"])
+        self.parent = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def masks(self, spec: dict) -> dict[str, torch.Tensor]:
+        """Boolean masks (parameter-shaped) of the pruned parameters for a mask ``spec``."""
+        neuron = self.space["structure"] == "neuron"
+        counts = [layer.shape[0] if neuron else int(np.prod(layer.shape)) for layer in self.layers]
+        device = next(self.model.parameters()).device
+        masks = {}
+        for layer, keep in zip(self.layers, unit_masks(spec, counts, self.space["scope"])):
+            keep = torch.from_numpy(keep).to(device)
+            if neuron:
+                masks[layer.weight] = keep.view(-1, *([1] * (len(layer.shape) - 1))).expand(layer.shape)
+                if layer.bias is not None:
+                    masks[layer.bias] = keep
+            else:
+                masks[layer.weight] = keep.view(layer.shape)
+        return masks
+
+    def constraint(self, genome: str) -> Callable[[nn.Module], None]:
+        """A callable that zeroes ``genome``'s pruned weights of a model (run after each optimiser step)."""
+        masks = self.masks(decode_genome(genome)["mask"])
+
+        @torch.no_grad()
+        def apply_mask(model: nn.Module) -> None:
+            params = dict(model.named_parameters())
+            for name, mask in masks.items():
+                params[name].mul_(mask)
+
+        return apply_mask
+
+    def apply(self, genome: str) -> Undo:
+        spec = decode_genome(genome)
+        if spec.get("family") != "sparse" or spec.get("space") != self.space:
+            raise ValueError(f"genome does not belong to this sparse space: {genome[:200]}")
+
+        @torch.no_grad()
+        def undo() -> None:
+            self.model.load_state_dict(self.parent)
+
+        if spec["mask"] is None:
+            return undo
+        apply_mask = self.constraint(genome)
+        apply_mask(self.model)
+        if self.tune.epochs > 0 and self.train_data is not None:
+            seed = tune_seed(spec["mask"])
+            data = self.train_data
+            if self.tune.bagging:
+                rng = np.random.default_rng([seed, 2])
+                subset = np.sort(rng.choice(len(data), round(BAGGING_SHARE * len(data)), replace=False))
+                index = torch.from_numpy(subset)
+                data = type(data)(data.x[index], data.y[index])
+            torch.manual_seed(seed)
+            train(self.model, data, self.tune, seed=seed, parameter_filter=apply_mask)
+        return undo
+
+
+class SparseFamily(Family):
+    """Pruned children of the trained parent, tuned with their masks fixed."""
+
+    name = "sparse"
+    trains_children = True
+
+    def __init__(self, cfg: ChildrenConfig):
+        super().__init__(cfg)
+        self.space = {"layers": list(cfg.layers), "structure": cfg.structure, "scope": cfg.scope}
+
+    def root(self, parent_id: str) -> str:
+        return encode_genome({"family": self.name, "parent": parent_id, "space": self.space, "mask": None})
+
+    def _spec(self, i: int, count: int, seeds: list[int]) -> dict:
+        kind = self.cfg.mask
+        if kind == "random":
+            return {"kind": kind, "seed": seeds[i], "sparsity": self.cfg.sparsity}
+        if kind == "antirandom":
+            return {"kind": kind, "seed": seeds[i // 2], "complement": bool(i % 2)}
+        return {"kind": kind, "seed": seeds[0], "index": i, "parts": count, "overlap": self.cfg.partition_overlap}
+
+    def propose(self, parents: Sequence[str], count: int, rng: np.random.Generator) -> list[tuple[int, str]]:
+        seeds = [int(s) for s in rng.integers(SEED_BOUND, size=count)]
+        root = decode_genome(self.root(decode_genome(parents[0])["parent"]))
+        return [(-1, encode_genome(dict(root, mask=self._spec(i, count, seeds)))) for i in range(count)]
+
+    def bind(self, model: nn.Module, train_data=None) -> SparseMaterialiser:
+        return SparseMaterialiser(model, self.space, self.cfg.tune, train_data)
+
+    def constraint(self, genome: str, materialiser: SparseMaterialiser) -> Callable[[nn.Module], None]:
+        return materialiser.constraint(genome)
+
+    def describe(self, genome: str) -> dict[str, Any]:
+        mask = decode_genome(genome)["mask"]
+        if mask is None:
+            return {"seed": -1, "mask_seed": -1, "density": 1.0, "sigma": 0.0, "depth": 0}
+        if mask["kind"] == "partition":
+            kept = mask["overlap"] / mask["parts"]
+        else:
+            kept = 0.5 if mask["kind"] == "antirandom" else 1 - mask["sparsity"]
+        index = mask.get("index", int(mask.get("complement", False)))
+        return {"seed": mask["seed"], "mask_seed": index, "density": kept, "sigma": 0.0, "depth": 1}
+
+    def pack(self, state: dict[str, torch.Tensor], genome: str, materialiser: SparseMaterialiser) -> dict:
+        """A compact copy of a member's weights: only the kept entries of pruned parameters."""
+        masks = materialiser.masks(decode_genome(genome)["mask"])
+        return {name: (value[masks[name].cpu()] if name in masks else value) for name, value in state.items()}
+
+    def unpack(self, packed: dict, genome: str, materialiser: SparseMaterialiser) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`pack` (pruned entries are zeros)."""
+        masks = materialiser.masks(decode_genome(genome)["mask"])
+        state = {}
+        for name, value in packed.items():
+            if name in masks:
+                full = torch.zeros(masks[name].shape, dtype=value.dtype)
+                full[masks[name].cpu()] = value
+                value = full
+            state[name] = value
+        return state

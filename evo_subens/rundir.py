@@ -35,11 +35,11 @@ POPULATION_SCHEMA: dict[str, str] = {
     "generation": "int64",      # generation the candidate was evaluated in (0-based)
     "candidate": "int64",       # run-wide candidate id, in evaluation order
     "parent": "int64",          # candidate id of the genome it extends; -1 = the trained parent
-    "seed": "int64",            # noise seed of the candidate's own (last) mutation
-    "mask_seed": "int64",       # mask seed of that mutation
-    "density": "float64",       # fraction of eligible parameters that mutation perturbs
-    "sigma": "float64",         # noise scale of that mutation
-    "depth": "int64",           # mutations from the trained parent (compounding through elites)
+    "seed": "int64",            # noisy: noise seed of the candidate's own (last) mutation; sparse: mask seed
+    "mask_seed": "int64",       # noisy: mask seed of that mutation; sparse: partition index / pair side
+    "density": "float64",       # noisy: share of eligible parameters perturbed; sparse: share of units kept
+    "sigma": "float64",         # noisy: noise scale of that mutation; sparse: 0
+    "depth": "int64",           # noisy: mutations from the trained parent; sparse: 1
     "fitness": "float64",       # the selection metric (val_accuracy or val_nll)
     "val_accuracy": "float64",
     "val_nll": "float64",

@@ -192,3 +192,32 @@ def test_ray_and_local_sparse_runs_agree(ray_session, tmp_path: Path) -> None:
         a = torch.load(local.run_dir / f"members/{i}.pt", weights_only=True)
         b = torch.load(remote.run_dir / f"members/{i}.pt", weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_sparse_run_resumes_to_the_same_members(tmp_path: Path, cli_command) -> None:
+    """Killed after the tuning generation (tuned weights lived only in the workers): resume re-tunes the
+    members deterministically, giving the same packed weights and metrics as an uninterrupted run."""
+    import os
+    import signal
+
+    import yaml
+
+    config = tmp_path / "sparse.yaml"
+    config.write_text(yaml.safe_dump(dict(SPARSE_RUN, output_dir=str(tmp_path / "runs"))))
+
+    def cli(*args: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "EVO_SUBENS_CRASH_AT"}
+        if crash_at:
+            env["EVO_SUBENS_CRASH_AT"] = crash_at
+        return subprocess.run(cli_command + list(args), capture_output=True, text=True, env=env, timeout=300)
+
+    assert cli("run", str(config), "name=straight").returncode == 0
+    killed = cli("run", str(config), "name=killed", crash_at="search.after_generation:1")
+    assert killed.returncode == -signal.SIGKILL
+    assert cli("resume", str(tmp_path / "runs" / "killed")).returncode == 0
+    straight, resumed = tmp_path / "runs" / "straight", tmp_path / "runs" / "killed"
+    assert (straight / "metrics.json").read_text() == (resumed / "metrics.json").read_text()
+    for i in range(4):
+        a = torch.load(straight / f"members/{i}.pt", weights_only=True)
+        b = torch.load(resumed / f"members/{i}.pt", weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -25,7 +25,7 @@ import torch
 
 from .checkpoint import load_latest_checkpoint, save_checkpoint, set_rng_state
 from .config import RunConfig, apply_overrides, config_from_dict, config_to_dict, load_config
-from .errors import ConfigError, RunDirError
+from .errors import ConfigError, RunDirError, UserError
 from .data import DatasetSplits, load_dataset
 from .evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
 from .families import make_family
@@ -139,13 +139,13 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress:
     cfg = config_from_dict(apply_overrides(copy.deepcopy(saved), overrides or []))
     check_resume_compatible(saved, config_to_dict(cfg), run_dir)
     state = load_latest_checkpoint(run_dir, progress)
-    for path in remove_stale_temp_files(run_dir):
-        progress(f"[resume] removed {path.name}, left by an interrupted write")
     if state is not None and state["search"] and cfg.search.generations < state["search"]["generation"]:
         raise ConfigError("search.generations", f"at least the {state['search']['generation']} generations "
                                                 f"{run_dir} has already run", cfg.search.generations)
     data = load_dataset(cfg.data)
     parent = _build_parent(cfg, data)
+    for path in remove_stale_temp_files(run_dir):
+        progress(f"[resume] removed {path.name}, left by an interrupted write")
     if cfg != config_from_dict(saved):
         write_run_config(run_dir, cfg)
     return _execute(cfg, run_dir, data, parent, state, progress)
@@ -156,7 +156,7 @@ def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: P
     search stopped, keep the current members and add the best new distinct candidates."""
     run_dir = Path(run_dir)
     if members < 1 or generations < 0:
-        raise ConfigError("grow", "--members >= 1 and --generations >= 0", (members, generations))
+        raise UserError(f"grow needs --members >= 1 and --generations >= 0 (got {members} and {generations})")
     state = load_latest_checkpoint(run_dir, progress)
     if state is None or state["stage"] != "done":
         raise RunDirError(f"{run_dir} has not finished; resume it first (evo-subens resume {run_dir})")

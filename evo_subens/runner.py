@@ -29,14 +29,14 @@ from .errors import ConfigError, RunDirError, UserError
 from .data import DatasetSplits, load_dataset
 from .evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
 from .families import make_family
-from .metrics import classification_metrics
+from .metrics import classification_metrics, diversity, growth_curve
 from .models import build_model, count_parameters, load_parent_state
 from .problem import LOCAL_WORKER, make_problem
 from .faults import crash_point
 from .logs import check_resume_compatible, load_population, read_run_config
 from .rundir import create_run_dir, remove_stale_temp_files, write_json, write_population, write_run_config, write_state
 from .search import CandidateRecord, SubnetworkSearch, rank_key, select_members
-from .training import predict_probs, train
+from .training import predict_probs, predict_with_features, train
 
 Progress = Callable[[str], None]
 
@@ -106,6 +106,10 @@ def _summary_table(metrics: dict) -> str:
             (f"ensemble ({len(metrics['members'])})", metrics["ensemble"])]
     lines = [f"{'test split':<16}{'accuracy':>10}{'nll':>10}{'ece':>10}"]
     lines += [f"{name:<16}{m['accuracy']:>10.4f}{m['nll']:>10.4f}{m['ece']:>10.4f}" for name, m in rows]
+    spread = metrics["diversity"]
+    lines.append(f"member diversity: disagreement {spread['disagreement']['mean']:.4f}  "
+                 f"KL {spread['kl']['mean']:.4f}  output corr {spread['correlation']['mean']:.4f}  "
+                 f"feature CKA {spread['cka']['mean']:.4f}")
     return "\n".join(lines)
 
 
@@ -317,15 +321,19 @@ def _test_metrics(cfg: RunConfig, data: DatasetSplits, parent: torch.nn.Module, 
     test_x, test_y = data.test.x, data.test.y
     batch = cfg.search.eval_batch_size
     model = build_model(cfg.model, data.input_shape, data.num_classes).eval()
-    member_probs = []
+    member_probs, member_features = [], []
     for member_state in member_states:
         model.load_state_dict(member_state)
-        member_probs.append(predict_probs(model, test_x, batch))
+        probs, features = predict_with_features(model, test_x, batch)
+        member_probs.append(probs)
+        member_features.append(features)
     ensemble_probs = torch.stack(member_probs).mean(dim=0)
     return {
         "parent": classification_metrics(predict_probs(parent, test_x, batch), test_y),
         "ensemble": classification_metrics(ensemble_probs, test_y),
         "members": [dict(classification_metrics(p, test_y), candidate=m.candidate)
                     for p, m in zip(member_probs, members)],
+        "growth": growth_curve(member_probs, test_y),
+        "diversity": diversity(member_probs, member_features),
         "test_samples": len(test_y),
     }

@@ -97,3 +97,20 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) ->
 def predict_probs(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Softmax probabilities of ``model`` on ``x``."""
     return predict_logits(model, x, batch_size).softmax(dim=1)
+
+
+
+def predict_with_features(model: nn.Module, x: torch.Tensor,
+                          batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities and penultimate features (the final classifier layer's inputs) in one pass."""
+    from .models import classifier_parameter_names
+
+    classifier = model.get_submodule(classifier_parameter_names(model)[0].rpartition(".")[0])
+    captured: list[torch.Tensor] = []
+    handle = classifier.register_forward_hook(
+        lambda module, inputs, output: captured.append(inputs[0].flatten(1).float().cpu()))
+    try:
+        probs = predict_probs(model, x, batch_size)
+    finally:
+        handle.remove()
+    return probs, torch.cat(captured)

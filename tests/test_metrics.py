@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from evo_subens.metrics import accuracy, classification_metrics, ece, nll
+from evo_subens.metrics import (accuracy, brier, classification_metrics, disagreement, diversity, ece,
+                                growth_curve, kl_divergence, linear_cka, nll, output_correlation)
 from evo_subens.training import lr_factor
 
 # 4 samples, 3 classes. Confidence / prediction / correct:
@@ -116,3 +117,69 @@ def test_constant_and_step() -> None:
 def test_unknown_schedule_is_rejected() -> None:
     with pytest.raises(ValueError, match="linear"):
         lr_factor("linear", 0, 10)
+
+
+# --- Brier score, growth curve, diversity (hand-computed on tiny fixed inputs) --------------------------
+
+
+def test_brier_by_hand() -> None:
+    """[1, 0] on label 0 costs 0; [0.5, 0.5] on label 1 costs 0.25 + 0.25: mean 0.25."""
+    probs = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    assert brier(probs, torch.tensor([0, 1])) == pytest.approx(0.25)
+    assert brier(torch.tensor([[0.0, 1.0]]), torch.tensor([0])) == pytest.approx(2.0)
+
+
+def test_disagreement_by_hand() -> None:
+    p1 = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    p2 = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.8, 0.2]])
+    assert disagreement(p1, p2) == pytest.approx(1 / 3)
+    assert disagreement(p1, p1) == 0.0
+
+
+def test_kl_by_hand() -> None:
+    """KL([.5, .5] || [.25, .75]) = .5 ln 2 + .5 ln(2/3); identical members give 0."""
+    p1, p2 = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.25, 0.75]])
+    assert kl_divergence(p1, p2) == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+    assert kl_divergence(p1, p1) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_output_correlation_by_hand() -> None:
+    """Two-class outputs are perfectly correlated or anti-correlated."""
+    p1 = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
+    assert output_correlation(p1, p1) == pytest.approx(1.0)
+    assert output_correlation(p1, p1.flip(1)) == pytest.approx(-1.0)
+    # centred: (-2, -1/2, 5/2)/15 and (5/2, -1/2, -2)/15 -> (-5 + 1/4 - 5) / (4 + 1/4 + 25/4) = -13/14
+    p3 = torch.tensor([[0.2, 0.3, 0.5]])
+    p4 = torch.tensor([[0.5, 0.3, 0.2]])
+    assert output_correlation(p3, p4) == pytest.approx(-13 / 14)
+
+
+def test_linear_cka_properties() -> None:
+    """CKA of a representation with itself is 1, and it ignores rotations and isotropic scaling."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=gen)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen))
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    assert linear_cka(x, 3 * x @ q) == pytest.approx(1.0)
+    y = torch.randn(50, 4, generator=gen)
+    assert 0 < linear_cka(x, y) < 0.5
+
+
+def test_growth_curve_ends_at_the_ensemble() -> None:
+    labels = torch.tensor([0, 1])
+    members = [torch.tensor([[0.9, 0.1], [0.6, 0.4]]), torch.tensor([[0.5, 0.5], [0.2, 0.8]])]
+    curve = growth_curve(members, labels)
+    assert [c["members"] for c in curve] == [1, 2]
+    assert curve[0]["accuracy"] == 0.5 and curve[1]["accuracy"] == 1.0
+    assert curve[1]["nll"] == pytest.approx(-(math.log(0.7) + math.log(0.6)) / 2)
+
+
+def test_diversity_of_identical_members_is_zero() -> None:
+    probs = torch.tensor([[0.7, 0.3], [0.1, 0.9]])
+    feats = torch.tensor([[1.0, 2.0], [3.0, 1.0], [0.0, 1.0]])
+    result = diversity([probs, probs, probs], [feats, feats, feats])
+    assert result["disagreement"]["mean"] == 0.0
+    assert result["kl"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert result["correlation"]["mean"] == pytest.approx(1.0)
+    assert result["cka"]["mean"] == pytest.approx(1.0)
+    assert len(result["kl"]["matrix"]) == 3 and result["kl"]["matrix"][0][0] == pytest.approx(0.0, abs=1e-12)

@@ -420,3 +420,19 @@ def test_single_actor_still_evaluates_in_ray(ray_session, tiny_config, tmp_path:
         assert problem.worker_devices() == ["cpu"]
     finally:
         problem.close()
+
+
+def test_metrics_hold_growth_curve_and_diversity(local_run: evo_subens.RunResult) -> None:
+    """metrics.json: the growth curve ends at the ensemble; diversity matrices are members x members."""
+    _, members, metrics = read_run(local_run.run_dir)
+    growth = metrics["growth"]
+    assert [g["members"] for g in growth] == list(range(1, len(members) + 1))
+    assert growth[0]["accuracy"] == metrics["members"][0]["accuracy"]
+    assert growth[-1]["accuracy"] == metrics["ensemble"]["accuracy"]
+    assert growth[-1]["nll"] == pytest.approx(metrics["ensemble"]["nll"], abs=1e-9)
+    for name in ("disagreement", "kl", "correlation", "cka"):
+        matrix = metrics["diversity"][name]["matrix"]
+        assert len(matrix) == len(members) and all(len(row) == len(members) for row in matrix)
+    assert all(metrics["diversity"]["disagreement"]["matrix"][i][i] == 0 for i in range(len(members)))
+    assert all(row[i] == pytest.approx(1.0) for i, row in enumerate(metrics["diversity"]["cka"]["matrix"]))
+    assert 0 <= metrics["diversity"]["disagreement"]["mean"] <= 1

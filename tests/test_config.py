@@ -233,3 +233,11 @@ def test_config_command_prints_resolved_config(capsys: pytest.CaptureFixture) ->
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["search"]["population"] == 12
     assert printed == config_to_dict(load_config(DEFAULT_YAML, ["search.population=12"]))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    """Every config under configs/ loads and passes validation (no drift from the schema)."""
+    cfg = load_config(path)
+    assert cfg.search.population >= cfg.search.elites

@@ -139,7 +139,13 @@ class WorkersConfig:
 
 @dataclass
 class EnsembleConfig:
-    size: int = option(8, "members: the best distinct candidates of the whole search", ge=1)
+    size: int = option(8, "members (topk: the best distinct candidates of the whole search; greedy: "
+                          "picks, a candidate may be picked more than once)", ge=1)
+    selection: str = option("topk", "topk: best validation fitness; greedy: forward selection with "
+                                    "replacement minimising the validation ensemble's NLL (Caruana et al., "
+                                    "2004)", choices=("topk", "greedy"))
+    pool: int = option(0, "greedy: candidates it chooses from, the best by validation fitness; 0 = 4 x size",
+                       ge=0)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from .problem import LOCAL_WORKER, make_problem
 from .faults import crash_point
 from .logs import check_resume_compatible, load_population, read_run_config
 from .rundir import create_run_dir, remove_stale_temp_files, write_json, write_population, write_run_config, write_state
-from .search import CandidateRecord, SubnetworkSearch, rank_key, select_members
+from .search import CandidateRecord, SubnetworkSearch, greedy_selection, rank_key, select_members
 from .training import predict_probs, predict_with_features, train
 
 Progress = Callable[[str], None]
@@ -244,11 +244,10 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
         # Stage 3: members. A grown ensemble keeps its members; an extended search selects afresh.
         if state["stage"] in ("parent", "search") or searched:
             keep = [search.records[i] for i in keep_ids]
-            members = select_members(search.records, cfg.ensemble.size, cfg.search.fitness, keep)
-            if family.trains_children:  # fetch trained weights from the workers while they are up
-                fresh = members[len(keep):]
-                states = problem.child_states([m.genome for m in fresh], [m.worker for m in fresh])
-                for i, (member, member_state) in enumerate(zip(fresh, states), start=len(keep)):
+            members, fresh_states = _select_members(cfg, data, search.records, keep, family, problem, driver)
+            if family.trains_children:  # trained weights were fetched from the workers while they are up
+                for i, (member, member_state) in enumerate(zip(members[len(keep):], fresh_states),
+                                                           start=len(keep)):
                     _save_member(run_dir, i, family.pack(member_state, member.genome, driver.materialiser))
             state = dict(state, stage="members", members=[m.candidate for m in members], tuned=keep_tuned)
             _checkpoint(run_dir, cfg, state)
@@ -287,6 +286,36 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
     progress(_summary_table(metrics))
     progress(f"[run] results in {run_dir} ({time.perf_counter() - started:.0f}s)")
     return RunResult(run_dir, metrics, load_population(run_dir), [m.genome for m in members])
+
+
+def _select_members(cfg: RunConfig, data: DatasetSplits, records: list[CandidateRecord],
+                    keep: list[CandidateRecord], family, problem, driver) -> tuple[list, list[dict]]:
+    """Members (after ``keep``) and, where weights are not cheap to rebuild or greedy selection needs
+    them, the weights of the newly selected ones. Uses the validation split only."""
+
+    def states_of(chosen: list[CandidateRecord]) -> list[dict]:
+        if family.trains_children:
+            return problem.child_states([r.genome for r in chosen], [r.worker for r in chosen])
+        return [driver.child_state(r.genome) for r in chosen]
+
+    if cfg.ensemble.selection == "greedy" and not keep:
+        pool = select_members(records, cfg.ensemble.pool or 4 * cfg.ensemble.size, cfg.search.fitness)
+        pool_states = states_of(pool)
+        pool_probs = _probabilities(cfg, data, pool_states, data.validation.x)
+        picks = greedy_selection(pool_probs, data.validation.y, cfg.ensemble.size)
+        return [pool[j] for j in picks], [pool_states[j] for j in picks]
+    members = select_members(records, cfg.ensemble.size, cfg.search.fitness, keep)
+    fresh = members[len(keep):]
+    return members, states_of(fresh) if family.trains_children else []
+
+
+def _probabilities(cfg: RunConfig, data: DatasetSplits, states: list[dict], x: torch.Tensor) -> list[torch.Tensor]:
+    model = build_model(cfg.model, data.input_shape, data.num_classes).eval()
+    probs = []
+    for state in states:
+        model.load_state_dict(state)
+        probs.append(predict_probs(model, x, cfg.search.eval_batch_size))
+    return probs
 
 
 def _checkpoint(run_dir: Path, cfg: RunConfig, state: dict) -> None:

@@ -17,10 +17,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from evotorch.algorithms.searchalgorithm import SearchAlgorithm
 
 from .config import SearchConfig
 from .families import Family
+from .metrics import nll
 from .problem import SubnetworkProblem
 
 
@@ -73,6 +75,22 @@ def select_members(records: list[CandidateRecord], size: int, fitness: str,
             seen.add(record.genome)
             members.append(record)
     return members
+
+
+def greedy_selection(pool_probs: list[torch.Tensor], labels: torch.Tensor, size: int) -> list[int]:
+    """Forward selection with replacement (Caruana et al., 2004): ``size`` times, add the pool member
+    whose addition gives the lowest NLL of the averaged probabilities (ties: the lower index).
+
+    ``pool_probs`` are validation probabilities; returns indices into the pool, in pick order.
+    """
+    picks: list[int] = []
+    total = torch.zeros_like(pool_probs[0], dtype=torch.float64)
+    for _ in range(size):
+        scores = [nll((total + p.double()) / (len(picks) + 1), labels) for p in pool_probs]
+        best = min(range(len(pool_probs)), key=lambda j: (scores[j], j))
+        picks.append(best)
+        total += pool_probs[best].double()
+    return picks
 
 
 class SubnetworkSearch(SearchAlgorithm):

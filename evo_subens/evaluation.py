@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .config import ChildrenConfig, ModelConfig
 from .data import Split
 from .families import make_family
-from .models import build_model
+from .models import build_model, state_copy
 
 
 def parent_fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -121,11 +121,8 @@ class CandidateEvaluator:
         with self.materialiser.materialised(genome):
             accuracy, nll = self.score_current()
             if self.family.trains_children:
-                self._trained[genome] = self._current_state()
+                self._trained[genome] = state_copy(self.model)
         return CandidateScore(accuracy, nll, time.perf_counter() - started)
-
-    def _current_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def child_state(self, genome: str) -> dict[str, torch.Tensor]:
         """A CPU copy of the child's full ``state_dict`` (kept from its evaluation, else rebuilt)."""
@@ -133,4 +130,4 @@ class CandidateEvaluator:
         if genome in self._trained:
             return self._trained[genome]
         with self.materialiser.materialised(genome):
-            return self._current_state()
+            return state_copy(self.model)

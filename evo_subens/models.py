@@ -368,6 +368,11 @@ def classifier_parameter_names(model: nn.Module) -> list[str]:
     return [names[id(p)] for p in last.parameters(recurse=False)]
 
 
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``model.state_dict()`` (safe to keep while the model changes)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of scalar parameters (each shared parameter counted once)."""
     return sum(p.numel() for p in model.parameters())

@@ -30,7 +30,7 @@ from .data import DatasetSplits, load_dataset
 from .evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
 from .families import make_family
 from .metrics import classification_metrics, diversity, growth_curve
-from .models import build_model, count_parameters, load_parent_state
+from .models import build_model, count_parameters, load_parent_state, state_copy
 from .problem import LOCAL_WORKER, make_problem
 from .faults import crash_point
 from .logs import check_resume_compatible, load_population, read_run_config
@@ -188,14 +188,14 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
     # Stage 1: the parent.
     if state is None:
         _train_parent(cfg, parent, data, progress)
-        parent_state = {k: v.detach().cpu().clone() for k, v in parent.state_dict().items()}
+        parent_state = state_copy(parent)
         write_state(run_dir / "parent.pt", parent_state)
         parent_id = parent_fingerprint(parent_state)
         state = {"stage": "parent", "parent_id": parent_id, "search": None, "members": [], "tuned": 0}
         _checkpoint(run_dir, cfg, state)
     else:
         load_parent_state(run_dir / "parent.pt", parent)
-        parent_state = {k: v.detach().cpu().clone() for k, v in parent.state_dict().items()}
+        parent_state = state_copy(parent)
         if parent_fingerprint(parent_state) != state["parent_id"]:
             raise RunDirError(f"{run_dir / 'parent.pt'} is not the parent this run's checkpoint was made with")
         set_rng_state(state["rng"])
@@ -301,7 +301,7 @@ def _select_members(cfg: RunConfig, data: DatasetSplits, records: list[Candidate
     if cfg.ensemble.selection == "greedy" and not keep:
         pool = select_members(records, cfg.ensemble.pool or 4 * cfg.ensemble.size, cfg.search.fitness)
         pool_states = states_of(pool)
-        pool_probs = _probabilities(cfg, data, pool_states, data.validation.x)
+        pool_probs, _ = _member_outputs(cfg, data, pool_states, data.validation.x)
         picks = greedy_selection(pool_probs, data.validation.y, cfg.ensemble.size)
         return [pool[j] for j in picks], [pool_states[j] for j in picks]
     members = select_members(records, cfg.ensemble.size, cfg.search.fitness, keep)
@@ -309,13 +309,17 @@ def _select_members(cfg: RunConfig, data: DatasetSplits, records: list[Candidate
     return members, states_of(fresh) if family.trains_children else []
 
 
-def _probabilities(cfg: RunConfig, data: DatasetSplits, states: list[dict], x: torch.Tensor) -> list[torch.Tensor]:
+def _member_outputs(cfg: RunConfig, data: DatasetSplits, states: list[dict],
+                    x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each member's probabilities and penultimate features on ``x`` (one model, weights swapped in)."""
     model = build_model(cfg.model, data.input_shape, data.num_classes).eval()
-    probs = []
+    probs, features = [], []
     for state in states:
         model.load_state_dict(state)
-        probs.append(predict_probs(model, x, cfg.search.eval_batch_size))
-    return probs
+        member_probs, member_features = predict_with_features(model, x, cfg.search.eval_batch_size)
+        probs.append(member_probs)
+        features.append(member_features)
+    return probs, features
 
 
 def _checkpoint(run_dir: Path, cfg: RunConfig, state: dict) -> None:
@@ -342,20 +346,14 @@ def _finetune_member(cfg: RunConfig, data: DatasetSplits, state: dict, index: in
     model.load_state_dict(state)
     torch.manual_seed(cfg.seed + 1 + index)  # each member's tuning is a function of the run seed and its index
     train(model, data.train, cfg.finetune, seed=cfg.seed + 1 + index, parameter_filter=constraint)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state_copy(model)
 
 
 def _test_metrics(cfg: RunConfig, data: DatasetSplits, parent: torch.nn.Module, member_states: list[dict],
                   members: list[CandidateRecord]) -> dict:
     test_x, test_y = data.test.x, data.test.y
     batch = cfg.search.eval_batch_size
-    model = build_model(cfg.model, data.input_shape, data.num_classes).eval()
-    member_probs, member_features = [], []
-    for member_state in member_states:
-        model.load_state_dict(member_state)
-        probs, features = predict_with_features(model, test_x, batch)
-        member_probs.append(probs)
-        member_features.append(features)
+    member_probs, member_features = _member_outputs(cfg, data, member_states, test_x)
     ensemble_probs = torch.stack(member_probs).mean(dim=0)
     return {
         "parent": classification_metrics(predict_probs(parent, test_x, batch), test_y),

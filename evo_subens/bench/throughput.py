@@ -29,7 +29,7 @@ from ..config import ChildrenConfig, DataConfig, ModelConfig, WorkersConfig
 from ..data import load_dataset
 from ..evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint, torch_threads, worker_device
 from ..families import make_family
-from ..models import build_model, count_parameters
+from ..models import build_model, count_parameters, state_copy
 from ..problem import ACTOR_ENV, actor_options, make_problem
 
 BENCH_MODELS = {
@@ -60,7 +60,7 @@ class ForwardPassActor:
 def _payload(model_cfg: ModelConfig, data, children: ChildrenConfig, use_gpu: bool) -> EvaluationPayload:
     torch.manual_seed(0)
     model = build_model(model_cfg, data.input_shape, data.num_classes)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = state_copy(model)
     return EvaluationPayload(model=model_cfg, input_shape=data.input_shape, num_classes=data.num_classes,
                              parent_state=state, parent_id=parent_fingerprint(state), children=children,
                              val_x=data.validation.x, val_y=data.validation.y, batch_size=1000, threads=1,

@@ -103,7 +103,7 @@ class SparseMaterialiser(Materialiser):
         self.tune = tune
         self.train_data = train_data
         self.layers = prunable_layers(model, space["layers"])
-        self.parent = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.parent = {k: v.detach().clone() for k, v in model.state_dict().items()}  # on the model's device
 
     def masks(self, spec: dict) -> dict[str, torch.Tensor]:
         """Boolean masks (parameter-shaped) of the pruned parameters for a mask ``spec``."""
@@ -123,8 +123,10 @@ class SparseMaterialiser(Materialiser):
 
     def constraint(self, genome: str) -> Callable[[nn.Module], None]:
         """A callable that zeroes ``genome``'s pruned weights of a model (run after each optimiser step)."""
-        masks = self.masks(decode_genome(genome)["mask"])
+        return self._zeroing(self.masks(decode_genome(genome)["mask"]))
 
+    @staticmethod
+    def _zeroing(masks: dict[str, torch.Tensor]) -> Callable[[nn.Module], None]:
         @torch.no_grad()
         def apply_mask(model: nn.Module) -> None:
             params = dict(model.named_parameters())
@@ -144,7 +146,7 @@ class SparseMaterialiser(Materialiser):
 
         if spec["mask"] is None:
             return undo
-        apply_mask = self.constraint(genome)
+        apply_mask = self._zeroing(self.masks(spec["mask"]))
         apply_mask(self.model)
         if self.tune.epochs > 0 and self.train_data is not None:
             seed = tune_seed(spec["mask"])

@@ -14,13 +14,22 @@ from .config import TrainConfig
 from .data import Split
 
 
-def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+def lr_factor(schedule: str, step: int, total_steps: int, *, cycles: int = 1, low: float = 0.0) -> float:
     """Multiplier of the peak learning rate at ``step`` (0-based) of ``total_steps``, stepped per batch.
 
     ``onecycle`` is the two-phase cosine of Prune and Tune: warm-up over the first 10% from lr/100 to lr,
-    then cosine decay to about 1e-7 * lr.
+    then cosine decay to about 1e-7 * lr. The cyclic schedules split the steps into ``cycles`` equal
+    cycles: ``cyclic_cosine`` restarts a cosine decay from 1 at each (snapshot ensembles, Huang et al.
+    2017); ``cyclic_linear`` goes linearly from 1 to ``low`` at mid-cycle and back to 1 (fast geometric
+    ensembling, Garipov et al. 2018).
     """
     progress = step / max(1, total_steps)
+    if schedule in ("cyclic_cosine", "cyclic_linear"):
+        cycle_steps = math.ceil(max(1, total_steps) / cycles)
+        t = (step % cycle_steps) / cycle_steps
+        if schedule == "cyclic_cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * t))
+        return 1 - 2 * t * (1 - low) if t < 0.5 else low + (2 * t - 1) * (1 - low)
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":
@@ -47,12 +56,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int,
           on_epoch: Callable[[int, float, float], None] | None = None,
-          parameter_filter: Callable[[nn.Module], None] | None = None) -> None:
+          parameter_filter: Callable[[nn.Module], None] | None = None,
+          forward: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] | None = None,
+          schedule: Callable[[int, int], float] | None = None) -> None:
     """Train ``model`` in place on ``data`` for ``cfg.epochs`` epochs.
 
     Batches are drawn from a generator seeded with ``seed``, so training is a function of its inputs.
     ``on_epoch(epoch, mean_loss, seconds)`` reports progress; ``parameter_filter(model)`` runs after every
-    optimiser step (families with fixed masks re-apply them there).
+    optimiser step (families with fixed masks re-apply them there); ``forward(model, x, step)`` replaces
+    ``model(x)`` for the training logits (families that sample a mask per step use it);
+    ``schedule(step, total_steps)`` replaces ``lr_factor(cfg.lr_schedule, ...)`` (cyclic schedules).
     """
     if cfg.epochs == 0:
         return
@@ -71,8 +84,11 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int,
         for begin in range(0, n, cfg.batch_size):
             index = order[begin:begin + cfg.batch_size]
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, step, total_steps)
-            loss = F.cross_entropy(model(data.x[index].to(device)), data.y[index].to(device))
+                group["lr"] = cfg.lr * (lr_factor(cfg.lr_schedule, step, total_steps) if schedule is None
+                                        else schedule(step, total_steps))
+            x = data.x[index].to(device)
+            logits = model(x) if forward is None else forward(model, x, step)
+            loss = F.cross_entropy(logits, data.y[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -6,8 +6,9 @@ from ..config import ChildrenConfig
 from .base import Family, Materialiser, decode_genome, encode_genome
 from .noisy import NoisyFamily
 from .sparse import SparseFamily
+from .stochastic import StochasticFamily
 
-FAMILIES: dict[str, type[Family]] = {"noisy": NoisyFamily, "sparse": SparseFamily}
+FAMILIES: dict[str, type[Family]] = {"noisy": NoisyFamily, "sparse": SparseFamily, "stochastic": StochasticFamily}
 
 
 def make_family(cfg: ChildrenConfig) -> Family:

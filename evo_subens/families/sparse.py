@@ -97,6 +97,8 @@ def tune_seed(spec: dict) -> int:
 class SparseMaterialiser(Materialiser):
     """Writes tuned sparse children into a model; ``undo`` copies the parent's weights back."""
 
+    family = "sparse"  # the genome family this materialiser accepts
+
     def __init__(self, model: nn.Module, space: dict[str, Any], tune: TuneConfig, train_data=None):
         self.model = model
         self.space = space
@@ -105,14 +107,22 @@ class SparseMaterialiser(Materialiser):
         self.layers = prunable_layers(model, space["layers"])
         self.parent = {k: v.detach().clone() for k, v in model.state_dict().items()}  # on the model's device
 
+    def unit_counts(self) -> list[int]:
+        """Prunable units per layer: output units (neuron structure) or single weights (connection)."""
+        neuron = self.space["structure"] == "neuron"
+        return [layer.shape[0] if neuron else int(np.prod(layer.shape)) for layer in self.layers]
+
     def masks(self, spec: dict) -> dict[str, torch.Tensor]:
         """Boolean masks (parameter-shaped) of the pruned parameters for a mask ``spec``."""
-        neuron = self.space["structure"] == "neuron"
-        counts = [layer.shape[0] if neuron else int(np.prod(layer.shape)) for layer in self.layers]
         device = next(self.model.parameters()).device
+        keeps = unit_masks(spec, self.unit_counts(), self.space["scope"])
+        return self.expand([torch.from_numpy(keep).to(device) for keep in keeps])
+
+    def expand(self, keeps: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Parameter-shaped masks (views, no copies) from per-layer boolean keep-vectors over units."""
+        neuron = self.space["structure"] == "neuron"
         masks = {}
-        for layer, keep in zip(self.layers, unit_masks(spec, counts, self.space["scope"])):
-            keep = torch.from_numpy(keep).to(device)
+        for layer, keep in zip(self.layers, keeps):
             if neuron:
                 masks[layer.weight] = keep.view(-1, *([1] * (len(layer.shape) - 1))).expand(layer.shape)
                 if layer.bias is not None:
@@ -137,8 +147,8 @@ class SparseMaterialiser(Materialiser):
 
     def apply(self, genome: str) -> Undo:
         spec = decode_genome(genome)
-        if spec.get("family") != "sparse" or spec.get("space") != self.space:
-            raise ValueError(f"genome does not belong to this sparse space: {genome[:200]}")
+        if spec.get("family") != self.family or spec.get("space") != self.space:
+            raise ValueError(f"genome does not belong to this {self.family} space: {genome[:200]}")
 
         @torch.no_grad()
         def undo() -> None:
@@ -147,7 +157,6 @@ class SparseMaterialiser(Materialiser):
         if spec["mask"] is None:
             return undo
         apply_mask = self._zeroing(self.masks(spec["mask"]))
-        apply_mask(self.model)
         if self.tune.epochs > 0 and self.train_data is not None:
             seed = tune_seed(spec["mask"])
             data = self.train_data
@@ -157,8 +166,14 @@ class SparseMaterialiser(Materialiser):
                 index = torch.from_numpy(subset)
                 data = type(data)(data.x[index], data.y[index])
             torch.manual_seed(seed)
-            train(self.model, data, self.tune, seed=seed, parameter_filter=apply_mask)
+            self.tune_child(spec["mask"], data, seed, apply_mask)
+        apply_mask(self.model)  # the child scored and stored is the parent under its final, fixed mask
         return undo
+
+    def tune_child(self, mask: dict, data, seed: int, apply_mask: Callable[[nn.Module], None]) -> None:
+        """Tune the child in place: pruned from the start, the mask re-applied after every optimiser step."""
+        apply_mask(self.model)
+        train(self.model, data, self.tune, seed=seed, parameter_filter=apply_mask)
 
 
 class SparseFamily(Family):

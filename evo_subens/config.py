@@ -86,8 +86,9 @@ class TuneConfig(TrainConfig):
 
 @dataclass
 class ChildrenConfig:
-    family: str = option("noisy", "how children are derived from a parent: noisy (Gaussian mutations) or "
-                                  "sparse (pruning masks, tuned)", choices=("noisy", "sparse"))
+    family: str = option("noisy", "how children are derived from a parent: noisy (Gaussian mutations), "
+                                  "sparse (pruning masks, tuned) or stochastic (masks annealed while tuned)",
+                         choices=("noisy", "sparse", "stochastic"))
     density: float = option(0.05, "fraction of the eligible parameters each mutation perturbs "
                                   "(1.0 = dense noise)", gt=0, le=1)
     sigma: float = option(0.1, "noise standard deviation (absolute, or a multiple of each layer's "
@@ -99,6 +100,9 @@ class ChildrenConfig:
                                  "selecting the eligible parameters")
     include_classifier: bool = option(True, "noisy: whether the final classifier layer may be perturbed "
                                             "(sparse never prunes it)")
+    density_grid: list = option([], "noisy sweep: densities crossed with sigma_grid, children cycling through "
+                                    "the pairs (the mutation window); [] = density only")
+    sigma_grid: list = option([], "noisy sweep: sigmas crossed with density_grid; [] = sigma only")
     mask: str = option("random", "sparse: random masks, antirandom pairs (M, 1-M at sparsity 0.5), or "
                                  "partition (each generation's children share out the parent)",
                        choices=("random", "antirandom", "partition"))
@@ -110,7 +114,15 @@ class ChildrenConfig:
                                   "layer at the same sparsity (layerwise)", choices=("global", "layerwise"))
     partition_overlap: int = option(1, "sparse partition: every prunable unit is kept by exactly this many "
                                        "of a generation's children", ge=1)
-    tune: TuneConfig = field(default_factory=TuneConfig, metadata={"doc": "tuning of sparse children"})
+    anneal_schedule: str = option("cosine", "stochastic: how inclusion probabilities move from anneal_start "
+                                            "to the target mask (1 kept, 0 pruned)",
+                                  choices=("linear", "cosine", "exponential"))
+    anneal_start: float = option(0.5, "stochastic: inclusion probability of every prunable unit, kept or "
+                                      "pruned, at the first tuning step", ge=0, le=1)
+    anneal_fraction: float = option(0.5, "stochastic: share of the tuning steps over which probabilities are "
+                                         "annealed; afterwards the mask is exactly the target", ge=0, le=1)
+    tune: TuneConfig = field(default_factory=TuneConfig, metadata={"doc": "tuning of sparse and stochastic "
+                                                                          "children"})
 
 
 @dataclass
@@ -121,6 +133,14 @@ class SearchConfig:
     fitness: str = option("accuracy", "validation metric that ranks candidates; the other breaks ties",
                           choices=("accuracy", "nll"))
     eval_batch_size: int = option(1000, "batch size of validation/test forward passes", ge=1)
+    racing: bool = option(False, "stop scoring a candidate, after any validation batch, once it provably cannot "
+                                 "rank among the best max(elites, ensemble candidates) so far; it is logged "
+                                 "with raced=true and NaN metrics. Elites and members are unchanged; pays "
+                                 "when eval_batch_size is a fraction of the validation split")
+
+
+# Resources Ray manages itself; an actor asks for CPUs and GPUs through their own fields.
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 @dataclass
@@ -132,9 +152,32 @@ class WorkersConfig:
     threads_per_actor: int = option(1, "torch threads used by each actor (and by the local executor)", ge=1)
     num_gpus_per_actor: float = option(0.0, "GPUs requested per actor; actors evaluate on CUDA when > 0 "
                                             "and a GPU is present", ge=0)
-    address: str | None = option(None, "Ray cluster address; null = RAY_ADDRESS or a local Ray")
+    address: str | None = option(None, "Ray cluster address (head node host:port, or 'auto'); null = "
+                                       "RAY_ADDRESS or a local Ray; the --address flag sets it")
     subbatch_size: int | None = option(None, "candidates per actor task; null = balance over actors "
                                              "(about 2 tasks per actor per generation)", ge=1)
+    resources: dict = option({}, "custom Ray resources each actor requests, e.g. {accelerator_x: 1}; nodes "
+                                 "offer them with `ray start --resources`")
+    placement: str = option("none", "none: Ray's default scheduling; spread / pack: one placement group "
+                                    "bundle per actor, spread over the cluster's nodes or packed onto few",
+                            choices=("none", "spread", "pack"))
+    autocast: str = option("off", "mixed precision of validation passes on the actors' device: bf16 or fp16 "
+                                  "autocast (faster on GPUs; scores then differ slightly from fp32)",
+                           choices=("off", "bf16", "fp16"))
+    activation_cache_mb: float = option(1024.0, "per actor: memory for the parent's activations on the "
+                                                "validation split at the first layer a mutation can touch, so "
+                                                "candidates run only the layers after it; 0 = off (results "
+                                                "are identical either way)", ge=0)
+
+    def check(self) -> None:
+        """Custom resources are positive amounts of named resources other than Ray's built-in ones."""
+        for name, amount in self.resources.items():
+            if not isinstance(name, str) or name in RAY_BUILTIN_RESOURCES:
+                raise ConfigError(f"workers.resources.{name}", "a custom resource name (CPUs and GPUs are "
+                                                               "threads_per_actor and num_gpus_per_actor)",
+                                  show_got=False)
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
+                raise ConfigError(f"workers.resources.{name}", "a number > 0", amount)
 
 
 @dataclass
@@ -146,6 +189,29 @@ class EnsembleConfig:
                                     "2004)", choices=("topk", "greedy"))
     pool: int = option(0, "greedy: candidates it chooses from, the best by validation fitness; 0 = 4 x size",
                        ge=0)
+
+
+METHODS = ("subnetworks", "single", "deep_ensemble", "bagging", "mc_dropout", "snapshot", "fge")
+
+
+@dataclass
+class BaselineConfig:
+    budget_epochs: int = option(0, "training epochs a baseline spends in all, summed over its models; 0 = "
+                                   "the subnetwork method's budget under this config (parent.epochs + "
+                                   "children.tune.epochs x candidates tuned + finetune.epochs x ensemble.size)",
+                                ge=0)
+    members: int = option(4, "deep_ensemble and bagging: models trained on an equal share of the budget; "
+                             "snapshot and fge: snapshots, one per cycle", ge=1)
+    bagging_share: float = option(0.9, "bagging: share of the training split each model draws, without "
+                                       "replacement", gt=0, le=1)
+    dropout: float = option(0.0, "mc_dropout: dropout probability given to the model as its 'dropout' "
+                                 "keyword; 0 = the model's own (model.kwargs)", ge=0, le=0.99)
+    mc_samples: int = option(16, "mc_dropout: stochastic test passes (dropout active) averaged; 0 = dropout off "
+                                 "at test time (one deterministic pass)", ge=0)
+    fge_cycle_epochs: int = option(2, "fge: epochs per cycle of the cyclic linear learning rate (even: a "
+                                      "snapshot is taken at each mid-cycle minimum)", ge=2)
+    fge_lr_max: float = option(0.05, "fge: learning rate at the start and end of each cycle", gt=0)
+    fge_lr_min: float = option(0.0005, "fge: learning rate at mid-cycle, where the snapshot is taken", gt=0)
 
 
 @dataclass
@@ -161,9 +227,15 @@ class RunConfig:
     workers: WorkersConfig = field(default_factory=WorkersConfig, metadata={"doc": "evaluation workers"})
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"doc": "member fine-tuning"})
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig, metadata={"doc": "ensemble selection"})
+    method: str = option("subnetworks", "subnetworks: children of one parent (this engine); or a matched-budget "
+                                        "baseline configured in 'baseline': single, deep_ensemble, bagging, "
+                                        "mc_dropout, snapshot, fge", choices=METHODS)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig, metadata={"doc": "matched-budget baselines"})
 
     def check(self) -> None:
         """Cross-field checks (single fields are checked while loading)."""
+        self._check_baseline()
+        self.workers.check()
         kept = self.search.population * self.search.generations
         if self.ensemble.size > kept:
             raise ConfigError("ensemble.size", f"at most search.population * search.generations = {kept} "
@@ -177,19 +249,61 @@ class RunConfig:
             raise ConfigError("children.layers", "a non-empty list of glob patterns (strings)",
                               self.children.layers)
         children = self.children
-        if children.family == "sparse" and children.mask == "antirandom":
+        masked = children.family in ("sparse", "stochastic")
+        if masked and children.mask == "antirandom":
             if children.sparsity != 0.5:
                 raise ConfigError("children.sparsity", "0.5 for antirandom masks (M and 1 - M)", children.sparsity)
             if self.search.population % 2:
                 raise ConfigError("search.population", "an even number for antirandom pairs",
                                   self.search.population)
-        if children.family == "sparse" and children.mask == "partition" and \
+        if masked and children.mask == "partition" and \
                 children.partition_overlap >= self.search.population:
             raise ConfigError("children.partition_overlap", f"less than search.population = "
                                                              f"{self.search.population}", children.partition_overlap)
+        if children.family == "stochastic" and children.tune.epochs == 0:
+            raise ConfigError("children.tune.epochs", "at least 1 for stochastic children (annealing happens "
+                                                      "while tuning)", children.tune.epochs)
+        grids = {"density_grid": ("numbers in (0, 1]", lambda g: 0 < g <= 1),
+                 "sigma_grid": ("numbers >= 0", lambda g: g >= 0)}
+        for name, (wanted, valid) in grids.items():
+            grid = getattr(children, name)
+            if not all(isinstance(g, (int, float)) and not isinstance(g, bool) and valid(g) for g in grid):
+                raise ConfigError(f"children.{name}", f"a list of {wanted}", grid)
+            if grid and children.family != "noisy":
+                raise ConfigError(f"children.{name}", "[] unless children.family is noisy", grid)
         v = self.data.validation_size
         if v >= 1 and v != int(v):
             raise ConfigError("data.validation_size", "a fraction in (0, 1) or a whole number of samples", v)
+
+    def _check_baseline(self) -> None:
+        """The baseline methods' budget must cover their models, cycles and snapshots."""
+        if self.method == "subnetworks":
+            return
+        from .cost import baseline_budget  # cost needs the families, which import this module
+
+        base = self.baseline
+        if self.model.parent_path is not None:
+            raise ConfigError("model.parent_path", f"null for method {self.method} (baselines train their "
+                                                   "own models)", self.model.parent_path)
+        budget = baseline_budget(self)
+        if budget < 1:
+            raise ConfigError("baseline.budget_epochs", "at least 1 epoch (this config's matched budget is 0)",
+                              base.budget_epochs)
+        if self.method in ("deep_ensemble", "bagging", "snapshot") and base.members > budget:
+            raise ConfigError("baseline.members", f"at most the budget of {budget} epochs (each model or "
+                                                  "cycle trains at least one)", base.members)
+        if self.method == "fge":
+            cycle = base.fge_cycle_epochs
+            if cycle % 2:
+                raise ConfigError("baseline.fge_cycle_epochs", "an even number (snapshots at mid-cycle)", cycle)
+            if base.fge_lr_min > base.fge_lr_max:
+                raise ConfigError("baseline.fge_lr_min", f"at most baseline.fge_lr_max = {base.fge_lr_max}",
+                                  base.fge_lr_min)
+            most = (budget - 1 + cycle // 2) // cycle
+            if base.members > most:
+                raise ConfigError("baseline.members", f"at most {most} for fge in {budget} epochs (at least 1 "
+                                                      f"epoch of pretraining, then {cycle} per snapshot)",
+                                  base.members)
 
 
 class _YamlLoader(yaml.SafeLoader):

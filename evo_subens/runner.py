@@ -24,12 +24,14 @@ import pandas as pd
 import torch
 
 from .checkpoint import load_latest_checkpoint, save_checkpoint, set_rng_state
+from .cluster import check_address, check_before_run
 from .config import RunConfig, apply_overrides, config_from_dict, config_to_dict, load_config
+from .cost import subnetwork_cost
 from .errors import ConfigError, RunDirError, UserError
 from .data import DatasetSplits, load_dataset
 from .evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
 from .families import make_family
-from .metrics import classification_metrics, diversity, growth_curve
+from .metrics import classification_metrics, diversity, growth_curve, reliability
 from .models import build_model, count_parameters, load_parent_state, state_copy
 from .problem import LOCAL_WORKER, make_problem
 from .faults import crash_point
@@ -126,7 +128,13 @@ def run(config: RunConfig | dict | str | Path, overrides: list[str] | None = Non
     """Run a whole search from a :class:`RunConfig`, a nested dict or a YAML path, plus ``key=value``
     overrides (not applied to a ready :class:`RunConfig`)."""
     cfg, config_name = _load_config_arg(config, overrides)
+    check_before_run(cfg)
     data = load_dataset(cfg.data)
+    if cfg.method != "subnetworks":  # a matched-budget baseline: the same kind of run directory, no search
+        from .baselines import check_baseline, run_baseline
+
+        check_baseline(cfg, data)
+        return run_baseline(cfg, create_run_dir(cfg, config_name), data, progress)
     parent = _build_parent(cfg, data)
     run_dir = create_run_dir(cfg, config_name)
     return _execute(cfg, run_dir, data, parent, None, progress)
@@ -141,7 +149,14 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress:
     run_dir = Path(run_dir)
     saved = read_run_config(run_dir)
     cfg = config_from_dict(apply_overrides(copy.deepcopy(saved), overrides or []))
-    check_resume_compatible(saved, config_to_dict(cfg), run_dir)
+    # Compared with its defaults filled in: fields added since the run started keep their defaults, which
+    # reproduce what the run did before they existed.
+    check_resume_compatible(config_to_dict(config_from_dict(saved)), config_to_dict(cfg), run_dir)
+    check_address(cfg.workers)
+    if cfg.method != "subnetworks":  # baselines keep no checkpoints; run again, they give the same result
+        from .baselines import run_baseline
+
+        return run_baseline(cfg, run_dir, load_dataset(cfg.data), progress)
     state = load_latest_checkpoint(run_dir, progress)
     if state is not None and state["search"] and cfg.search.generations < state["search"]["generation"]:
         raise ConfigError("search.generations", f"at least the {state['search']['generation']} generations "
@@ -161,6 +176,9 @@ def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: P
     run_dir = Path(run_dir)
     if members < 1 or generations < 0:
         raise UserError(f"grow needs --members >= 1 and --generations >= 0 (got {members} and {generations})")
+    method = read_run_config(run_dir).get("method", "subnetworks")
+    if method != "subnetworks":
+        raise UserError(f"{run_dir} is a {method} baseline run; only subnetwork runs can grow")
     state = load_latest_checkpoint(run_dir, progress)
     if state is None or state["stage"] != "done":
         raise RunDirError(f"{run_dir} has not finished; resume it first (evo-subens resume {run_dir})")
@@ -206,14 +224,15 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
         model=cfg.model, input_shape=data.input_shape, num_classes=data.num_classes, parent_state=parent_state,
         parent_id=state["parent_id"], children=cfg.children, val_x=data.validation.x, val_y=data.validation.y,
         batch_size=cfg.search.eval_batch_size, threads=cfg.workers.threads_per_actor,
-        use_gpu=cfg.workers.num_gpus_per_actor > 0)
+        use_gpu=cfg.workers.num_gpus_per_actor > 0, activation_cache_mb=cfg.workers.activation_cache_mb,
+        autocast=cfg.workers.autocast)
     family = make_family(cfg.children)
     if family.trains_children:
         payload.train_x, payload.train_y = data.train.x, data.train.y
     driver = CandidateEvaluator(payload)  # builds members' weights here when they are cheap to rebuild
     population_path = run_dir / "population.parquet"
     problem = make_problem(cfg.workers, payload, fitness=cfg.search.fitness, population=cfg.search.population)
-    search = SubnetworkSearch(problem, family, cfg.search, seed=cfg.seed)
+    search = SubnetworkSearch(problem, family, cfg.search, seed=cfg.seed, racing_rank=_racing_rank(cfg))
     if state["search"]:
         search.load_state_dict(state["search"])
     searched = search.generation < cfg.search.generations
@@ -244,12 +263,14 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
         # Stage 3: members. A grown ensemble keeps its members; an extended search selects afresh.
         if state["stage"] in ("parent", "search") or searched:
             keep = [search.records[i] for i in keep_ids]
-            members, fresh_states = _select_members(cfg, data, search.records, keep, family, problem, driver)
+            members, fresh_states, comparison = _select_members(cfg, data, search.records, keep, family,
+                                                                problem, driver)
             if family.trains_children:  # trained weights were fetched from the workers while they are up
                 for i, (member, member_state) in enumerate(zip(members[len(keep):], fresh_states),
                                                            start=len(keep)):
                     _save_member(run_dir, i, family.pack(member_state, member.genome, driver.materialiser))
-            state = dict(state, stage="members", members=[m.candidate for m in members], tuned=keep_tuned)
+            state = dict(state, stage="members", members=[m.candidate for m in members], tuned=keep_tuned,
+                         selection=comparison)
             _checkpoint(run_dir, cfg, state)
     finally:
         problem.close()
@@ -281,6 +302,10 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
          "val_nll": m.val_nll} for m, f in zip(members, member_files)])
     write_json(run_dir / "incidents.json", search.incidents)
     metrics = _test_metrics(cfg, data, parent, member_states, members)
+    if state.get("selection"):
+        metrics["selection"] = state["selection"]
+    metrics["method"] = "subnetworks"
+    metrics["cost"] = subnetwork_cost(cfg, data, candidates=len(search.records), members=len(members))
     write_json(run_dir / "metrics.json", metrics)
     _checkpoint(run_dir, cfg, dict(state, stage="done", keep=[], keep_tuned=0))
     progress(_summary_table(metrics))
@@ -288,25 +313,51 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
     return RunResult(run_dir, metrics, load_population(run_dir), [m.genome for m in members])
 
 
+def _racing_rank(cfg: RunConfig) -> int:
+    """How many of the best candidates racing must never stop: the elites and whatever ensemble selection
+    draws from (0 when racing is off)."""
+    if not cfg.search.racing:
+        return 0
+    drawn = cfg.ensemble.size if cfg.ensemble.selection == "topk" else cfg.ensemble.pool or 4 * cfg.ensemble.size
+    return max(cfg.search.elites, drawn)
+
+
 def _select_members(cfg: RunConfig, data: DatasetSplits, records: list[CandidateRecord],
-                    keep: list[CandidateRecord], family, problem, driver) -> tuple[list, list[dict]]:
-    """Members (after ``keep``) and, where weights are not cheap to rebuild or greedy selection needs
-    them, the weights of the newly selected ones. Uses the validation split only."""
+                    keep: list[CandidateRecord], family, problem, driver) -> tuple[list, list[dict], dict | None]:
+    """Members (after ``keep``), the weights of the newly selected ones where they are not cheap to
+    rebuild, and the comparison of both selection rules.
+
+    Selection uses the validation split only. The comparison (each rule's ensemble on validation and
+    test) is made once both rules have chosen, so the test split cannot influence either choice. A grown
+    ensemble keeps its members and adds the best new candidates by fitness (no comparison).
+    """
 
     def states_of(chosen: list[CandidateRecord]) -> list[dict]:
         if family.trains_children:
             return problem.child_states([r.genome for r in chosen], [r.worker for r in chosen])
         return [driver.child_state(r.genome) for r in chosen]
 
-    if cfg.ensemble.selection == "greedy" and not keep:
-        pool = select_members(records, cfg.ensemble.pool or 4 * cfg.ensemble.size, cfg.search.fitness)
-        pool_states = states_of(pool)
-        pool_probs, _ = _member_outputs(cfg, data, pool_states, data.validation.x)
-        picks = greedy_selection(pool_probs, data.validation.y, cfg.ensemble.size)
-        return [pool[j] for j in picks], [pool_states[j] for j in picks]
-    members = select_members(records, cfg.ensemble.size, cfg.search.fitness, keep)
-    fresh = members[len(keep):]
-    return members, states_of(fresh) if family.trains_children else []
+    size, fitness = cfg.ensemble.size, cfg.search.fitness
+    if keep:
+        members = select_members(records, size, fitness, keep)
+        fresh = members[len(keep):]
+        return members, states_of(fresh) if family.trains_children else [], None
+    topk = select_members(records, size, fitness)
+    pool = select_members(records, cfg.ensemble.pool or 4 * size, fitness)
+    candidates = list({r.candidate: r for r in pool + topk}.values())
+    states = dict(zip((r.candidate for r in candidates), states_of(candidates)))
+    pool_probs, _ = _member_outputs(cfg, data, [states[r.candidate] for r in pool], data.validation.x)
+    greedy = [pool[j] for j in greedy_selection(pool_probs, data.validation.y, size)]
+    chosen = {"topk": topk, "greedy": greedy}
+    comparison = {}
+    for rule, ensemble in chosen.items():
+        chosen_states = [states[r.candidate] for r in ensemble]
+        comparison[rule] = {"candidates": [r.candidate for r in ensemble]}
+        for split in ("validation", "test"):
+            probs, _ = _member_outputs(cfg, data, chosen_states, getattr(data, split).x)
+            comparison[rule][split] = classification_metrics(torch.stack(probs).mean(dim=0), getattr(data, split).y)
+    members = chosen[cfg.ensemble.selection]
+    return members, [states[r.candidate] for r in members] if family.trains_children else [], comparison
 
 
 def _member_outputs(cfg: RunConfig, data: DatasetSplits, states: list[dict],
@@ -355,9 +406,11 @@ def _test_metrics(cfg: RunConfig, data: DatasetSplits, parent: torch.nn.Module, 
     batch = cfg.search.eval_batch_size
     member_probs, member_features = _member_outputs(cfg, data, member_states, test_x)
     ensemble_probs = torch.stack(member_probs).mean(dim=0)
+    parent_probs = predict_probs(parent, test_x, batch)
     return {
-        "parent": classification_metrics(predict_probs(parent, test_x, batch), test_y),
+        "parent": classification_metrics(parent_probs, test_y),
         "ensemble": classification_metrics(ensemble_probs, test_y),
+        "reliability": {"parent": reliability(parent_probs, test_y), "ensemble": reliability(ensemble_probs, test_y)},
         "members": [dict(classification_metrics(p, test_y), candidate=m.candidate)
                     for p, m in zip(member_probs, members)],
         "growth": growth_curve(member_probs, test_y),

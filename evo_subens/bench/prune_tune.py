@@ -10,25 +10,21 @@ Fashion-MNIST, a LeNet-style network, 16 epochs of training budget per method, s
 - dropout: one model with 50% dropout in the fully connected head, 16 epochs.
 
 Prints mean +- standard error over seeds of test accuracy, NLL and ECE, with each method's cost in
-training epochs (passes over the training split, summed over its models).
+training epochs (passes over the training split, summed over its models) and training sample-passes.
+The baselines are :mod:`evo_subens.baselines` (``mc_dropout`` with ``mc_samples: 0`` for dropout).
 """
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from ..config import DataConfig, ModelConfig, TrainConfig
-from ..data import Split, load_dataset
+from ..baselines import BASELINES
+from ..config import DataConfig, config_from_dict
+from ..data import load_dataset
 from ..metrics import classification_metrics
-from ..models import build_model
 from ..runner import run
-from ..training import predict_probs, train
+from .quality import mean_se
 
 PARENT = {"epochs": 8, "batch_size": 128, "lr": 0.05, "lr_schedule": "cosine", "momentum": 0.9,
           "weight_decay": 5e-4}
@@ -36,36 +32,27 @@ PARENT = {"epochs": 8, "batch_size": 128, "lr": 0.05, "lr_schedule": "cosine", "
 CHILD_TUNE = {"epochs": 1, "optimizer": "adam", "lr": 1e-3, "lr_schedule": "constant", "weight_decay": 0.0}
 
 
-def _train_and_predict(model_cfg: ModelConfig, data, train_cfg: TrainConfig, seed: int,
-                       subset: np.ndarray | None = None) -> torch.Tensor:
-    torch.manual_seed(seed)
-    model = build_model(model_cfg, data.input_shape, data.num_classes)
-    split = data.train
-    if subset is not None:
-        index = torch.from_numpy(subset)
-        split = Split(split.x[index], split.y[index])
-    train(model, split, train_cfg, seed=seed)
-    return predict_probs(model, data.test.x)
+def _baselines(data, data_cfg: dict, seed: int, budget: int, members: int) -> dict[str, tuple[dict, dict]]:
+    """The matched-budget baselines of :mod:`evo_subens.baselines`, trained with the parent's recipe."""
+    methods = {
+        f"single ({budget} ep)": ("single", {}),
+        f"bagging ({members} x {budget // members} ep, 90%)": ("bagging", {"members": members, "bagging_share": 0.9}),
+        # PAT's dropout baseline predicts with dropout off: mc_samples 0.
+        f"dropout 0.5 ({budget} ep)": ("mc_dropout", {"dropout": 0.5, "mc_samples": 0}),
+    }
+    results = {}
+    for name, (method, baseline) in methods.items():
+        cfg = config_from_dict({"seed": seed, "data": data_cfg, "model": {"name": "lenet"}, "parent": PARENT,
+                                "method": method, "baseline": dict(baseline, budget_epochs=budget)})
+        output = BASELINES[method](cfg, data, seed)
+        probs = sum(output.test_probs) / len(output.test_probs)
+        results[name] = (classification_metrics(probs, data.test.y), output.cost)
+    return results
 
 
-def _baselines(data, seed: int, budget: int, members: int) -> dict[str, tuple[dict, float]]:
-    lenet = ModelConfig(name="lenet")
-    full = TrainConfig(**dict(PARENT, epochs=budget))
-    single = _train_and_predict(lenet, data, full, seed)
-    rng = np.random.default_rng([seed, 3])
-    n = len(data.train)
-    bag_cfg = TrainConfig(**dict(PARENT, epochs=budget // members))
-    bags = [_train_and_predict(lenet, data, bag_cfg, seed * 100 + i,
-                               np.sort(rng.choice(n, round(0.9 * n), replace=False))) for i in range(members)]
-    dropout = _train_and_predict(ModelConfig(name="lenet", kwargs={"dropout": 0.5}), data, full, seed)
-    y = data.test.y
-    return {"single (16 ep)": (classification_metrics(single, y), budget),
-            f"bagging ({members} x {budget // members} ep, 90%)": (
-                classification_metrics(torch.stack(bags).mean(0), y), 0.9 * budget),
-            "dropout 0.5 (16 ep)": (classification_metrics(dropout, y), budget)}
-
-
-def _pat_runs(seed: int, data_cfg: dict, output_dir: Path, members: int, workers: dict) -> dict[str, tuple]:
+def _pat_runs(seed: int, data_cfg: dict, output_dir: Path, members: int, workers: dict,
+             train_size: int) -> dict[str, tuple[dict, dict]]:
+    parent_cost = {"train_epochs": PARENT["epochs"], "train_sample_passes": PARENT["epochs"] * train_size}
     results = {}
     parent_path = None
     for mask in ("random", "antirandom"):
@@ -77,15 +64,12 @@ def _pat_runs(seed: int, data_cfg: dict, output_dir: Path, members: int, workers
             "ensemble": {"size": members}, "workers": workers}
         result = run(config, progress=lambda line: None)
         parent_path = str(result.run_dir / "parent.pt")  # both arms share one parent per seed
-        results[f"PAT {mask} ({members} x 1 ep @50%)"] = (result.metrics["ensemble"], PARENT["epochs"] + members)
-        results.setdefault("parent (8 ep)", (result.metrics["parent"], PARENT["epochs"]))
+        cost = dict(result.metrics["cost"])
+        if mask != "random":  # the shared parent is loaded, not trained again: charge it here too
+            cost = {k: cost[k] + parent_cost[k] for k in parent_cost}
+        results[f"PAT {mask} ({members} x 1 ep @50%)"] = (result.metrics["ensemble"], cost)
+        results.setdefault(f"parent ({PARENT['epochs']} ep)", (result.metrics["parent"], parent_cost))
     return results
-
-
-def _mean_se(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return f"{mean:.4f} +- {se:.4f}"
 
 
 def prune_tune(*, seeds: list[int], data_root: str | None = None, output_dir: str = "runs/bench-prune-tune",
@@ -94,10 +78,10 @@ def prune_tune(*, seeds: list[int], data_root: str | None = None, output_dir: st
     data_cfg = {"name": "fashion-mnist", "root": data_root, "validation_size": 5000, "seed": 0}
     data = load_dataset(DataConfig(**data_cfg))
     table: dict[str, list[dict]] = defaultdict(list)
-    costs: dict[str, float] = {}
+    costs: dict[str, dict] = {}
     for seed in seeds:
-        methods = _pat_runs(seed, data_cfg, Path(output_dir), members, {"executor": executor})
-        methods.update(_baselines(data, seed, budget=2 * PARENT["epochs"], members=members))
+        methods = _pat_runs(seed, data_cfg, Path(output_dir), members, {"executor": executor}, len(data.train))
+        methods.update(_baselines(data, data_cfg, seed, budget=2 * PARENT["epochs"], members=members))
         for name, (metrics, cost) in methods.items():
             table[name].append(metrics)
             costs[name] = cost
@@ -105,8 +89,8 @@ def prune_tune(*, seeds: list[int], data_root: str | None = None, output_dir: st
               flush=True)
     print(f"\nFashion-MNIST, LeNet, {len(data.train):,} train / {len(data.test):,} test, seeds {seeds}, "
           f"mean +- standard error")
-    print(f"{'method':<34}{'accuracy':>20}{'nll':>20}{'ece':>20}{'train epochs':>14}")
+    print(f"{'method':<34}{'accuracy':>20}{'nll':>20}{'ece':>20}{'train epochs':>14}{'train passes':>14}")
     for name, rows in table.items():
-        print(f"{name:<34}" + "".join(f"{_mean_se([r[k] for r in rows]):>20}" for k in ("accuracy", "nll", "ece"))
-              + f"{costs[name]:>14g}")
+        print(f"{name:<34}" + "".join(f"{mean_se([r[k] for r in rows]):>20}" for k in ("accuracy", "nll", "ece"))
+              + f"{costs[name]['train_epochs']:>14g}{costs[name]['train_sample_passes']:>14,}")
     return dict(table)

@@ -1,0 +1,64 @@
+"""What a method spends: training epochs and sample-passes, evaluation forward passes.
+
+Every run's ``metrics.json`` carries one record in the same shape, so a table can put accuracy next to
+cost for the subnetwork method and for the baselines alike::
+
+    {"train_epochs": 12, "train_sample_passes": 180000, "eval_forward_passes": 250000}
+
+``train_epochs`` sums passes over the training split over every model trained (a bagged model's pass
+over its share counts as one epoch); ``train_sample_passes`` counts the samples those passes saw;
+``eval_forward_passes`` counts the samples pushed through a network to score candidates (validation)
+and to predict the test split with the ensemble. Diagnostics (the parent's per-epoch validation line,
+the parent's own test metrics) are not counted.
+"""
+
+from __future__ import annotations
+
+from .config import RunConfig
+from .data import DatasetSplits
+
+
+def cost_record(train_epochs: int | float, train_sample_passes: int, eval_forward_passes: int) -> dict:
+    """The cost record written to ``metrics.json``."""
+    return {"train_epochs": train_epochs, "train_sample_passes": int(train_sample_passes),
+            "eval_forward_passes": int(eval_forward_passes)}
+
+
+def _tuned_children(cfg: RunConfig, candidates: int) -> int:
+    from .families import FAMILIES
+
+    return candidates if FAMILIES[cfg.children.family].trains_children and cfg.children.tune.epochs else 0
+
+
+def subnetwork_budget_epochs(cfg: RunConfig) -> int:
+    """Training epochs of the subnetwork method under ``cfg``: parent, tuned children, fine-tuned members."""
+    candidates = cfg.search.population * cfg.search.generations
+    parent = 0 if cfg.model.parent_path else cfg.parent.epochs
+    return (parent + cfg.children.tune.epochs * _tuned_children(cfg, candidates)
+            + cfg.finetune.epochs * cfg.ensemble.size)
+
+
+def baseline_budget(cfg: RunConfig) -> int:
+    """Epochs a baseline may spend: ``baseline.budget_epochs``, or (0) the subnetwork method's budget under
+    the same config."""
+    return cfg.baseline.budget_epochs or subnetwork_budget_epochs(cfg)
+
+
+def subnetwork_cost(cfg: RunConfig, data: DatasetSplits, *, candidates: int, members: int) -> dict:
+    """Cost of a subnetwork run that evaluated ``candidates`` and kept ``members``.
+
+    Greedy selection predicts its pool on the validation split once more; other diagnostics (the
+    selection rules' comparison, the parent's test metrics) are not counted.
+    """
+    from .families.sparse import BAGGING_SHARE
+
+    train_size, parent = len(data.train), (0 if cfg.model.parent_path else cfg.parent.epochs)
+    tuned = _tuned_children(cfg, candidates)
+    tune_share = round(BAGGING_SHARE * train_size) if cfg.children.tune.bagging else train_size
+    epochs = parent + cfg.children.tune.epochs * tuned + cfg.finetune.epochs * members
+    passes = ((parent + cfg.finetune.epochs * members) * train_size
+              + cfg.children.tune.epochs * tuned * tune_share)
+    scored = candidates
+    if cfg.ensemble.selection == "greedy":
+        scored += min(cfg.ensemble.pool or 4 * cfg.ensemble.size, candidates)
+    return cost_record(epochs, passes, scored * len(data.validation) + members * len(data.test))

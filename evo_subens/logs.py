@@ -18,6 +18,9 @@ from .config import parse_yaml
 from .errors import RunDirError
 from .rundir import POPULATION_SCHEMA
 
+# Population-log columns added after the first release, with the value older logs mean by them.
+ADDED_COLUMNS = {"node": "", "raced": False}
+
 # Fields a resume may change: how long the search runs and where/how it is evaluated.
 RESUMABLE_CHANGES = ("search.generations", "workers.", "name", "output_dir")
 
@@ -65,8 +68,8 @@ def check_resume_compatible(saved: dict, new: dict, run_dir: Path) -> None:
 def load_population(run_dir: str | Path) -> pd.DataFrame:
     """The population log of a run: one row per evaluated candidate.
 
-    Columns and dtypes are :data:`evo_subens.rundir.POPULATION_SCHEMA`; ``eval_seconds`` and ``worker``
-    record where and how fast a candidate ran, everything else is a function of the config.
+    Columns and dtypes are :data:`evo_subens.rundir.POPULATION_SCHEMA`; ``eval_seconds``, ``worker`` and
+    ``node`` record where and how fast a candidate ran, everything else is a function of the config.
     """
     path = Path(run_dir) / "population.parquet"
     if not path.is_file():
@@ -75,6 +78,9 @@ def load_population(run_dir: str | Path) -> pd.DataFrame:
         frame = pd.read_parquet(path)
     except (pyarrow.ArrowException, OSError, ValueError) as exc:
         raise RunDirError(f"population log {path} is unreadable ({exc})") from None
+    for column, value in ADDED_COLUMNS.items():  # logs written before the column existed
+        if column not in frame.columns:
+            frame[column] = pd.Series([value] * len(frame), dtype=POPULATION_SCHEMA[column])
     missing = set(POPULATION_SCHEMA) - set(frame.columns)
     if missing:
         raise RunDirError(f"population log {path} lacks columns {sorted(missing)}")

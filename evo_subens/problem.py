@@ -15,14 +15,18 @@ import os
 import ray
 import torch
 from evotorch import Problem, SolutionBatch
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from .cluster import (LOCAL_NODE, check_placeable, connect, current_node, make_placement_group,
+                      release_placement_group)
 from .config import WorkersConfig
 from .errors import ConfigError
-from .evaluation import CandidateEvaluator, EvaluationPayload, torch_threads, worker_device
+from .evaluation import CandidateEvaluator, EvaluationPayload, RacingBound, torch_threads, worker_device
 from .faults import crash_point
 
 # Columns of the evaluation data every candidate returns, after its fitness.
-EVAL_COLUMNS = ("val_accuracy", "val_nll", "eval_seconds", "worker", "pid")
+EVAL_COLUMNS = ("val_accuracy", "val_nll", "eval_seconds", "worker", "pid", "raced")
 LOCAL_WORKER = -1
 
 # glibc's default thresholds made the evaluation loop page-fault heavily (measured ~1.6x slower).
@@ -30,14 +34,9 @@ ACTOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "10
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Start or join Ray once per process: ``address``, else ``RAY_ADDRESS``, else a local instance."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV})
-    else:
-        ray.init(address=address)
+    """Start or join Ray once per process: ``address``, else ``RAY_ADDRESS``, else a local instance
+    (see :func:`evo_subens.cluster.connect`)."""
+    connect(address, local_runtime_env={"env_vars": ACTOR_ENV})
 
 
 def default_num_actors(workers: WorkersConfig) -> int:
@@ -74,10 +73,28 @@ class SubnetworkProblem(Problem):
         self._payload_ref = ray.put(payload) if self._num_actors else None
         self.fitness_name = fitness
         self._evaluator: CandidateEvaluator | None = None
+        self._nodes: dict[tuple[int, int], str] = {}  # (actor index, pid) -> Ray node id
+        self.placement_group: PlacementGroup | None = None  # owned by the driver's problem, released on close
+
+    def node_id(self) -> str:
+        """The Ray node this process runs on (called on an actor by the driver)."""
+        return current_node()
+
+    def worker_node(self, worker: int, pid: int) -> str:
+        """The Ray node of the worker that reported ``(worker, pid)``: ``local`` for in-process evaluation.
+
+        Asked once per actor process; a restarted actor (new pid) may be on another node and is asked again.
+        """
+        if worker == LOCAL_WORKER or self.actors is None:
+            return LOCAL_NODE
+        key = (worker, pid)
+        if key not in self._nodes:
+            self._nodes[key] = ray.get(self.actors[worker].call.remote("node_id", [], {}))
+        return self._nodes[key]
 
     @property
     def _nonserialized_attribs(self) -> list[str]:
-        return super()._nonserialized_attribs + ["payload", "_evaluator"]
+        return super()._nonserialized_attribs + ["payload", "_evaluator", "_nodes", "placement_group"]
 
     def _get_evaluator(self) -> CandidateEvaluator:
         if self._evaluator is None:
@@ -108,8 +125,16 @@ class SubnetworkProblem(Problem):
                     crash_point("search.mid_generation")
                 score = evaluator.evaluate(genome)
                 fitness = score.accuracy if self.fitness_name == "accuracy" else score.nll
-                rows.append([fitness, score.accuracy, score.nll, score.seconds, worker, os.getpid()])
+                rows.append([fitness, score.accuracy, score.nll, score.seconds, worker, os.getpid(), score.raced])
         batch.set_evals(torch.tensor(rows, dtype=torch.float64))
+
+    def set_racing_bound(self, bound: RacingBound | None) -> None:
+        """The racing bound of the next evaluations (None: score every candidate fully), here and on every
+        actor. A restarted actor scores fully until the next generation sets it again."""
+        if self.is_main and self.actors is not None:
+            ray.get([actor.call.remote("set_racing_bound", [bound], {}) for actor in self.actors])
+        else:
+            self._get_evaluator().racing_bound = bound
 
     def local_child_states(self, genomes: list[str]) -> list[dict[str, torch.Tensor]]:
         """Weights of children this process evaluated (or rebuilds); called on actors by the driver."""
@@ -143,21 +168,31 @@ class SubnetworkProblem(Problem):
         return batch
 
     def close(self) -> None:
-        """Kill the evaluation actors (no-op for the in-process executor)."""
+        """Kill the evaluation actors and release their placement group (no-op for the in-process executor)."""
         if self.actors is not None:
             self.kill_actors()
+        release_placement_group(self.placement_group)
+        self.placement_group = None
 
 
-def actor_options(workers: WorkersConfig) -> dict:
-    """Ray options of an evaluation actor: its CPUs and the environment its process starts with.
+def actor_options(workers: WorkersConfig, group: PlacementGroup | None = None) -> dict:
+    """Ray options of an evaluation actor: its CPUs, custom resources, placement and the environment its
+    process starts with.
 
-    GPUs are not listed: EvoTorch adds ``num_gpus`` from ``num_gpus_per_actor`` itself.
+    GPUs are not listed: EvoTorch adds ``num_gpus`` from ``num_gpus_per_actor`` itself. EvoTorch gives
+    every actor the same options, so actors name no bundle index: each bundle holds exactly one actor's
+    resources (at least one CPU), hence Ray puts each actor in a bundle of its own.
     """
     env = dict(ACTOR_ENV, OMP_NUM_THREADS=str(workers.threads_per_actor))
     # A lost actor (process killed, node gone) is restarted by Ray and its unfinished tasks are retried,
     # so a generation completes with every candidate evaluated exactly once.
-    return {"num_cpus": workers.threads_per_actor, "runtime_env": {"env_vars": env},
-            "max_restarts": -1, "max_task_retries": -1}
+    options = {"num_cpus": workers.threads_per_actor, "runtime_env": {"env_vars": env},
+               "max_restarts": -1, "max_task_retries": -1}
+    if workers.resources:
+        options["resources"] = dict(workers.resources)
+    if group is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group)
+    return options
 
 
 def make_problem(workers: WorkersConfig, payload: EvaluationPayload, *, fitness: str,
@@ -170,8 +205,16 @@ def make_problem(workers: WorkersConfig, payload: EvaluationPayload, *, fitness:
     gpus_per_actor = _fit_to_cluster(workers, num_actors)
     # About two tasks per actor per generation balances uneven candidates without much task overhead.
     subbatch = workers.subbatch_size or max(1, math.ceil(population / (2 * num_actors)))
-    return SubnetworkProblem(payload, fitness=fitness, num_actors=num_actors, actor_config=actor_options(workers),
-                             num_gpus_per_actor=gpus_per_actor, subbatch_size=subbatch)
+    group = make_placement_group(workers, num_actors, gpus_per_actor)
+    try:
+        problem = SubnetworkProblem(payload, fitness=fitness, num_actors=num_actors,
+                                    actor_config=actor_options(workers, group),
+                                    num_gpus_per_actor=gpus_per_actor, subbatch_size=subbatch)
+    except BaseException:
+        release_placement_group(group)
+        raise
+    problem.placement_group = group
+    return problem
 
 
 def _fit_to_cluster(workers: WorkersConfig, num_actors: int) -> float:
@@ -186,14 +229,15 @@ def _fit_to_cluster(workers: WorkersConfig, num_actors: int) -> float:
         raise ConfigError("workers.num_actors", f"num_actors * threads_per_actor <= {cpus:g}, the CPUs of the "
                                                 f"Ray cluster (threads_per_actor={workers.threads_per_actor})",
                           num_actors)
-    if workers.num_gpus_per_actor == 0:
-        return 0.0
-    if gpus == 0:
+    gpus_per_actor = workers.num_gpus_per_actor
+    if gpus_per_actor > 0 and gpus == 0:
         logging.getLogger(__name__).warning("workers.num_gpus_per_actor=%g but the Ray cluster has no GPU; "
                                             "evaluating on CPUs", workers.num_gpus_per_actor)
-        return 0.0
-    if num_actors * workers.num_gpus_per_actor > gpus:
+        gpus_per_actor = 0.0
+    if num_actors * gpus_per_actor > gpus:
         raise ConfigError("workers.num_gpus_per_actor", f"num_actors * num_gpus_per_actor <= {gpus:g}, the GPUs "
                                                         f"of the Ray cluster (num_actors={num_actors})",
                           workers.num_gpus_per_actor)
-    return workers.num_gpus_per_actor
+    # Totals can suffice while no single node fits an actor (custom resources, CPUs split over nodes).
+    check_placeable(workers, num_actors, gpus_per_actor)
+    return gpus_per_actor

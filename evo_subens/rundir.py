@@ -35,11 +35,11 @@ POPULATION_SCHEMA: dict[str, str] = {
     "generation": "int64",      # generation the candidate was evaluated in (0-based)
     "candidate": "int64",       # run-wide candidate id, in evaluation order
     "parent": "int64",          # candidate id of the genome it extends; -1 = the trained parent
-    "seed": "int64",            # noisy: noise seed of the candidate's own (last) mutation; sparse: mask seed
-    "mask_seed": "int64",       # noisy: mask seed of that mutation; sparse: partition index / pair side
-    "density": "float64",       # noisy: share of eligible parameters perturbed; sparse: share of units kept
-    "sigma": "float64",         # noisy: noise scale of that mutation; sparse: 0
-    "depth": "int64",           # noisy: mutations from the trained parent; sparse: 1
+    "seed": "int64",            # noisy: noise seed of the candidate's own (last) mutation; sparse/stochastic: mask seed
+    "mask_seed": "int64",       # noisy: mask seed of that mutation; sparse/stochastic: partition index / pair side
+    "density": "float64",       # noisy: share of eligible parameters perturbed; sparse/stochastic: share kept
+    "sigma": "float64",         # noisy: noise scale of that mutation; sparse/stochastic: 0
+    "depth": "int64",           # noisy: mutations from the trained parent; sparse/stochastic: 1
     "fitness": "float64",       # the selection metric (val_accuracy or val_nll)
     "val_accuracy": "float64",
     "val_nll": "float64",
@@ -47,6 +47,8 @@ POPULATION_SCHEMA: dict[str, str] = {
     "is_member": "bool",        # selected into the final ensemble
     "eval_seconds": "float64",  # wall time of its evaluation inside the worker
     "worker": "string",         # 'actor-<i>' or 'local'
+    "node": "string",           # Ray node id of the process that evaluated it; 'local' = the driver's process
+    "raced": "bool",            # search.racing stopped its scoring early (it could not rank): metrics are NaN
     "genome": "string",         # the full genome (JSON), materialises the candidate exactly
 }
 

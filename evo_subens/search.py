@@ -22,6 +22,7 @@ from evotorch.algorithms.searchalgorithm import SearchAlgorithm
 
 from .config import SearchConfig
 from .families import Family
+from .evaluation import RacingBound
 from .metrics import nll
 from .problem import SubnetworkProblem
 
@@ -40,6 +41,8 @@ class CandidateRecord:
     eval_seconds: float
     worker: int
     is_elite: bool = False
+    node: str = ""  # Ray node id of the worker ('local' in-process; '' in checkpoints written before it)
+    raced: bool = False  # scoring stopped by the racing bound: metrics are NaN
 
     def as_row(self) -> dict:
         """The record as a flat dict."""
@@ -96,7 +99,8 @@ def greedy_selection(pool_probs: list[torch.Tensor], labels: torch.Tensor, size:
 class SubnetworkSearch(SearchAlgorithm):
     """Generations of genome candidates with elitism (``mu + lambda`` truncation selection)."""
 
-    def __init__(self, problem: SubnetworkProblem, family: Family, cfg: SearchConfig, *, seed: int):
+    def __init__(self, problem: SubnetworkProblem, family: Family, cfg: SearchConfig, *, seed: int,
+                 racing_rank: int = 0):
         super().__init__(problem, best_fitness=self._best_fitness, best_accuracy=self._best_accuracy,
                          best_nll=self._best_nll, generation=lambda: self.generation)
         self.family = family
@@ -108,6 +112,17 @@ class SubnetworkSearch(SearchAlgorithm):
         self.generation = 0
         self.worker_pids: dict[int, int] = {}  # per process: a resumed run starts new actors
         self.incidents: list[dict] = []
+        # Racing stops candidates that cannot enter the best ``racing_rank`` so far (0: off); the runner
+        # passes the number of candidates elites and ensemble selection draw from.
+        self.racing_rank = racing_rank
+
+    def racing_bound(self) -> RacingBound | None:
+        """The bound of the next generation: the fitness of the ``racing_rank``-th best candidate so far
+        (None until that many candidates have valid metrics)."""
+        ranked = sorted(self.records, key=lambda r: rank_key(r, self.cfg.fitness))
+        if len(ranked) < self.racing_rank or math.isnan(ranked[self.racing_rank - 1].fitness):
+            return None
+        return RacingBound(self.cfg.fitness, ranked[self.racing_rank - 1].fitness)
 
     def state_dict(self) -> dict:
         """The search state as plain data (for checkpoints); :meth:`load_state_dict` restores it."""
@@ -149,16 +164,19 @@ class SubnetworkSearch(SearchAlgorithm):
         parent_genomes = [e.genome for e in parents] if parents else [self.root]
         proposals = self.family.propose(parent_genomes, self.cfg.population, self.rng)
         batch = self.problem.make_batch([genome for _, genome in proposals])
+        if self.racing_rank:
+            self.problem.set_racing_bound(self.racing_bound())
         self.problem.evaluate(batch)
         evals = batch.evals.cpu().numpy()
         first_id = len(self.records)
         new = []
         pids = []
         for i, ((parent_index, genome), row) in enumerate(zip(proposals, evals)):
-            fitness, accuracy, nll, seconds, worker, pid = (float(v) for v in row)
+            fitness, accuracy, nll, seconds, worker, pid, raced = (float(v) for v in row)
             parent_id = parents[parent_index].candidate if parents and parent_index >= 0 else ROOT_CANDIDATE
             new.append(CandidateRecord(self.generation, first_id + i, parent_id, genome, fitness, accuracy, nll,
-                                       seconds, int(worker)))
+                                       seconds, int(worker), node=self.problem.worker_node(int(worker), int(pid)),
+                                       raced=bool(raced)))
             pids.append((int(worker), int(pid)))
         self._note_restarts(pids)
         self.records.extend(new)

@@ -26,7 +26,7 @@ from evo_subens.errors import RunDirError
 from conftest import TINY, deep_merge
 
 # Run-time facts, not functions of the config: where and how fast each candidate ran.
-RUNTIME_COLUMNS = ["eval_seconds", "worker"]
+RUNTIME_COLUMNS = ["eval_seconds", "worker", "node"]
 
 # Three generations and a fine-tune pass so every crash point is visited.
 CRASH_CONFIG = deep_merge(TINY, {"search": {"generations": 3}, "finetune": {"epochs": 1, "lr": 0.01}})
@@ -206,6 +206,27 @@ def test_resume_may_change_workers(tmp_path: Path) -> None:
     first = evo_subens.run(dict(TINY, output_dir=str(tmp_path), name="a"), **quiet)
     reference = _outputs(first.run_dir)
     evo_subens.resume(first.run_dir, ["search.generations=2", "workers.threads_per_actor=2"], **quiet)
+    again = _outputs(first.run_dir)
+    pd.testing.assert_frame_equal(reference[0], again[0])
+    assert reference[1:] == again[1:]
+
+
+def test_runs_written_before_newer_fields_still_resume_and_load(tmp_path: Path) -> None:
+    """A run directory from before config fields and log columns were added: resume fills the defaults
+    (which reproduce the old behaviour) and the population log loads with the old meaning of the columns."""
+    quiet = {"progress": lambda line: None}
+    first = evo_subens.run(dict(TINY, output_dir=str(tmp_path), name="old"), **quiet)
+    reference = _outputs(first.run_dir)
+    config = yaml.safe_load((first.run_dir / "config.yaml").read_text())
+    for section, name in (("", "method"), ("", "baseline"), ("children", "density_grid"),
+                          ("search", "racing"), ("workers", "activation_cache_mb"), ("workers", "autocast")):
+        (config[section] if section else config).pop(name)
+    (first.run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    pd.read_parquet(first.run_dir / "population.parquet").drop(columns=["node", "raced"]).to_parquet(
+        first.run_dir / "population.parquet")
+    old_log = evo_subens.load_population(first.run_dir)
+    assert (old_log.node == "").all() and not old_log.raced.any()
+    evo_subens.resume(first.run_dir, **quiet)
     again = _outputs(first.run_dir)
     pd.testing.assert_frame_equal(reference[0], again[0])
     assert reference[1:] == again[1:]

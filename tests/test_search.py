@@ -32,7 +32,7 @@ from evo_subens.rundir import POPULATION_SCHEMA
 from evo_subens.search import CandidateRecord, select_members
 
 QUIET = {"progress": lambda line: None}
-TIMING_COLUMNS = ["eval_seconds", "worker"]
+TIMING_COLUMNS = ["eval_seconds", "worker", "node"]
 
 
 def run_tiny(tiny_config, output_dir: Path, name: str, extra: dict | None = None) -> evo_subens.RunResult:

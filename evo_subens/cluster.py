@@ -1,0 +1,186 @@
+"""Joining a Ray cluster and placing the evaluation actors on it.
+
+The driver (the process running :func:`evo_subens.run`) connects to ``workers.address``, else
+``RAY_ADDRESS``, else starts a local Ray. Actors ask for ``workers.threads_per_actor`` CPUs,
+``workers.num_gpus_per_actor`` GPUs and the custom ``workers.resources``; with ``workers.placement``
+``spread`` or ``pack`` they are scheduled into one placement group holding one bundle per actor.
+Requests the cluster can never satisfy are refused with a :class:`~evo_subens.errors.ConfigError`
+before anything waits on them. Actors never write files: the run directory is the driver's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+
+from .config import RunConfig, WorkersConfig
+from .errors import ConfigError, UserError
+
+LOCAL_NODE = "local"  # the node column of candidates evaluated in the driver's own process
+CONNECT_TIMEOUT_S = 5.0
+PLACEMENT_WAIT_LOG_S = 30.0
+# Set by Ray's job supervisor in the environment of a driver started by `ray job submit`.
+JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+log = logging.getLogger(__name__)
+
+
+def resolve_address(configured: str | None) -> tuple[str | None, str]:
+    """The cluster to join and where that choice came from: ``workers.address`` (the ``--address``
+    flag sets it), else ``RAY_ADDRESS``, else ``(None, ...)`` for a Ray of this process's own."""
+    if configured:
+        return configured, "workers.address"
+    from_env = os.environ.get("RAY_ADDRESS") or None
+    if from_env:
+        return from_env, "workers.address (from RAY_ADDRESS)"
+    return None, "workers.address"
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``host:port`` or ``ray://host:port``; None for other forms (``auto``)."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, field: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse an address nothing listens on: Ray itself would retry connecting to it forever."""
+    parsed = _host_port(address)
+    if parsed is None:
+        return
+    try:
+        with socket.create_connection(parsed, timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConfigError(field, f"the address of a running Ray cluster's head node (host:port; nothing "
+                                 f"answered at {parsed[0]}:{parsed[1]}: {exc.strerror or exc})", address) from None
+
+
+def connect(address: str | None, local_runtime_env: dict | None = None) -> None:
+    """Join the cluster at ``address`` (see :func:`resolve_address`) or start a local Ray, once per process.
+
+    Token authentication is left as Ray configures it (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN[_PATH]``,
+    ``~/.ray/auth_token``); an address that is down, or that refuses this process's token, is a
+    :class:`UserError` naming ``workers.address``.
+    """
+    if ray.is_initialized():
+        return
+    address, field = resolve_address(address)
+    if address is None:
+        ray.init(include_dashboard=False, runtime_env=local_runtime_env)
+        return
+    check_reachable(address, field)
+    try:
+        ray.init(address=address)
+    except (ConnectionError, ValueError, RuntimeError, ray.exceptions.AuthenticationError) as exc:
+        # Ray reports a refused token as a failure to connect, after retrying for about 30 s.
+        raise UserError(f"config field '{field}': cannot join the Ray cluster at {address!r} ({exc}); check "
+                        f"that it is a running head node's host:port and that this process holds the cluster's "
+                        f"token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)") from None
+
+
+def actor_bundle(workers: WorkersConfig, gpus_per_actor: float) -> dict[str, float]:
+    """The resources one evaluation actor reserves (one placement-group bundle)."""
+    bundle = {"CPU": float(workers.threads_per_actor)}
+    if gpus_per_actor > 0:
+        bundle["GPU"] = float(gpus_per_actor)
+    bundle.update({name: float(amount) for name, amount in workers.resources.items()})
+    return bundle
+
+
+def placeable_actors(bundle: dict[str, float], nodes: list[dict]) -> int:
+    """How many actors of ``bundle`` the alive ``nodes`` (``ray.nodes()`` rows) can hold at once.
+
+    Identical bundles pack independently per node, so this count is exact, not a heuristic.
+    """
+    total = 0
+    for node in nodes:
+        if not node.get("Alive", False):
+            continue
+        have = node.get("Resources", {})
+        # A small tolerance: Ray stores fractional resources in fixed point.
+        total += min(math.floor(have.get(name, 0.0) / amount + 1e-9) for name, amount in bundle.items())
+    return total
+
+
+def check_placeable(workers: WorkersConfig, num_actors: int, gpus_per_actor: float) -> None:
+    """Refuse ``num_actors`` actors that no arrangement on the cluster's nodes can hold (Ray would wait
+    for them forever); names the field to change."""
+    nodes = [n for n in ray.nodes() if n.get("Alive", False)]
+    known = set().union(*(n.get("Resources", {}) for n in nodes)) if nodes else set()
+    missing = sorted(set(workers.resources) - known)
+    if missing:
+        raise ConfigError("workers.resources", f"resources some node of the Ray cluster has (none has "
+                                               f"{', '.join(missing)}; start nodes with "
+                                               f"`ray start --resources '{{\"{missing[0]}\": N}}'`)",
+                          workers.resources)
+    bundle = actor_bundle(workers, gpus_per_actor)
+    fits = placeable_actors(bundle, nodes)
+    if fits >= num_actors:
+        return
+    if workers.resources and placeable_actors({"CPU": bundle["CPU"]}, nodes) >= num_actors:
+        raise ConfigError("workers.resources", f"per-actor resources {num_actors} actors can get at once "
+                                               f"(the nodes hold {fits} actors of {bundle})", workers.resources)
+    raise ConfigError("workers.num_actors", f"at most {fits} actors of {bundle} (what the nodes of the Ray "
+                                            f"cluster can hold at once)", num_actors)
+
+
+def make_placement_group(workers: WorkersConfig, num_actors: int, gpus_per_actor: float) -> PlacementGroup | None:
+    """A placement group of one bundle per actor (``workers.placement``: spread / pack), ready to use;
+    None for ``placement: none``. The caller removes it (:func:`remove_placement_group`)."""
+    if workers.placement == "none":
+        return None
+    bundle = actor_bundle(workers, gpus_per_actor)
+    group = placement_group([dict(bundle) for _ in range(num_actors)], strategy=workers.placement.upper(),
+                            name=f"evo-subens-{os.getpid()}")
+    started = time.monotonic()
+    # Placeable (checked before) but possibly busy: wait, saying why, rather than fail a long run.
+    while not group.wait(PLACEMENT_WAIT_LOG_S):
+        log.warning("waiting %.0fs for a placement group of %d x %s: the Ray cluster's resources are in use",
+                    time.monotonic() - started, num_actors, bundle)
+    return group
+
+
+def release_placement_group(group: PlacementGroup | None) -> None:
+    """Give a placement group's resources back to the cluster (no-op for None)."""
+    if group is not None:
+        remove_placement_group(group)
+
+
+def current_node() -> str:
+    """The Ray node id of this process, or ``local`` when it is not part of a Ray cluster."""
+    if not ray.is_initialized():
+        return LOCAL_NODE
+    return ray.get_runtime_context().get_node_id()
+
+
+def check_address(workers: WorkersConfig) -> None:
+    """Refuse a Ray address nothing answers on before any work (joining happens only once the parent is
+    trained)."""
+    if workers.executor == "ray" and not ray.is_initialized():
+        address, field = resolve_address(workers.address)
+        if address is not None:
+            check_reachable(address, field)
+
+
+def check_before_run(cfg: RunConfig) -> None:
+    """The cluster settings a new run can check before any work: ``output_dir`` and the Ray address."""
+    check_output_dir(cfg.output_dir)
+    check_address(cfg.workers)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse a relative ``output_dir`` in a driver started by ``ray job submit``: its working directory
+    is Ray's temporary copy of ``--working-dir``, deleted with the job, results included."""
+    if os.environ.get(JOB_DRIVER_ENV) and not os.path.isabs(output_dir):
+        raise ConfigError("output_dir", "an absolute path when the run is a Ray job (the job's working "
+                                        "directory is a temporary copy that Ray deletes), e.g. "
+                                        "output_dir=/shared/runs", output_dir)

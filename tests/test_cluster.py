@@ -1,0 +1,293 @@
+"""Running on a Ray cluster: address precedence, resource requests, placement groups, and a real
+two-node cluster started on this machine (head + worker node, token authentication on) that a search
+runs against, with candidates evaluated on both nodes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY, deep_merge
+
+import evo_subens
+from evo_subens.cli import _with_address, build_parser, main
+from evo_subens.cluster import (LOCAL_NODE, check_output_dir, check_reachable, placeable_actors,
+                                resolve_address)
+from evo_subens.config import WorkersConfig, load_config
+from evo_subens.errors import ConfigError
+from evo_subens.problem import make_problem
+
+RAY_BIN = Path(sys.executable).parent / "ray"
+NODE_ID = re.compile(r"[0-9a-f]{56}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- address, resources, placement: unit checks -----------------------------------------------------
+
+
+def test_address_precedence(monkeypatch) -> None:
+    """--address > workers.address > RAY_ADDRESS > a local Ray."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert resolve_address(None) == (None, "workers.address")
+    monkeypatch.setenv("RAY_ADDRESS", "env-head:6379")
+    assert resolve_address(None) == ("env-head:6379", "workers.address (from RAY_ADDRESS)")
+    assert resolve_address("cfg-head:6379")[0] == "cfg-head:6379"
+    args = build_parser().parse_args(["run", "c.yaml", "workers.address=cfg-head:6379", "--address", "10.0.0.1:6379"])
+    cfg = load_config(None, _with_address(args))
+    assert cfg.workers.address == "10.0.0.1:6379"  # the flag wins over an override of the same field
+    args = build_parser().parse_args(["resume", "runs/x", "--address", "flag-head:1"])
+    assert _with_address(args) == ['workers.address="flag-head:1"']
+
+
+def test_unreachable_address_is_a_config_error() -> None:
+    """Ray retries a dead address forever; the package refuses it at once, naming the field."""
+    port = _free_port()
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        check_reachable(f"127.0.0.1:{port}", "workers.address")
+    assert info.value.field == "workers.address"
+    assert time.perf_counter() - started < 10
+
+
+def test_cli_with_unreachable_address_stops_before_any_work(capsys, monkeypatch, tmp_path: Path) -> None:
+    """`evo-subens run ... --address <dead>` exits with code 2 naming workers.address, before training."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("ray.is_initialized", lambda: False)  # as in a fresh CLI process
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(deep_merge(TINY, {"workers": {"executor": "ray"}})))
+    code = main(["run", str(config), f"output_dir={tmp_path / 'runs'}", "--address", f"127.0.0.1:{_free_port()}"])
+    assert code == 2
+    assert "config field 'workers.address'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("workers, field", [
+    ({"placement": "strict"}, "workers.placement"),
+    ({"resources": {"CPU": 1}}, "workers.resources.CPU"),
+    ({"resources": {"accel": 0}}, "workers.resources.accel"),
+    ({"resources": {"accel": "one"}}, "workers.resources.accel"),
+    ({"resources": ["accel"]}, "workers.resources"),
+])
+def test_workers_fields_are_validated(workers: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"workers={yaml.safe_dump(workers, default_flow_style=True).strip()}"])
+    assert info.value.field == field
+
+
+def test_placeable_actors_counts_per_node() -> None:
+    """Totals can be enough while no node holds an actor: 2 nodes x 1 CPU hold no 2-CPU actor."""
+    nodes = [{"Alive": True, "Resources": {"CPU": 1.0, "accel": 1.0}},
+             {"Alive": True, "Resources": {"CPU": 3.0}},
+             {"Alive": False, "Resources": {"CPU": 8.0, "accel": 8.0}}]
+    assert placeable_actors({"CPU": 1.0}, nodes) == 4
+    assert placeable_actors({"CPU": 2.0}, nodes) == 1
+    assert placeable_actors({"CPU": 1.0, "accel": 1.0}, nodes) == 1
+    assert placeable_actors({"CPU": 1.0, "accel": 0.5}, nodes) == 1
+
+
+def test_relative_output_dir_is_refused_in_a_ray_job(monkeypatch) -> None:
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    check_output_dir("runs")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    check_output_dir("/shared/runs")
+    with pytest.raises(ConfigError) as info:
+        check_output_dir("runs")
+    assert info.value.field == "output_dir"
+
+
+def _payload(tiny_config, tmp_path: Path):
+    from test_search import payload_and_genomes
+
+    return payload_and_genomes(tiny_config(tmp_path), 4)
+
+
+def test_unplaceable_custom_resource_is_refused(ray_session, tiny_config, tmp_path: Path) -> None:
+    """Actors asking for a resource no node has would wait forever; refused naming workers.resources."""
+    payload, _ = _payload(tiny_config, tmp_path)
+    for workers in (WorkersConfig(num_actors=1, resources={"no_such_accelerator": 1}),
+                    WorkersConfig(num_actors=1, resources={"no_such_accelerator": 1}, placement="spread")):
+        with pytest.raises(ConfigError) as info:
+            make_problem(workers, payload, fitness="accuracy", population=4)
+        assert info.value.field == "workers.resources"
+    with pytest.raises(ConfigError) as info:  # 2 CPUs in all, but no actor of 3 threads fits
+        make_problem(WorkersConfig(num_actors=1, threads_per_actor=3), payload, fitness="accuracy", population=4)
+    assert info.value.field == "workers.num_actors"
+
+
+def test_placement_group_actors_report_their_node(ray_session, tiny_config, tmp_path: Path) -> None:
+    """placement: pack puts the actors in a placement group; each candidate names its node; closing the
+    problem gives the group back."""
+    from ray.util import placement_group_table
+
+    payload, genomes = _payload(tiny_config, tmp_path)
+    problem = make_problem(WorkersConfig(num_actors=2, placement="pack"), payload, fitness="accuracy",
+                           population=len(genomes))
+    group = problem.placement_group
+    try:
+        assert group is not None and placement_group_table(group)["strategy"] == "PACK"
+        batch = problem.make_batch(genomes)
+        problem.evaluate(batch)
+        evals = batch.evals.cpu().numpy()
+        nodes = {problem.worker_node(int(row[4]), int(row[5])) for row in evals}
+        assert nodes == {ray_session.get_runtime_context().get_node_id()}
+    finally:
+        problem.close()
+    assert placement_group_table(group)["state"] == "REMOVED"
+
+
+def test_in_process_candidates_are_on_node_local(make_config) -> None:
+    result = evo_subens.run(make_config({"search": {"generations": 1}}), progress=lambda line: None)
+    assert (result.population["node"] == LOCAL_NODE).all()
+
+
+# --- a real two-node cluster on this machine ----------------------------------------------------------
+
+
+def _cluster_processes(temp_dir: str) -> list[int]:
+    """Processes whose command line names the cluster's own temp dir: exactly the ones it started."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if temp_dir.encode() in cmdline and int(entry.name) != os.getpid():
+            pids.append(int(entry.name))
+    return pids
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    """Stop this cluster only (``ray stop`` would stop every Ray on the machine)."""
+    for sig, pause in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 1.0)):
+        pids = _cluster_processes(temp_dir)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + pause
+        while pids and time.monotonic() < deadline and _cluster_processes(temp_dir):
+            time.sleep(0.1)
+
+
+class Cluster:
+    """A head node and a worker node on loopback, with their own temp dir and token."""
+
+    def __init__(self) -> None:
+        # Short: Ray's unix sockets live under it and socket paths are limited to ~107 bytes.
+        self.temp_dir = tempfile.mkdtemp(prefix="evs-ray-", dir="/tmp")
+        token = Path(self.temp_dir) / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
+                        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard_port = _free_port() if importlib.util.find_spec("aiohttp") else None
+
+    def _ray_start(self, *args: str) -> None:
+        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--temp-dir", self.temp_dir,
+                  "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+                  "--disable-usage-stats"]
+        done = subprocess.run([str(RAY_BIN), "start", *args, *common], env=self.env, capture_output=True,
+                              text=True, timeout=90, start_new_session=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"ray start {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+    def start(self) -> None:
+        if self.dashboard_port is None:
+            dashboard = ["--include-dashboard", "false"]
+        else:
+            dashboard = ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                         "--dashboard-port", str(self.dashboard_port)]
+        self._ray_start("--head", "--port", str(self.port), *dashboard)
+        self._ray_start("--address", self.address)
+
+    def node_ids(self) -> set[str]:
+        done = subprocess.run([str(RAY_BIN), "status", "--address", self.address], env=self.env,
+                              capture_output=True, text=True, timeout=60)
+        return set(re.findall(r"node_([0-9a-f]{56})", done.stdout))
+
+    def stop(self) -> None:
+        _stop_cluster(self.temp_dir)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A running two-node cluster, stopped (its processes only) however the tests end."""
+    if not RAY_BIN.exists():
+        pytest.skip(f"no `ray` executable beside {sys.executable}")
+    cluster = Cluster()
+    try:
+        cluster.start()
+        deadline = time.monotonic() + 30
+        while len(cluster.node_ids()) < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert len(cluster.node_ids()) == 2, "the worker node did not join the head"
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+CLUSTER_RUN = {"workers": {"executor": "ray", "num_actors": 2, "placement": "spread"},
+               "search": {"population": 4, "generations": 1}}
+
+
+def test_search_runs_on_both_nodes(cluster: Cluster, cli_command, tmp_path: Path) -> None:
+    """A search against the cluster (token authentication on) evaluates candidates on both nodes."""
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
+    refused = subprocess.run([str(RAY_BIN), "status", "--address", cluster.address], capture_output=True,
+                             text=True, timeout=60, env=dict(cluster.env, RAY_AUTH_TOKEN_PATH=str(wrong)))
+    assert refused.returncode != 0 and "token" in refused.stderr.lower()  # the cluster enforces its token
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(deep_merge(TINY, CLUSTER_RUN)))
+    done = subprocess.run([*cli_command, "run", str(config), f"output_dir={tmp_path / 'runs'}", "name=cluster",
+                           "--address", cluster.address], env=cluster.env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    population = evo_subens.load_population(tmp_path / "runs" / "cluster")  # written on the driver's disk
+    assert len(population) == 4
+    assert population["node"].str.fullmatch(NODE_ID.pattern).all()
+    assert set(population["node"]) == cluster.node_ids()  # both nodes evaluated candidates
+    assert population["worker"].nunique() == 2
+
+
+def test_job_submit_recipe(cluster: Cluster, tmp_path: Path) -> None:
+    """The README's recipe: `ray job submit` with configs/ray/runtime_env.yaml ships this checkout; the
+    job's driver (on the head node) writes the run directory to an absolute output_dir."""
+    if cluster.dashboard_port is None:
+        pytest.skip("`ray job submit` needs Ray's job server, which needs `pip install 'ray[default]'` "
+                    "(aiohttp is not installed)")
+    repo = Path(__file__).resolve().parents[1]
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(deep_merge(TINY, CLUSTER_RUN)))
+    done = subprocess.run([str(RAY_BIN), "job", "submit", "--address", f"http://127.0.0.1:{cluster.dashboard_port}",
+                           "--runtime-env", "configs/ray/runtime_env.yaml", "--working-dir", ".", "--",
+                           "evo-subens", "run", str(config), f"output_dir={tmp_path / 'runs'}", "name=job"],
+                          cwd=repo, env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    population = evo_subens.load_population(tmp_path / "runs" / "job")
+    assert set(population["node"]) == cluster.node_ids()

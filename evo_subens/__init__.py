@@ -7,9 +7,11 @@
 
 from .config import RunConfig, load_config
 from .errors import ConfigError, DataError, ParentFileError, RunDirError, UserError
+from .ensemble import LoadedEnsemble, load_ensemble
 from .logs import load_population, load_runs
 from .runner import RunResult, grow, resume, run
 
-__all__ = ["ConfigError", "DataError", "ParentFileError", "RunConfig", "RunDirError", "RunResult", "UserError",
-           "grow", "load_config", "load_population", "load_runs", "resume", "run"]
+__all__ = ["ConfigError", "DataError", "LoadedEnsemble", "ParentFileError", "RunConfig", "RunDirError",
+           "RunResult", "UserError", "grow", "load_config", "load_ensemble", "load_population", "load_runs",
+           "resume", "run"]
 __version__ = "0.1.0"

@@ -28,14 +28,23 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
 
     Bins are (lo, hi]; a confidence of exactly 0 falls in the first bin.
     """
+    bins = reliability(probs, labels, n_bins)
+    return sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / len(labels)
+
+
+def reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> list[dict[str, float]]:
+    """Per confidence bin (the bins of :func:`ece`): its range, sample count, mean confidence and accuracy
+    (0 for an empty bin), the data of a reliability diagram."""
     confidence, predicted = probs.double().max(dim=1)
     correct = (predicted == labels).double()
     bins = torch.clamp(torch.ceil(confidence * n_bins).long() - 1, 0, n_bins - 1)
-    total = torch.zeros(n_bins, dtype=torch.float64)
-    hits = torch.zeros(n_bins, dtype=torch.float64)
-    total.index_add_(0, bins, confidence)
-    hits.index_add_(0, bins, correct)
-    return ((hits - total).abs().sum() / len(labels)).item()
+    count = torch.bincount(bins, minlength=n_bins).double()
+    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, confidence)
+    hit_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
+    safe = count.clamp_min(1)
+    return [{"low": b / n_bins, "high": (b + 1) / n_bins, "count": int(count[b]),
+             "confidence": (conf_sum[b] / safe[b]).item(), "accuracy": (hit_sum[b] / safe[b]).item()}
+            for b in range(n_bins)]
 
 
 def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:

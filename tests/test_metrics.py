@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from evo_subens.metrics import (accuracy, brier, classification_metrics, disagreement, diversity, ece,
+from evo_subens.metrics import (accuracy, brier, classification_metrics, disagreement, diversity, ece, reliability,
                                 growth_curve, kl_divergence, linear_cka, nll, output_correlation)
 from evo_subens.training import lr_factor
 
@@ -46,6 +46,18 @@ def test_ece_by_hand() -> None:
     (Without binning, |mean acc - mean conf| would be 0.2.)"""
     expected = 0.25 * 0.1 + 0.5 * 0.2 + 0.25 * 0.5
     assert ece(PROBS, LABELS) == pytest.approx(expected, abs=1e-12)
+
+
+def test_reliability_bins_by_hand() -> None:
+    # confidences 0.9 (right), 0.55 (wrong), 0.7 (right) fall in bins 4, 2 and 3 of 5.
+    probs = torch.tensor([[0.9, 0.1], [0.55, 0.45], [0.3, 0.7]])
+    labels = torch.tensor([0, 1, 1])
+    bins = reliability(probs, labels, n_bins=5)
+    assert [b["count"] for b in bins] == [0, 0, 1, 1, 1]
+    assert [b["accuracy"] for b in bins] == [0.0, 0.0, 0.0, 1.0, 1.0]
+    assert [b["confidence"] for b in bins] == pytest.approx([0.0, 0.0, 0.55, 0.7, 0.9])
+    assert (bins[2]["low"], bins[2]["high"]) == (0.4, 0.6)
+    assert ece(probs, labels, n_bins=5) == pytest.approx((0.55 + 0.3 + 0.1) / 3)
 
 
 def test_ece_bins_are_closed_on_the_right() -> None:

@@ -135,15 +135,27 @@ class NoisyFamily(Family):
     def propose(self, parents: Sequence[str], count: int, rng: np.random.Generator) -> list[tuple[int, str]]:
         # Static subspaces share one mask per generation; dynamic ones draw a mask per child.
         static_mask = int(rng.integers(SEED_BOUND)) if self.cfg.subspace == "static" else None
+        settings = self.mutation_settings()
         children = []
         for i in range(count):
             parent_index = i % len(parents)  # round robin over the parents, best first
             mask_seed = static_mask if static_mask is not None else int(rng.integers(SEED_BOUND))
             noise_seed = int(rng.integers(SEED_BOUND))
+            density, sigma = settings[i % len(settings)]
             spec = decode_genome(parents[parent_index])
-            spec["steps"] = spec["steps"] + [[mask_seed, noise_seed, self.cfg.density, self.cfg.sigma]]
+            spec["steps"] = spec["steps"] + [[mask_seed, noise_seed, density, sigma]]
             children.append((parent_index, encode_genome(spec)))
         return children
+
+    def mutation_settings(self) -> list[tuple[float, float]]:
+        """(density, sigma) pairs children cycle through: the grid of a mutation-window sweep, or the one
+        configured pair."""
+        densities = [float(d) for d in self.cfg.density_grid] or [self.cfg.density]
+        sigmas = [float(s) for s in self.cfg.sigma_grid] or [self.cfg.sigma]
+        return [(d, s) for d in densities for s in sigmas]
+
+    def mutated_parameters(self, model: nn.Module) -> list[str]:
+        return eligible_parameter_names(model, self.space["layers"], self.space["include_classifier"])
 
     def bind(self, model: nn.Module, train_data: Any = None) -> NoisyMaterialiser:
         return NoisyMaterialiser(model, self.space)

@@ -1,0 +1,376 @@
+"""``evo-subens report``: a run directory (or a folder of runs) as ``report.md`` with PNG plots.
+
+For one run: test metrics of parent, best member and ensemble (with cost where recorded), the two
+ensemble-selection rules side by side, fitness per generation, accuracy and NLL against ensemble size,
+member diversity heatmaps, a reliability diagram (parent vs ensemble), a feature-visualisation grid
+(the same randomly chosen penultimate units in the parent and every member) and, when the run swept
+``children.density_grid`` x ``children.sigma_grid``, the mutation window (validation accuracy vs sigma
+per density). For a folder: a report per run and one table over all of them, runs that differ only in
+their seed grouped as mean +- standard error.
+
+    >>> from evo_subens.report import write_report
+    >>> write_report("runs/default-s0-20261126-033727")   # -> runs/default-s0-.../report.md
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from .ensemble import LoadedEnsemble, load_ensemble
+from .errors import RunDirError
+from .evaluation import torch_threads
+from .featvis import maximise_units, pick_units, starting_inputs, unit_activations
+from .logs import load_population, read_run_config
+from .metrics import classification_metrics
+from .rundir import atomic_write
+from .training import predict_probs
+
+Progress = Callable[[str], None]
+FEATURE_UNITS = 6
+FEATURE_MEMBERS = 8  # grid rows after the parent; more members make the grid unreadable
+DIVERSITY_PANELS = [("disagreement", "disagreement (PDR)"), ("kl", "KL divergence"),
+                    ("correlation", "output correlation"), ("cka", "feature linear CKA")]
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a finished run (its config and test metrics)."""
+    return (path / "config.yaml").is_file() and (path / "metrics.json").is_file()
+
+
+def write_report(path: str | Path, *, features: bool = True, progress: Progress = print) -> Path:
+    """Write ``report.md`` and its PNGs for a run directory, or for every run in a folder plus a summary.
+
+    ``features=False`` skips the feature visualisation (the only part that runs the models at length).
+    Returns the path of the (summary) report.
+    """
+    path = Path(path)
+    if is_run_dir(path):
+        return _run_report(path, features, progress)
+    if not path.is_dir():
+        raise RunDirError(f"{path} is neither a run directory nor a folder of runs")
+    runs = sorted(p for p in path.iterdir() if p.is_dir() and is_run_dir(p))
+    if not runs:
+        raise RunDirError(f"{path} holds no finished run (a folder with config.yaml and metrics.json)")
+    for run_dir in runs:
+        _run_report(run_dir, features, progress)
+    return _folder_report(path, runs, progress)
+
+
+# ---------------------------------------------------------------------------------------------- one run
+
+def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
+    progress(f"[report] {run_dir}")
+    config = read_run_config(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    population = load_population(run_dir) if (run_dir / "population.parquet").is_file() else None
+    ensemble = load_ensemble(run_dir) if features or population is not None else None
+    lines = [f"# {run_dir.name}", "", _describe_config(config, metrics), ""]
+    lines += ["## Test split", "", *_metrics_table(metrics), ""]
+    if metrics.get("cost"):
+        lines += ["Cost: " + ", ".join(f"{k.replace('_', ' ')} {v:,g}" for k, v in metrics["cost"].items()), ""]
+    if metrics.get("selection"):
+        lines += ["## Ensemble selection", "", *_selection_table(metrics, config), ""]
+    if population is not None:
+        parent_fitness = _parent_validation(ensemble, config["search"]["fitness"]) if ensemble else None
+        _fitness_plot(population, config["search"]["fitness"], parent_fitness, run_dir / "fitness.png")
+        lines += ["## Search", "", (f"Validation {config['search']['fitness']} of each generation's candidates "
+                  "(the dashed line is the parent)."), "", "![fitness per generation](fitness.png)", ""]
+        window = _mutation_window(population)
+        if window is not None:
+            _window_plot(window, run_dir / "mutation_window.png")
+            lines += ["## Mutation window", "", ("Validation accuracy of generation-0 children against sigma, one "
+                      "line per density (mean over the children of each setting)."), "",
+                      "![mutation window](mutation_window.png)", ""]
+    if metrics.get("growth"):
+        _growth_plot(metrics, run_dir / "growth.png")
+        lines += ["## Ensemble size", "", "Test metrics of the ensemble of the first k members, in selection order.",
+                  "", "![accuracy and NLL vs ensemble size](growth.png)", ""]
+    if metrics.get("diversity") and len(metrics.get("members", [])) > 1:
+        _diversity_plot(metrics["diversity"], run_dir / "diversity.png")
+        lines += ["## Member diversity", "", "| measure | mean over member pairs |", "| --- | ---: |"]
+        lines += [f"| {title} | {metrics['diversity'][key]['mean']:.4f} |" for key, title in DIVERSITY_PANELS
+                  if key in metrics["diversity"]]
+        lines += ["", "![pairwise member diversity](diversity.png)", ""]
+    if metrics.get("reliability"):
+        _reliability_plot(metrics["reliability"], run_dir / "reliability.png")
+        lines += ["## Calibration", "", ("Accuracy against confidence in 15 equal-width bins (test split); the "
+                  "diagonal is perfect calibration."), "", "![reliability diagram](reliability.png)", ""]
+    if features and ensemble is not None:
+        lines += ["## Feature visualisation", "", *_feature_grid(ensemble, config["seed"], run_dir / "features.png"), ""]
+    report = run_dir / "report.md"
+    text = "\n".join(lines)
+    atomic_write(report, lambda handle: handle.write(text.encode()))
+    progress(f"[report] wrote {report}")
+    return report
+
+
+def _describe_config(config: dict, metrics: dict) -> str:
+    data, model, children = config["data"], config["model"], config["children"]
+    method = metrics.get("method") or config.get("method") or "subnetworks"
+    parts = [f"Dataset **{data['name']}**, model **{model.get('architecture') or model['name']}**, seed {config['seed']}"]
+    if method in ("subnetworks", None):
+        family = children["family"]
+        if family == "noisy":
+            densities = children.get("density_grid") or [children["density"]]
+            sigmas = children.get("sigma_grid") or [children["sigma"]]
+            detail = (f"density {', '.join(map(str, densities))}, sigma {', '.join(map(str, sigmas))} "
+                      f"({children['sigma_mode']})")
+        else:
+            detail = f"mask {children['mask']}, sparsity {children['sparsity']}, tuned {children['tune']['epochs']} epoch(s)"
+        search = config["search"]
+        parts.append(f"**{family}** children ({detail}); {search['population']} candidates x "
+                     f"{search['generations']} generations, fitness val {search['fitness']}; ensemble of "
+                     f"{len(metrics.get('members', []))} ({config['ensemble']['selection']} selection)")
+    else:
+        parts.append(f"method **{method}**, {len(metrics.get('members', []))} member(s)")
+    return ". ".join(parts) + f". {metrics.get('test_samples', '?')} test samples."
+
+
+def _metrics_row(name: str, m: dict) -> str:
+    return f"| {name} | {m['accuracy']:.4f} | {m['nll']:.4f} | {m['ece']:.4f} | {m.get('brier', math.nan):.4f} |"
+
+
+def _metrics_table(metrics: dict) -> list[str]:
+    rows = ["| model | accuracy | NLL | ECE | Brier |", "| --- | ---: | ---: | ---: | ---: |"]
+    if metrics.get("parent"):
+        rows.append(_metrics_row("parent", metrics["parent"]))
+    members = metrics.get("members", [])
+    if members:
+        rows.append(_metrics_row("first member", members[0]))
+        rows.append(_metrics_row("members (mean)", {k: statistics.fmean(m[k] for m in members)
+                                                    for k in ("accuracy", "nll", "ece", "brier")}))
+    rows.append(_metrics_row(f"ensemble ({len(members)})", metrics["ensemble"]))
+    return rows
+
+
+def _selection_table(metrics: dict, config: dict) -> list[str]:
+    used = config["ensemble"]["selection"]
+    rows = ["Both rules choose on the validation split; test metrics are measured afterwards"
+            + (" (before member fine-tuning)" if config.get("finetune", {}).get("epochs") else "") + ".", "",
+            "| rule | distinct members | val accuracy | val NLL | test accuracy | test NLL | test ECE |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for rule, result in metrics["selection"].items():
+        val, test = result["validation"], result["test"]
+        name = f"{rule} (used)" if rule == used else rule
+        rows.append(f"| {name} | {len(set(result['candidates']))} | {val['accuracy']:.4f} | {val['nll']:.4f} | "
+                    f"{test['accuracy']:.4f} | {test['nll']:.4f} | {test['ece']:.4f} |")
+    return rows
+
+
+def _parent_validation(ensemble: LoadedEnsemble, fitness: str) -> float | None:
+    if ensemble.parent is None:
+        return None
+    validation = ensemble.data.validation
+    return classification_metrics(predict_probs(ensemble.parent, validation.x), validation.y)[fitness]
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+def _save(figure: Figure, path: Path) -> None:
+    figure.tight_layout()
+    atomic_write(path, lambda handle: figure.savefig(handle, dpi=110, format="png"))
+
+
+def _fitness_plot(population: pd.DataFrame, fitness: str, parent: float | None, path: Path) -> None:
+    lower_is_better = fitness == "nll"
+    column = "val_nll" if lower_is_better else "val_accuracy"
+    grouped = population.groupby("generation")[column]
+    best = grouped.min() if lower_is_better else grouped.max()
+    worst = grouped.max() if lower_is_better else grouped.min()
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.subplots()
+    axes.plot(best.index, best.values, "o-", label="best")
+    axes.plot(grouped.median().index, grouped.median().values, "s-", label="median")
+    axes.plot(worst.index, worst.values, "v-", label="worst")
+    if parent is not None:
+        axes.axhline(parent, color="black", linestyle="--", linewidth=1, label="parent")
+    axes.set_title(f"Validation {fitness} per generation")
+    axes.set_xlabel("generation")
+    axes.set_ylabel(f"validation {fitness}")
+    axes.set_xticks(list(best.index))
+    axes.legend()
+    _save(figure, path)
+
+
+def _mutation_window(population: pd.DataFrame) -> pd.DataFrame | None:
+    """Mean validation accuracy per (density, sigma) of generation 0, when it swept several sigmas."""
+    first = population[population["generation"] == 0]
+    if first["sigma"].nunique() < 2:
+        return None
+    return first.groupby(["density", "sigma"])["val_accuracy"].mean().reset_index()
+
+
+def _window_plot(window: pd.DataFrame, path: Path) -> None:
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.subplots()
+    for density, rows in window.groupby("density"):
+        axes.plot(rows["sigma"], rows["val_accuracy"], "o-", label=f"density {density:g}")
+    if (window["sigma"] > 0).all():
+        axes.set_xscale("log")
+    axes.set_title("Mutation window: validation accuracy vs noise")
+    axes.set_xlabel("sigma")
+    axes.set_ylabel("validation accuracy")
+    axes.legend()
+    _save(figure, path)
+
+
+def _growth_plot(metrics: dict, path: Path) -> None:
+    growth = metrics["growth"]
+    sizes = [g["members"] for g in growth]
+    figure = Figure(figsize=(9.0, 3.6))
+    for axes, key, title in zip(figure.subplots(1, 2), ("accuracy", "nll"), ("accuracy", "NLL")):
+        axes.plot(sizes, [g[key] for g in growth], "o-", label="ensemble")
+        if metrics.get("parent"):
+            axes.axhline(metrics["parent"][key], color="black", linestyle="--", linewidth=1, label="parent")
+        axes.set_title(f"Test {title} vs ensemble size")
+        axes.set_xlabel("members")
+        axes.set_ylabel(f"test {title}")
+        axes.legend()
+    _save(figure, path)
+
+
+def _diversity_plot(diversity: dict, path: Path) -> None:
+    panels = [(key, title) for key, title in DIVERSITY_PANELS if key in diversity]
+    figure = Figure(figsize=(4.0 * len(panels), 3.6))
+    for axes, (key, title) in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels):
+        matrix = np.array(diversity[key]["matrix"])
+        image = axes.imshow(matrix, cmap="viridis")
+        figure.colorbar(image, ax=axes, fraction=0.046)
+        axes.set_title(f"{title}\nmean {diversity[key]['mean']:.3f}")
+        axes.set_xlabel("member")
+        axes.set_ylabel("member")
+        ticks = range(len(matrix))
+        axes.set_xticks(list(ticks))
+        axes.set_yticks(list(ticks))
+    _save(figure, path)
+
+
+def _reliability_plot(reliability: dict, path: Path) -> None:
+    figure = Figure(figsize=(5.0, 4.6))
+    axes = figure.subplots()
+    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    for name, bins in reliability.items():
+        used = [b for b in bins if b["count"] > 0]
+        axes.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], "o-", label=name)
+    axes.set_title("Reliability diagram (test split)")
+    axes.set_xlabel("confidence (mean per bin)")
+    axes.set_ylabel("accuracy per bin")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.legend()
+    _save(figure, path)
+
+
+def _feature_grid(ensemble: LoadedEnsemble, seed: int, path: Path) -> list[str]:
+    rows = ([("parent", ensemble.parent)] if ensemble.parent is not None else []) + \
+        [(f"member {i}", m) for i, m in enumerate(ensemble.members[:FEATURE_MEMBERS])]
+    train_x = ensemble.data.train.x
+    units = pick_units(rows[0][1], ensemble.data.input_shape, FEATURE_UNITS, seed)
+    start = starting_inputs(rows[0][1], units, train_x)
+    bounds = tuple(torch.quantile(train_x[:2000].float().flatten(), torch.tensor([0.005, 0.995])).tolist())
+    images = []
+    table = ["| model | " + " | ".join(f"unit {u}" for u in units) + " |", "| --- |" + " ---: |" * len(units)]
+    for name, model in rows:
+        with torch_threads(1):  # a handful of inputs per step: intra-op threads only add overhead
+            inputs = maximise_units(model, units, start, bounds, seed=seed)
+        images.append(inputs)
+        activation = unit_activations(model, units, inputs)
+        table.append(f"| {name} | " + " | ".join(f"{a:.2f}" for a in activation.tolist()) + " |")
+    _grid_plot(images, [name for name, _ in rows], units, path)
+    return [(f"The input that maximises each of {len(units)} randomly chosen penultimate units (seed {seed}), "
+            "found by gradient ascent in every model from the same start (the training sample that excites "
+            "the unit most in the first model), with L2, total-variation and jitter regularisers. Similar rows mean members kept the parent's features; a flat panel is a unit "
+            "that no input excites (for example a pruned one)."), "",
+            "![feature visualisation grid](features.png)", "",
+            "Activation each visualisation reaches:", "", *table]
+
+
+def _grid_plot(images: list[torch.Tensor], names: list[str], units: list[int], path: Path) -> None:
+    rows, cols = len(images), len(units)
+    figure = Figure(figsize=(1.9 * cols + 1.0, 1.5 * rows + 0.6))
+    grid = np.array(figure.subplots(rows, cols, squeeze=False))
+    signal = images[0].dim() - 1 < 3  # (C, L) or (L,) inputs are signals, (C, H, W) images
+    for r, (batch, name) in enumerate(zip(images, names)):
+        for c, unit in enumerate(units):
+            axes = grid[r, c]
+            x = batch[c].float()
+            if signal:
+                for channel in x.reshape(-1, x.shape[-1]):
+                    axes.plot(channel.numpy(), linewidth=1)
+                axes.set_yticks([])
+            else:
+                picture = x.mean(dim=0) if x.shape[0] != 3 else x.permute(1, 2, 0)
+                picture = (picture - picture.min()) / (picture.max() - picture.min()).clamp_min(1e-12)
+                axes.imshow(picture.numpy(), cmap="gray")
+                axes.set_yticks([])
+            axes.set_xticks([])
+            if r == 0:
+                axes.set_title(f"unit {unit}", fontsize=9)
+            if c == 0:
+                axes.set_ylabel(name, fontsize=9)
+    figure.suptitle("Feature visualisation: same units, parent and members")
+    _save(figure, path)
+
+
+# ------------------------------------------------------------------------------------------ a folder
+
+def _run_group(name: str) -> str:
+    """The run name without its seed and time stamp: runs of one config over several seeds share it."""
+    return re.sub(r"-s\d+(-\d{8}-\d{6})?$", "", name)
+
+
+def _mean_se(values: list[float]) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.4f}"
+    return f"{mean:.4f} +- {statistics.stdev(values) / math.sqrt(len(values)):.4f}"
+
+
+def _count(values) -> str:
+    """A cost cell: the count when every run spent the same, else the mean."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    return f"{values[0]:,g}" if len(set(values)) == 1 else f"{statistics.fmean(values):,.0f} (mean)"
+
+
+def _folder_report(folder: Path, runs: list[Path], progress: Progress) -> Path:
+    groups: dict[str, list[dict]] = {}
+    for run_dir in runs:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        groups.setdefault(_run_group(run_dir.name), []).append(dict(metrics, _run=run_dir.name))
+    lines = [f"# Runs in {folder.name}", "", ("Test split; mean +- standard error over the runs of each group "
+             "(runs whose names differ only in seed and time stamp)."), "",
+             "| group | runs | accuracy | NLL | ECE | disagreement | train epochs | train sample-passes | "
+             "eval forward passes |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for group, items in groups.items():
+        cost = [m.get("cost", {}) for m in items]
+        cells = [_mean_se([m["ensemble"][k] for m in items]) for k in ("accuracy", "nll", "ece")]
+        cells.append(_mean_se([m["diversity"]["disagreement"]["mean"] if len(m.get("members", [])) > 1
+                               else math.nan for m in items]))
+        cells += [_count(c.get(k, math.nan) for c in cost)
+                  for k in ("train_epochs", "train_sample_passes", "eval_forward_passes")]
+        lines.append(f"| {group} | {len(items)} | " + " | ".join(cells) + " |")
+    parents = [(m["_run"], m["parent"]) for items in groups.values() for m in items if m.get("parent")]
+    if parents:
+        lines += ["", "Parents of the subnetwork runs:", "", "| run | accuracy | NLL | ECE |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {name} | {p['accuracy']:.4f} | {p['nll']:.4f} | {p['ece']:.4f} |" for name, p in parents]
+    lines += ["", "Per-run reports: " + ", ".join(f"[{r.name}]({r.name}/report.md)" for r in runs), ""]
+    report = folder / "report.md"
+    text = "\n".join(lines)
+    atomic_write(report, lambda handle: handle.write(text.encode()))
+    progress(f"[report] wrote {report}")
+    return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import yaml
@@ -17,22 +18,36 @@ examples:
   evo-subens run configs/default.yaml search.population=64 children.density=0.01 name=dense-sweep
   evo-subens resume runs/default-s0-20261126-033727 search.generations=8
   evo-subens grow runs/default-s0-20261126-033727 --members 4
+  evo-subens report runs/default-s0-20261126-033727
   evo-subens config configs/default.yaml search.generations=5
   evo-subens bench throughput --models cnn,mlp10m
+  evo-subens bench quality --seeds 0,1,2
 """
+
+
+def _with_address(args: argparse.Namespace) -> list[str]:
+    """The overrides, with ``--address`` last so it wins (JSON-quoted: YAML would read some host:port as
+    numbers)."""
+    if args.address is None:
+        return list(args.overrides)
+    return [*args.overrides, f"workers.address={json.dumps(args.address)}"]
+
+
+ADDRESS_HELP = ("Ray cluster to join (head node host:port); the same as workers.address=..., and it wins over "
+                "the config and RAY_ADDRESS")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runner import run
 
-    run(args.config, args.overrides)
+    run(args.config, _with_address(args))
     return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from .runner import resume
 
-    resume(args.run_dir, args.overrides)
+    resume(args.run_dir, _with_address(args))
     return 0
 
 
@@ -40,6 +55,13 @@ def _cmd_grow(args: argparse.Namespace) -> int:
     from .runner import grow
 
     grow(args.run_dir, args.members, generations=args.generations)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    write_report(args.path, features=not args.no_features)
     return 0
 
 
@@ -60,9 +82,20 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.throughput import throughput
 
-    throughput(models=args.models.split(","), population=args.population, actors=args.actors,
-               density=args.density, validation_size=args.validation_size, repeats=args.repeats,
-               data_root=args.data_root, gpus_per_actor=args.gpus_per_actor)
+    throughput(models=args.models.split(","), population=args.population,
+               actors=[int(a) for a in str(args.actors).split(",")], density=args.density,
+               validation_size=args.validation_size, repeats=args.repeats, data_root=args.data_root,
+               gpus_per_actor=args.gpus_per_actor,
+               populations=[int(p) for p in args.populations.split(",") if p.strip()],
+               stock_max_gb=args.stock_max_gb)
+    return 0
+
+
+def _cmd_bench_quality(args: argparse.Namespace) -> int:
+    from .bench.quality import quality
+
+    quality(seeds=[int(s) for s in args.seeds.split(",")], config_dir=args.configs, data_root=args.data_root,
+            output_dir=args.output_dir, executor=args.executor)
     return 0
 
 
@@ -71,6 +104,17 @@ def _cmd_bench_prune_tune(args: argparse.Namespace) -> int:
 
     prune_tune(seeds=[int(s) for s in args.seeds.split(",")], data_root=args.data_root,
                output_dir=args.output_dir, members=args.members, executor=args.executor)
+    return 0
+
+
+def _cmd_bench_stochastic(args: argparse.Namespace) -> int:
+    from .bench.stochastic import stochastic
+
+    stochastic(seeds=[int(s) for s in args.seeds.split(",")],
+               sparsities=[float(s) for s in args.sparsities.split(",")], members=args.members,
+               tune_epochs=args.tune_epochs, num_samples=args.num_samples or None, schedule=args.schedule,
+               start=args.start, fraction=args.fraction, data_root=args.data_root, output_dir=args.output_dir,
+               executor=args.executor)
     return 0
 
 
@@ -89,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("config", help="YAML config file, e.g. configs/default.yaml")
     run_parser.add_argument("overrides", nargs="*", metavar="key=value",
                             help="dotted overrides parsed as YAML, e.g. search.population=64 workers.executor=local")
+    run_parser.add_argument("--address", default=None, help=ADDRESS_HELP)
     run_parser.set_defaults(handler=_cmd_run)
 
     resume_parser = commands.add_parser(
@@ -100,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume_parser.add_argument("run_dir", help="run directory, e.g. runs/default-s0-20261126-033727")
     resume_parser.add_argument("overrides", nargs="*", metavar="key=value",
                                help="search.generations=N or workers.* overrides")
+    resume_parser.add_argument("--address", default=None, help=ADDRESS_HELP)
     resume_parser.set_defaults(handler=_cmd_resume)
 
     grow_parser = commands.add_parser(
@@ -112,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
                              help="generations to evolve first (0 = draw from candidates already evaluated)")
     grow_parser.set_defaults(handler=_cmd_grow)
 
+    report_parser = commands.add_parser(
+        "report", help="write report.md with tables and PNG plots for a run (or a folder of runs)",
+        description="For a run directory: report.md with test metrics, the selection rules compared, fitness "
+                    "per generation, accuracy/NLL vs ensemble size, diversity heatmaps, a reliability diagram, "
+                    "a feature-visualisation grid and (for density/sigma sweeps) the mutation window, as PNGs "
+                    "next to it. For a folder: a report per run and a summary table over all of them.")
+    report_parser.add_argument("path", help="run directory, or a folder of run directories")
+    report_parser.add_argument("--no-features", action="store_true",
+                               help="skip the feature visualisation (the slowest part)")
+    report_parser.set_defaults(handler=_cmd_report)
+
     config_parser = commands.add_parser(
         "config", help="validate a config and print it resolved, or list every field with its doc",
         description="Print the resolved config (defaults filled in) after validation; --fields lists all fields.")
@@ -120,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_parser.add_argument("--fields", action="store_true", help="list every field, its doc and default")
     config_parser.set_defaults(handler=_cmd_config)
 
-    bench_parser = commands.add_parser("bench", help="benchmarks (not tests): throughput, prune-tune")
+    bench_parser = commands.add_parser("bench", help="benchmarks (not tests): throughput, prune-tune, quality, "
+                                                  "stochastic")
     bench_commands = bench_parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     throughput_parser = bench_commands.add_parser(
         "throughput", help="candidates/s of the engine vs plain parent forward passes, same data and processes",
@@ -130,13 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     throughput_parser.add_argument("--models", default="cnn,mlp10m",
                                    help="comma-separated: cnn (~0.1M params), mlp10m (~10M params)")
     throughput_parser.add_argument("--population", type=int, default=32, help="candidates per generation")
-    throughput_parser.add_argument("--actors", type=int, default=2, help="Ray actors (1 torch thread each)")
+    throughput_parser.add_argument("--actors", default="1,2",
+                                   help="comma-separated Ray actor counts to compare at (1 torch thread each)")
     throughput_parser.add_argument("--density", type=float, default=0.01, help="mutation density")
     throughput_parser.add_argument("--validation-size", type=int, default=5000, help="validation images")
     throughput_parser.add_argument("--repeats", type=int, default=3, help="timed generations per method")
     throughput_parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder")
     throughput_parser.add_argument("--gpus-per-actor", type=float, default=0.0,
                                    help="GPUs per actor (e.g. 0.5 with 2 actors on one GPU); 0 = CPU")
+    throughput_parser.add_argument("--populations", default="32,128",
+                                   help="population sizes of the driver-memory table (empty: none)")
+    throughput_parser.add_argument("--stock-max-gb", type=float, default=8.0,
+                                   help="skip stock EvoTorch where its population would need more driver memory")
     throughput_parser.set_defaults(handler=_cmd_bench)
     prune_tune_parser = bench_commands.add_parser(
         "prune-tune", help="Prune-and-Tune ensembles vs single model, bagging and dropout at a 16-epoch budget",
@@ -150,6 +213,39 @@ def build_parser() -> argparse.ArgumentParser:
     prune_tune_parser.add_argument("--executor", default="ray", choices=("ray", "local"),
                                    help="where children are tuned")
     prune_tune_parser.set_defaults(handler=_cmd_bench_prune_tune)
+    stochastic_parser = bench_commands.add_parser(
+        "stochastic", help="Stochastic Subnetwork Annealing vs one-shot pruning at high sparsity, same tuning",
+        description="Fashion-MNIST, LeNet S, one parent per seed: random-mask children at each sparsity tuned "
+                    "with the mask fixed (one-shot) or annealed (stochastic), the same masks, seeds and budget; "
+                    "single children and ensembles, mean +- standard error over seeds of accuracy and NLL.")
+    stochastic_parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    stochastic_parser.add_argument("--sparsities", default="0.9,0.98", help="comma-separated sparsities")
+    stochastic_parser.add_argument("--members", type=int, default=6, help="children per run (the ensemble)")
+    stochastic_parser.add_argument("--tune-epochs", type=int, default=2, help="tuning epochs per child")
+    stochastic_parser.add_argument("--num-samples", type=int, default=20000,
+                                   help="cap on the training pool (5,000 of it validation); 0 = all 60,000")
+    stochastic_parser.add_argument("--schedule", default="cosine", choices=("linear", "cosine", "exponential"),
+                                   help="annealing schedule")
+    stochastic_parser.add_argument("--start", type=float, default=0.5, help="starting inclusion probability")
+    stochastic_parser.add_argument("--fraction", type=float, default=0.5, help="share of tuning that anneals")
+    stochastic_parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder")
+    stochastic_parser.add_argument("--output-dir", default="runs/bench-stochastic", help="where the runs go")
+    stochastic_parser.add_argument("--executor", default="ray", choices=("ray", "local"),
+                                   help="where children are tuned")
+    stochastic_parser.set_defaults(handler=_cmd_bench_stochastic)
+    quality_parser = bench_commands.add_parser(
+        "quality", help="subnetwork ensemble vs matched-budget baselines: accuracy, NLL, ECE, disagreement, cost",
+        description="Runs every config in --configs (default configs/bench/: parent + noisy ensemble, single "
+                    "model, deep ensemble, bagging, MC dropout, snapshot ensemble, FGE on Fashion-MNIST at one "
+                    "training budget) for each seed and prints mean +- standard error over seeds next to each "
+                    "method's cost.")
+    quality_parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    quality_parser.add_argument("--configs", default="configs/bench", help="folder of YAML configs, one per method")
+    quality_parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder")
+    quality_parser.add_argument("--output-dir", default="runs/bench-quality", help="where the runs go")
+    quality_parser.add_argument("--executor", default="ray", choices=("ray", "local"),
+                                help="where the subnetwork runs evaluate candidates")
+    quality_parser.set_defaults(handler=_cmd_bench_quality)
     return parser
 
 

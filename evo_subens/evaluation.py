@@ -8,6 +8,7 @@ validation forward passes and restores the parent.
 from __future__ import annotations
 
 import contextlib
+import math
 import hashlib
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from .config import ChildrenConfig, ModelConfig
 from .data import Split
 from .families import make_family
-from .models import build_model, state_copy
+from .models import build_model, model_stages, state_copy
 
 
 def parent_fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -51,6 +52,8 @@ class EvaluationPayload:
     use_gpu: bool = False
     train_x: torch.Tensor | None = None  # only for families that train children (sparse tuning)
     train_y: torch.Tensor | None = None
+    activation_cache_mb: float = 0.0  # see WorkersConfig.activation_cache_mb
+    autocast: str = "off"  # see WorkersConfig.autocast
 
 
 def worker_device(payload: EvaluationPayload) -> str:
@@ -60,11 +63,32 @@ def worker_device(payload: EvaluationPayload) -> str:
 
 @dataclass(frozen=True)
 class CandidateScore:
-    """Validation metrics of one candidate and the seconds its evaluation took."""
+    """Validation metrics of one candidate and the seconds its evaluation took; a raced-out candidate
+    (stopped by a :class:`RacingBound`) has NaN metrics."""
 
     accuracy: float
     nll: float
     seconds: float
+    raced: bool = False
+
+
+@dataclass(frozen=True)
+class RacingBound:
+    """Stops scoring a candidate once it provably cannot reach ``threshold`` on the whole validation split.
+
+    The bound is exact, not statistical: after ``seen`` of ``total`` samples, the final accuracy is at most
+    ``(correct + total - seen) / total`` and the final NLL at least ``loss_sum / total`` (every sample's
+    NLL is >= 0). A candidate is stopped only when that best case is strictly worse than ``threshold``.
+    """
+
+    fitness: str  # "accuracy" or "nll"
+    threshold: float
+
+    def hopeless(self, correct: int, loss_sum: float, seen: int, total: int) -> bool:
+        """Whether a candidate with these partial results cannot reach the threshold."""
+        if self.fitness == "accuracy":
+            return (correct + total - seen) / total < self.threshold
+        return loss_sum / total > self.threshold
 
 
 @contextlib.contextmanager
@@ -94,6 +118,29 @@ class CandidateEvaluator:
         self.val_y = payload.val_y.to(self.device)
         # Trained children are expensive to rebuild: keep the weights of those scored here until fetched.
         self._trained: dict[str, dict[str, torch.Tensor]] = {}
+        self._cache: ActivationCache | None = None
+        self._cache_checked = False
+        self.racing_bound: RacingBound | None = None  # set by the search before each generation
+
+    @property
+    def activation_cache(self) -> "ActivationCache | None":
+        """The parent's validation activations before the first mutable layer, built on first use (a
+        driver that only rebuilds members never pays for it); None when caching is off or saves nothing."""
+        if not self._cache_checked:
+            self._cache_checked = True
+            mutated = self.family.mutated_parameters(self.model)
+            if self.payload.activation_cache_mb > 0 and mutated is not None:
+                with self._precision():  # cached layers run exactly as in a full pass
+                    self._cache = ActivationCache.build(self.model, set(mutated), self.val_x,
+                                                        self.payload.batch_size, self.payload.activation_cache_mb)
+        return self._cache
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """Autocast for validation passes when configured, on this evaluator's device type."""
+        if self.payload.autocast == "off":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.payload.autocast == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _check_parent(self, genome: str) -> None:
         if f'"parent":"{self.payload.parent_id}"' not in genome:
@@ -101,17 +148,25 @@ class CandidateEvaluator:
                              f"{genome[:200]}")
 
     @torch.inference_mode()
-    def score_current(self) -> tuple[float, float]:
-        """Validation (accuracy, NLL) of the model as it is now (the parent, outside ``evaluate``)."""
+    def score_current(self, bound: RacingBound | None = None) -> tuple[float, float] | None:
+        """Validation (accuracy, NLL) of the model as it is now (the parent, outside ``evaluate``); None
+        when ``bound`` stopped it (checked after every batch)."""
         correct = 0
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        for begin in range(0, len(self.val_x), self.payload.batch_size):
-            x = self.val_x[begin:begin + self.payload.batch_size]
+        cache = self.activation_cache
+        n = len(self.val_y)
+        for i, begin in enumerate(range(0, n, self.payload.batch_size)):
             y = self.val_y[begin:begin + self.payload.batch_size]
-            logits = self.model(x)
+            with self._precision():
+                if cache is not None:
+                    logits = cache.forward(i)
+                else:
+                    logits = self.model(self.val_x[begin:begin + self.payload.batch_size])
             loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += int((logits.argmax(dim=1) == y).sum())
-        n = len(self.val_y)
+            seen = begin + len(y)
+            if bound is not None and seen < n and bound.hopeless(correct, loss.item(), seen, n):
+                return None
         return correct / n, loss.item() / n
 
     def evaluate(self, genome: str) -> CandidateScore:
@@ -119,10 +174,12 @@ class CandidateEvaluator:
         started = time.perf_counter()
         self._check_parent(genome)
         with self.materialiser.materialised(genome):
-            accuracy, nll = self.score_current()
+            scores = self.score_current(self.racing_bound)
+            if scores is None:
+                return CandidateScore(math.nan, math.nan, time.perf_counter() - started, raced=True)
             if self.family.trains_children:
                 self._trained[genome] = state_copy(self.model)
-        return CandidateScore(accuracy, nll, time.perf_counter() - started)
+        return CandidateScore(*scores, time.perf_counter() - started)
 
     def child_state(self, genome: str) -> dict[str, torch.Tensor]:
         """A CPU copy of the child's full ``state_dict`` (kept from its evaluation, else rebuilt)."""
@@ -131,3 +188,52 @@ class CandidateEvaluator:
             return self._trained[genome]
         with self.materialiser.materialised(genome):
             return state_copy(self.model)
+
+
+class ActivationCache:
+    """Validation activations of the parent after its leading layers that no mutation touches.
+
+    A candidate then runs only the remaining layers: identical results (the same operations on the same
+    batches), a fraction of the work when mutations are restricted to late layers. The cache belongs to
+    one evaluator, which belongs to one parent, so a new parent never sees stale activations.
+    """
+
+    def __init__(self, tail: list[torch.nn.Module], batches: list[torch.Tensor], start: int):
+        self.tail = tail
+        self.batches = batches
+        self.start = start  # index of the first stage candidates run
+
+    @classmethod
+    @torch.inference_mode()
+    def build(cls, model: torch.nn.Module, mutated: set[str], x: torch.Tensor, batch_size: int,
+              budget_mb: float) -> "ActivationCache | None":
+        """The cache for ``model`` whose parameters ``mutated`` may change, or None when the model is not a
+        known chain of stages, its first stage may change, or the activations exceed ``budget_mb``."""
+        stages = model_stages(model)
+        if not stages:
+            return None
+        names = {id(p): name for name, p in model.named_parameters()}
+        start = next((i for i, stage in enumerate(stages)
+                      if any(names.get(id(p)) in mutated for p in stage.parameters())), len(stages))
+        if start == 0 or start == len(stages):
+            return None
+        head = torch.nn.Sequential(*stages[:start])
+        first = head(x[:batch_size])
+        batches_count = -(-len(x) // batch_size)
+        if first.element_size() * first.numel() * batches_count > budget_mb * 2**20:
+            return None
+        batches = [first] + [head(x[b:b + batch_size]) for b in range(batch_size, len(x), batch_size)]
+        return cls(stages[start:], batches, start)
+
+    def forward(self, batch: int) -> torch.Tensor:
+        """The model's output on validation batch ``batch``, from the cached activations."""
+        out = self.batches[batch]
+        for stage in self.tail:
+            out = stage(out)
+        return out
+
+    @property
+    def megabytes(self) -> float:
+        """Memory the cached activations take."""
+        return sum(b.element_size() * b.numel() for b in self.batches) / 2**20
+

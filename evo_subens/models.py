@@ -101,6 +101,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
+    def stages(self) -> list[nn.Module]:
+        """The modules ``forward`` applies, in order (see :func:`model_stages`)."""
+        return [*self.features, self.classifier]
+
 
 class _ConvClassifier(nn.Module):
     """features -> head -> classifier; subclasses build the three parts."""
@@ -111,6 +115,10 @@ class _ConvClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.head(self.features(x)))
+
+    def stages(self) -> list[nn.Module]:
+        """The modules ``forward`` applies, in order (see :func:`model_stages`)."""
+        return [*self.features, *self.head, self.classifier]
 
 
 class CNN1d(_ConvClassifier):
@@ -366,6 +374,20 @@ def classifier_parameter_names(model: nn.Module) -> list[str]:
     if last is None:
         return []
     return [names[id(p)] for p in last.parameters(recurse=False)]
+
+
+def model_stages(model: nn.Module) -> list[nn.Module] | None:
+    """The model as a chain of modules whose composition is its forward pass, or None if unknown.
+
+    Registry models say so with a ``stages()`` method (your own architecture may define one too); an
+    ``nn.Sequential`` is its children. Evaluation uses the chain to start candidates' forward passes
+    after the layers a mutation cannot touch.
+    """
+    if hasattr(model, "stages"):
+        return list(model.stages())
+    if isinstance(model, nn.Sequential):
+        return list(model)
+    return None
 
 
 def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,42 +1,131 @@
-"""Throughput benchmark: the engine's candidate evaluation against the forward-pass limit.
+"""Throughput benchmark: the engine's candidate evaluation against the forward-pass limit and stock EvoTorch.
 
-In one run, on the same validation images, the same models and the same number of Ray actors (one torch
-thread each, the same malloc settings):
+In one run, on the same validation images and the same models, for each actor count in ``actors`` (Ray
+actors of one torch thread each, the same malloc settings), every method evaluates ``population``
+candidates per generation:
 
-(a) the engine: a :class:`~evo_subens.problem.SubnetworkProblem` evaluates a population of noisy
-    children (genomes in, metrics out);
-(b) the limit: actors holding the same evaluator run plain validation passes of the parent, one per
-    candidate, with the same batching and metric computation.
+``limit``
+    Actors holding the same evaluator run plain validation passes of the parent, one per candidate, with
+    the same batching and metric computation: the most any method can reach without skipping work.
+``engine``
+    A :class:`~evo_subens.problem.SubnetworkProblem` evaluates noisy children of ``density``, every layer
+    mutable: genomes (a few hundred bytes) in, metrics out; each actor materialises children in place.
+``engine, last two, no cache``
+    The same with mutations restricted to the last two parameterised layers and activation caching off:
+    the subspace alone, to separate its effect from the cache's.
+``engine+cache``
+    The same subspace with ``activation_cache_mb`` > 0: actors keep the parent's validation activations
+    before the first mutable layer and run only the layers after it (identical results).
+``stock EvoTorch``
+    EvoTorch's ``GeneticAlgorithm`` with ``GaussianMutation(mutation_probability=density)`` over float
+    vectors of all the parent's parameters, the population starting as copies of the parent; its actors
+    receive full vectors and load each into a model (``vector_to_parameters``) before the same passes.
 
-The two are timed in alternation, ``repeats`` times each after a warm-up, and the median rates are
-compared: a/b near 1 means materialising children costs next to nothing beside the forward pass.
+Each method runs in its own actors, created, warmed up (one candidate per actor: start-up, payload
+transfer and cache building are excluded from the rates) and killed in turn, so every method's memory
+is its own. Reported: candidates per second (median of ``repeats`` generations), the ratio to the limit
+measured in the same run with the same actor count, the pickled bytes per candidate sent to actors, the
+driver's peak private resident memory while the method ran (sampled in a background thread) and the largest
+actor's peak resident memory (its own ``ru_maxrss``). Methods run one after another, so ratios carry
+whatever else the machine did meanwhile; more repeats narrow that.
+
+A second table shows the driver's peak memory against the population size (``populations``), for the
+engine and stock EvoTorch, one generation each on the first ``SCALING_IMAGES`` validation images (the
+driver's memory does not depend on how many images actors score).
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import math
 import os
 import pickle
 import resource
 import statistics
+import threading
 import time
+from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 import ray
 import torch
+from evotorch import Problem, SolutionBatch
+from evotorch.algorithms import GeneticAlgorithm
+from evotorch.operators import GaussianMutation
 
 from ..config import ChildrenConfig, DataConfig, ModelConfig, WorkersConfig
 from ..data import load_dataset
 from ..evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint, torch_threads, worker_device
 from ..families import make_family
-from ..models import build_model, count_parameters, state_copy
+from ..models import build_model, state_copy
 from ..problem import ACTOR_ENV, actor_options, make_problem
 
 BENCH_MODELS = {
     "cnn": ModelConfig(name="cnn2d"),  # ~0.1M parameters on 28x28 images
     "mlp10m": ModelConfig(name="mlp", kwargs={"hidden": [2048, 2048, 2048]}),  # ~10M parameters
 }
+# The last two parameterised layers of each model: the subspace of the caching methods.
+LAST_TWO = {"cnn": ["head.1.*", "classifier.*"], "mlp10m": ["features.5.*", "classifier.*"]}
+METHODS = ("limit", "engine", "engine, last two, no cache", "engine+cache", "stock EvoTorch")
+CACHE_MB = 1024.0  # the configuration default of workers.activation_cache_mb
+SIGMA = 0.1
+SCALING_IMAGES = 500
 
+
+# --------------------------------------------------------------------------------------------------- memory
+
+def _rss_mb() -> float:
+    """This process's private resident memory now (Linux ``/proc``; elsewhere its lifetime peak).
+
+    Shared pages are left out: they are Ray's object store, which keeps pages the driver once wrote (a
+    bounded arena of Ray's, not the driver's), and would carry one method's transfers into the next's.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return (int(fields["RssAnon"].split()[0]) + int(fields["RssFile"].split()[0])) / 1024
+    except (OSError, KeyError):
+        return _peak_rss_mb()
+
+
+def _peak_rss_mb(_instance: object = None) -> float:
+    """Peak resident memory of the calling process; run on an actor through ``__ray_call__``."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class DriverPeak:
+    """Samples the driver's resident memory in a background thread while the ``with`` block runs."""
+
+    def __init__(self, interval_s: float = 0.02):
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            self.peak_mb = max(self.peak_mb, _rss_mb())
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> "DriverPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, _rss_mb())
+
+
+def _actors_peak_mb(actors: list) -> float:
+    """The largest peak resident memory among ``actors`` (any Ray actor handles)."""
+    return max(ray.get([a.__ray_call__.remote(_peak_rss_mb) for a in actors]))
+
+
+# -------------------------------------------------------------------------------------------------- methods
 
 @ray.remote
 class ForwardPassActor:
@@ -57,95 +146,284 @@ class ForwardPassActor:
         return count
 
 
-def _payload(model_cfg: ModelConfig, data, children: ChildrenConfig, use_gpu: bool) -> EvaluationPayload:
+def _shares(population: int, actors: int) -> list[int]:
+    return [population // actors + (i < population % actors) for i in range(actors)]
+
+
+class LimitMethod:
+    """Plain validation passes of the parent, ``population`` per generation, split evenly over the actors."""
+
+    def __init__(self, payload: EvaluationPayload, workers: WorkersConfig, population: int):
+        self.population = population
+        # No restarts: a benchmark actor that dies should fail the run, not be rebuilt from its payload.
+        options = dict(actor_options(workers), max_restarts=0, max_task_retries=0)
+        self.actors = [ForwardPassActor.options(num_gpus=workers.num_gpus_per_actor, **options).remote(payload)
+                       for _ in range(workers.num_actors)]
+
+    def warm_up(self) -> None:
+        ray.get([a.passes.remote(1) for a in self.actors])
+
+    def step(self) -> None:
+        ray.get([a.passes.remote(n) for a, n in zip(self.actors, _shares(self.population, len(self.actors)))])
+
+    def bytes_per_candidate(self) -> float:
+        return 0.0  # nothing but a count per actor
+
+    def devices(self) -> list[str]:
+        return ray.get([a.device.remote() for a in self.actors])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+class EngineMethod:
+    """The engine: a SubnetworkProblem evaluating a generation of noisy children of the root."""
+
+    def __init__(self, payload: EvaluationPayload, workers: WorkersConfig, population: int):
+        self.population = population
+        self.family = make_family(payload.children)
+        self.root = self.family.root(payload.parent_id)
+        self.rng = np.random.default_rng(0)
+        self.problem = make_problem(workers, payload, fitness="accuracy", population=population)
+        self.problem.all_remote_problems()  # creates the actors
+        self.actors = self.problem.actors
+        self.subbatch = workers.subbatch_size or max(1, math.ceil(population / (2 * workers.num_actors)))
+
+    def _genomes(self, count: int) -> list[str]:
+        return [g for _, g in self.family.propose([self.root], count, self.rng)]
+
+    def warm_up(self) -> None:
+        ray.get([a.evaluate_batch.remote(self.problem.make_batch(self._genomes(1))) for a in self.actors])
+
+    def step(self) -> None:
+        self.problem.evaluate(self.problem.make_batch(self._genomes(self.population)))
+
+    def bytes_per_candidate(self) -> float:
+        return len(pickle.dumps(self.problem.make_batch(self._genomes(self.subbatch)))) / self.subbatch
+
+    def close(self) -> None:
+        self.problem.close()
+
+
+class StockProblem(Problem):
+    """Stock EvoTorch: solutions are float vectors of all the parent's parameters, fitness its accuracy."""
+
+    def __init__(self, payload: EvaluationPayload, parent_vector: torch.Tensor, workers: WorkersConfig):
+        super().__init__("max", solution_length=parent_vector.numel(), initial_bounds=(-1.0, 1.0),
+                         dtype=torch.float32, num_actors=workers.num_actors, actor_config=actor_options(workers),
+                         num_gpus_per_actor=workers.num_gpus_per_actor or None)
+        if workers.num_actors == 1:
+            # EvoTorch evaluates in-process for one actor; keep the actor, as SubnetworkProblem does.
+            self._num_actors = 1
+            self._num_gpus_per_actor = workers.num_gpus_per_actor or None
+        self._payload_ref = ray.put(payload)
+        self._evaluator: CandidateEvaluator | None = None
+
+    @property
+    def _nonserialized_attribs(self) -> list[str]:
+        return super()._nonserialized_attribs + ["_evaluator"]
+
+    def _evaluate_batch(self, batch: SolutionBatch) -> None:
+        if self._evaluator is None:
+            payload = ray.get(self._payload_ref)
+            torch.set_num_threads(payload.threads)
+            self._evaluator = CandidateEvaluator(payload, worker_device(payload))
+        evaluator = self._evaluator
+        fitness = []
+        with torch_threads(evaluator.payload.threads):
+            for values in batch.values:
+                torch.nn.utils.vector_to_parameters(values.to(evaluator.device), evaluator.model.parameters())
+                fitness.append(evaluator.score_current()[0])
+        batch.set_evals(torch.tensor(fitness, dtype=torch.float32))
+
+
+class StockMethod:
+    """EvoTorch's GeneticAlgorithm with Gaussian mutation of ``density`` of the entries, from the parent."""
+
+    def __init__(self, payload: EvaluationPayload, workers: WorkersConfig, population: int, density: float):
+        model = build_model(payload.model, payload.input_shape, payload.num_classes)
+        model.load_state_dict(payload.parent_state)
+        self.parent = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+        self.population = population
+        self.problem = StockProblem(payload, self.parent, workers)
+        stdev = SIGMA * float(self.parent.std())  # one scale for all entries: the stock operator has no other
+        self.ga = GeneticAlgorithm(self.problem, popsize=population, re_evaluate=False,
+                                   operators=[GaussianMutation(self.problem, stdev=stdev,
+                                                               mutation_probability=density)])
+        self.ga.population.set_values(self.parent.expand(population, -1))
+        self.problem.all_remote_problems()  # creates the actors
+        self.actors = self.problem.actors
+
+    def _parent_batch(self, size: int) -> SolutionBatch:
+        batch = self.problem.generate_batch(size)
+        batch.set_values(self.parent.expand(size, -1))
+        return batch
+
+    def warm_up(self) -> None:
+        evals = ray.get([a.evaluate_batch.remote(self._parent_batch(1)) for a in self.actors])
+        # Copies of the parent share its score: the population starts evaluated, as the engine's root
+        # does, instead of the GA's first step evaluating ``population`` identical parents.
+        self.ga.population.set_evals(evals[0][:, 0].expand(self.population).clone())
+        self.ga._first_iter = False
+
+    def step(self) -> None:
+        self.ga.step()
+
+    def bytes_per_candidate(self) -> float:
+        # EvoTorch splits a batch into one piece per actor; a piece pickles its vectors (and its problem).
+        piece = math.ceil(self.population / len(self.actors))
+        return len(pickle.dumps(self.ga.population[:piece])) / piece
+
+    def close(self) -> None:
+        self.problem.kill_actors()
+
+
+def _stock_gb(params: int, population: int) -> float:
+    # Population, children, their concatenation and the next population: four float32 copies.
+    return 16 * params * population / 2**30
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+def _payload(model_cfg: ModelConfig, data, use_gpu: bool) -> EvaluationPayload:
     torch.manual_seed(0)
     model = build_model(model_cfg, data.input_shape, data.num_classes)
     state = state_copy(model)
     return EvaluationPayload(model=model_cfg, input_shape=data.input_shape, num_classes=data.num_classes,
-                             parent_state=state, parent_id=parent_fingerprint(state), children=children,
+                             parent_state=state, parent_id=parent_fingerprint(state), children=ChildrenConfig(),
                              val_x=data.validation.x, val_y=data.validation.y, batch_size=1000, threads=1,
                              use_gpu=use_gpu)
 
 
-def _time(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+def _method_factories(name: str, base: EvaluationPayload, workers: WorkersConfig, population: int,
+                      density: float) -> dict[str, Callable[[], object]]:
+    everything = ChildrenConfig(density=density, sigma=SIGMA)
+    last_two = ChildrenConfig(density=density, sigma=SIGMA, layers=LAST_TWO[name])
+    full = replace(base, children=everything)
+    return {
+        "limit": lambda: LimitMethod(full, workers, population),
+        "engine": lambda: EngineMethod(full, workers, population),
+        "engine, last two, no cache": lambda: EngineMethod(replace(base, children=last_two), workers, population),
+        "engine+cache": lambda: EngineMethod(replace(base, children=last_two, activation_cache_mb=CACHE_MB),
+                                             workers, population),
+        "stock EvoTorch": lambda: StockMethod(full, workers, population, density),
+    }
 
 
-def _measure_model(name: str, data, *, population: int, actors: int, density: float, repeats: int,
-                   gpus_per_actor: float) -> dict:
-    children = ChildrenConfig(density=density, sigma=0.1)
-    payload = _payload(BENCH_MODELS[name], data, children, use_gpu=gpus_per_actor > 0)
-    family = make_family(children)
-    rng = np.random.default_rng(0)
-    root = family.root(payload.parent_id)
-
-    def genomes() -> list[str]:
-        return [g for _, g in family.propose([root], population, rng)]
-
-    # Both actor sets are alive at once (they run in turn), so each asks for half its GPU share.
-    workers = WorkersConfig(num_actors=actors, threads_per_actor=1, num_gpus_per_actor=gpus_per_actor / 2)
-    problem = make_problem(workers, payload, fitness="accuracy", population=population)
-    payload_ref = ray.put(payload)
-    forward_actors = [ForwardPassActor.options(num_gpus=gpus_per_actor / 2, **actor_options(workers))
-                      .remote(payload_ref) for _ in range(actors)]
-    shares = [population // actors + (i < population % actors) for i in range(actors)]
-
-    def limit() -> None:
-        ray.get([a.passes.remote(n) for a, n in zip(forward_actors, shares)])
-
-    def engine() -> None:
-        problem.evaluate(problem.make_batch(genomes()))
-
+def _measure(factory: Callable[[], object], population: int, repeats: int) -> dict:
+    """Rate, bytes per candidate and memory of one method; its actors are killed whatever happens."""
+    method = None
     try:
-        limit_devices = ray.get([a.device.remote() for a in forward_actors])
-        engine()  # warm-up: actor start-up and payload transfer are excluded from both rates
-        limit()
-        devices = sorted(set(problem.worker_devices() + limit_devices))
-        engine_times, limit_times = [], []
-        for _ in range(repeats):
-            engine_times.append(_time(engine))
-            limit_times.append(_time(limit))
-        sample = genomes()
-        subbatch = workers.subbatch_size or max(1, math.ceil(population / (2 * actors)))
-        piece_bytes = len(pickle.dumps(problem.make_batch(sample[:subbatch])))
+        with DriverPeak() as driver:
+            method = factory()
+            method.warm_up()
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                method.step()
+                times.append(time.perf_counter() - started)
+        actor_mb = _actors_peak_mb(method.actors)
+        sent = method.bytes_per_candidate()
     finally:
-        problem.close()
-        for actor in forward_actors:
-            ray.kill(actor)
-    engine_rate = population / statistics.median(engine_times)
-    limit_rate = population / statistics.median(limit_times)
-    return {"model": name, "params": count_parameters(build_model(payload.model, data.input_shape,
-                                                                  data.num_classes)),
-            "actors": actors, "devices": ",".join(devices), "engine": engine_rate, "limit": limit_rate, "ratio": engine_rate / limit_rate,
-            "bytes_per_candidate": piece_bytes / subbatch}
+        if method is not None:
+            method.close()
+        # EvoTorch's objects form reference cycles: free this method's population before the next runs.
+        del method
+        gc.collect()
+    return {"rate": population / statistics.median(times), "bytes_per_candidate": sent,
+            "driver_mb": driver.peak_mb, "actor_mb": actor_mb}
 
 
-def throughput(*, models: list[str], population: int = 32, actors: int = 2, density: float = 0.01,
-               validation_size: int = 5000, repeats: int = 3, data_root: str | None = None,
-               gpus_per_actor: float = 0.0) -> list[dict]:
-    """Run the benchmark and print a table; returns its rows."""
+def _params(payload: EvaluationPayload) -> int:
+    return sum(v.numel() for k, v in payload.parent_state.items())
+
+
+def _print_row(row: dict) -> None:
+    if row.get("skipped"):
+        print(f"{row['model']:<8}{row['params']:>12,}{row['actors']:>7}  {row['method']:<28}{row['skipped']}",
+              flush=True)
+        return
+    print(f"{row['model']:<8}{row['params']:>12,}{row['actors']:>7}  {row['method']:<28}{row['rate']:>8.2f}"
+          f"{row['ratio']:>8.2f}{row['bytes_per_candidate']:>14,.0f}{row['driver_mb']:>11,.0f}"
+          f"{row['actor_mb']:>10,.0f}", flush=True)
+
+
+def _throughput_rows(name: str, base: EvaluationPayload, workers: WorkersConfig, population: int,
+                     density: float, repeats: int, stock_max_gb: float) -> list[dict]:
+    params = _params(base)
+    rows = []
+    for method, factory in _method_factories(name, base, workers, population, density).items():
+        row = {"model": name, "params": params, "actors": workers.num_actors, "method": method}
+        if method == "stock EvoTorch" and _stock_gb(params, population) > stock_max_gb:
+            row["skipped"] = f"skipped: needs ~{_stock_gb(params, population):.0f} GB > --stock-max-gb"
+        else:
+            row.update(_measure(factory, population, repeats))
+        rows.append(row)
+    limit = rows[0]["rate"]
+    for row in rows:
+        if not row.get("skipped"):
+            row["ratio"] = row["rate"] / limit
+        _print_row(row)
+    return rows
+
+
+def _memory_rows(name: str, base: EvaluationPayload, workers: WorkersConfig, populations: list[int],
+                 density: float, stock_max_gb: float) -> list[dict]:
+    small = replace(base, val_x=base.val_x[:SCALING_IMAGES], val_y=base.val_y[:SCALING_IMAGES])
+    rows = []
+    for method in ("engine", "stock EvoTorch"):
+        row = {"model": name, "method": method, "driver_mb": {}}
+        for population in populations:
+            if method == "stock EvoTorch" and _stock_gb(_params(base), population) > stock_max_gb:
+                row["driver_mb"][population] = None
+                continue
+            factory = _method_factories(name, small, workers, population, density)[method]
+            row["driver_mb"][population] = _measure(factory, population, 1)["driver_mb"]
+        rows.append(row)
+        cells = "".join(f"{'skipped' if mb is None else f'{mb:,.0f}':>12}" for mb in row["driver_mb"].values())
+        print(f"{name:<8}  {method:<16}{cells}", flush=True)
+    return rows
+
+
+def throughput(*, models: list[str], population: int = 32, actors: int | list[int] = (1, 2),
+               density: float = 0.01, validation_size: int = 5000, repeats: int = 3,
+               data_root: str | None = None, gpus_per_actor: float = 0.0, populations: list[int] = (32, 128),
+               stock_max_gb: float = 8.0) -> dict[str, list[dict]]:
+    """Run the benchmark and print its tables; returns their rows (``throughput`` and ``memory``).
+
+    ``actors`` lists the actor counts to compare at; ``populations`` the population sizes of the memory
+    table (empty: no memory table). Stock EvoTorch is skipped where its population would need more than
+    ``stock_max_gb`` of driver memory.
+    """
     unknown = [m for m in models if m not in BENCH_MODELS]
     if unknown:
         raise SystemExit(f"evo-subens bench: unknown model(s) {unknown}; choose from {sorted(BENCH_MODELS)}")
+    actor_counts = [actors] if isinstance(actors, int) else list(actors)
+    logging.getLogger("evotorch").setLevel(logging.WARNING)  # one INFO line per problem would bury the table
     data = load_dataset(DataConfig(name="fashion-mnist", root=data_root, validation_size=validation_size))
     if not ray.is_initialized():
-        # Both actor sets exist at once but run in turn: reserve logical CPUs for both.
-        ray.init(num_cpus=max(os.cpu_count() or 1, 2 * actors), include_dashboard=False,
+        # One method's actors exist at a time; the slack covers killed actors not yet released.
+        ray.init(num_cpus=max(os.cpu_count() or 1, 2 * max(actor_counts)), include_dashboard=False,
                  runtime_env={"env_vars": ACTOR_ENV})
     print(f"throughput: Fashion-MNIST, {len(data.validation)} validation images, population {population}, "
-          f"density {density}, {actors} actors x 1 thread, median of {repeats}")
-    header = (f"{'model':<8}{'params':>12}{'actors':>8}{'device':>8}{'engine cand/s':>15}{'forward cand/s':>16}"
-              f"{'ratio a/b':>11}{'bytes/cand':>12}")
-    print(header)
+          f"density {density}, actors x 1 thread, median of {repeats}, "
+          f"{'GPU' if gpus_per_actor > 0 else 'CPU'} actors")
+    print(f"{'model':<8}{'params':>12}{'actors':>7}  {'method':<28}{'cand/s':>8}{'ratio':>8}{'bytes/cand':>14}"
+          f"{'driver MB':>11}{'actor MB':>10}")
+    payloads = {name: _payload(BENCH_MODELS[name], data, use_gpu=gpus_per_actor > 0) for name in models}
     rows = []
     for name in models:
-        row = _measure_model(name, data, population=population, actors=actors, density=density,
-                             repeats=repeats, gpus_per_actor=gpus_per_actor)
-        rows.append(row)
-        print(f"{row['model']:<8}{row['params']:>12,}{row['actors']:>8}{row['devices']:>8}{row['engine']:>15.2f}"
-              f"{row['limit']:>16.2f}{row['ratio']:>11.3f}{row['bytes_per_candidate']:>12.0f}", flush=True)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"driver peak RSS: {peak_mb:.0f} MB")
-    return rows
+        for count in actor_counts:
+            workers = WorkersConfig(num_actors=count, threads_per_actor=1, num_gpus_per_actor=gpus_per_actor)
+            rows += _throughput_rows(name, payloads[name], workers, population, density, repeats, stock_max_gb)
+    memory = []
+    if populations:
+        count = max(actor_counts)
+        print(f"\ndriver peak MB by population ({count} actors, one generation, first {SCALING_IMAGES} "
+              f"validation images)")
+        print(f"{'model':<8}  {'method':<16}" + "".join(f"{f'pop {p}':>12}" for p in populations))
+        workers = WorkersConfig(num_actors=count, threads_per_actor=1, num_gpus_per_actor=gpus_per_actor)
+        for name in models:
+            memory += _memory_rows(name, payloads[name], workers, list(populations), density, stock_max_gb)
+    return {"throughput": rows, "memory": memory}

@@ -72,6 +72,11 @@ class Family(ABC):
         """A materialiser for ``model``, which must hold the root parent's weights; ``train_data`` (a
         :class:`~evo_subens.data.Split`) is given to families that train children."""
 
+    def mutated_parameters(self, model: nn.Module) -> list[str] | None:
+        """Names of the only parameters children can differ from the parent in, when the family knows
+        them without training (evaluation then caches activations before them); None: any parameter."""
+        return None
+
     def constraint(self, genome: str, materialiser: Materialiser) -> Callable[[nn.Module], None] | None:
         """What must hold while a member is fine-tuned (e.g. re-applying its mask); None: nothing."""
         return None

@@ -164,6 +164,10 @@ class WorkersConfig:
     autocast: str = option("off", "mixed precision of validation passes on the actors' device: bf16 or fp16 "
                                   "autocast (faster on GPUs; scores then differ slightly from fp32)",
                            choices=("off", "bf16", "fp16"))
+    stack_candidates: int = option(1, "candidates an actor scores together, in one vectorised pass over the "
+                                      "layers after the activation cache (torch.func.vmap over their stacked "
+                                      "weights); 1 = one at a time. Scores agree with single passes to float "
+                                      "rounding", ge=1)
     activation_cache_mb: float = option(1024.0, "per actor: memory for the parent's activations on the "
                                                 "validation split at the first layer a mutation can touch, so "
                                                 "candidates run only the layers after it; 0 = off (results "

@@ -54,6 +54,7 @@ class EvaluationPayload:
     train_y: torch.Tensor | None = None
     activation_cache_mb: float = 0.0  # see WorkersConfig.activation_cache_mb
     autocast: str = "off"  # see WorkersConfig.autocast
+    stack_candidates: int = 1  # see WorkersConfig.stack_candidates
 
 
 def worker_device(payload: EvaluationPayload) -> str:
@@ -180,6 +181,44 @@ class CandidateEvaluator:
             if self.family.trains_children:
                 self._trained[genome] = state_copy(self.model)
         return CandidateScore(*scores, time.perf_counter() - started)
+
+    def evaluate_many(self, genomes: list[str]) -> list[CandidateScore]:
+        """Scores of ``genomes``: together in one vectorised pass per validation batch when stacking applies
+        (``stack_candidates`` > 1, cached activations, no racing bound), else one by one."""
+        cache = self.activation_cache
+        if len(genomes) < 2 or self.payload.stack_candidates < 2 or cache is None or self.racing_bound is not None:
+            return [self.evaluate(genome) for genome in genomes]
+        started = time.perf_counter()
+        for genome in genomes:
+            self._check_parent(genome)
+        scores = self._score_stacked(genomes, cache)
+        seconds = (time.perf_counter() - started) / len(genomes)
+        return [CandidateScore(accuracy, nll, seconds) for accuracy, nll in scores]
+
+    @torch.inference_mode()
+    def _score_stacked(self, genomes: list[str], cache: "ActivationCache") -> list[tuple[float, float]]:
+        # Only the layers after the cache differ between candidates: stack each candidate's copy of them and
+        # run all candidates at once with torch.func (one batched matmul per layer instead of one per
+        # candidate).
+        tail = torch.nn.Sequential(*cache.tail)
+        names = [name for name, _ in tail.named_parameters()]
+        copies = []
+        for genome in genomes:
+            with self.materialiser.materialised(genome):
+                copies.append([p.detach().clone() for _, p in tail.named_parameters()])
+        stacked = {name: torch.stack([c[i] for c in copies]) for i, name in enumerate(names)}
+        run = torch.func.vmap(lambda params, x: torch.func.functional_call(tail, params, (x,)), in_dims=(0, None))
+        count = len(genomes)
+        correct = torch.zeros(count, dtype=torch.long, device=self.device)
+        loss = torch.zeros(count, dtype=torch.float64, device=self.device)
+        for i, begin in enumerate(range(0, len(self.val_y), self.payload.batch_size)):
+            y = self.val_y[begin:begin + self.payload.batch_size]
+            with self._precision():
+                logits = run(stacked, cache.batches[i]).float()  # (candidates, batch, classes)
+            loss += F.cross_entropy(logits.flatten(0, 1), y.repeat(count), reduction="none").view(count, -1).sum(1)
+            correct += (logits.argmax(dim=2) == y).sum(dim=1)
+        n = len(self.val_y)
+        return [(c / n, l / n) for c, l in zip(correct.tolist(), loss.tolist())]
 
     def child_state(self, genome: str) -> dict[str, torch.Tensor]:
         """A CPU copy of the child's full ``state_dict`` (kept from its evaluation, else rebuilt)."""

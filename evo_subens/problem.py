@@ -119,13 +119,16 @@ class SubnetworkProblem(Problem):
         evaluator = self._get_evaluator()
         worker = LOCAL_WORKER if self.actor_index is None else self.actor_index
         rows = []
+        genomes = list(batch.values)
+        chunk = self.payload.stack_candidates
         with torch_threads(self.payload.threads):
-            for i, genome in enumerate(batch.values):
-                if self.is_main and i == len(batch) // 2:
+            for start in range(0, len(genomes), chunk):
+                if self.is_main and start <= len(genomes) // 2 < start + chunk:
                     crash_point("search.mid_generation")
-                score = evaluator.evaluate(genome)
-                fitness = score.accuracy if self.fitness_name == "accuracy" else score.nll
-                rows.append([fitness, score.accuracy, score.nll, score.seconds, worker, os.getpid(), score.raced])
+                for score in evaluator.evaluate_many(genomes[start:start + chunk]):
+                    fitness = score.accuracy if self.fitness_name == "accuracy" else score.nll
+                    rows.append([fitness, score.accuracy, score.nll, score.seconds, worker, os.getpid(),
+                                 score.raced])
         batch.set_evals(torch.tensor(rows, dtype=torch.float64))
 
     def set_racing_bound(self, bound: RacingBound | None) -> None:

@@ -225,7 +225,7 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
         parent_id=state["parent_id"], children=cfg.children, val_x=data.validation.x, val_y=data.validation.y,
         batch_size=cfg.search.eval_batch_size, threads=cfg.workers.threads_per_actor,
         use_gpu=cfg.workers.num_gpus_per_actor > 0, activation_cache_mb=cfg.workers.activation_cache_mb,
-        autocast=cfg.workers.autocast)
+        autocast=cfg.workers.autocast, stack_candidates=cfg.workers.stack_candidates)
     family = make_family(cfg.children)
     if family.trains_children:
         payload.train_x, payload.train_y = data.train.x, data.train.y

@@ -93,3 +93,36 @@ def test_autocast_scores_close_to_fp32_and_cache_still_exact():
         a, b, c = exact.evaluate(genome), mixed_full.evaluate(genome), mixed_cached.evaluate(genome)
         assert abs(a.nll - b.nll) < 0.05 * a.nll and abs(a.accuracy - b.accuracy) <= 0.02
         assert (b.accuracy, b.nll) == (c.accuracy, c.nll)
+
+
+def test_stacked_candidates_score_like_single_passes():
+    late = ["head.*", "classifier.*"]
+    single, genomes = _evaluator(late, 64.0)
+    stacked, _ = _evaluator(late, 64.0)
+    stacked.payload.stack_candidates = 4
+    one_by_one = [single.evaluate(g) for g in genomes]
+    together = stacked.evaluate_many(genomes[:4]) + stacked.evaluate_many(genomes[4:])
+    for a, b in zip(one_by_one, together):
+        assert a.accuracy == b.accuracy and b.nll == pytest.approx(a.nll, rel=1e-6)
+    assert stacked.score_current() == single.score_current()  # every candidate was undone
+
+
+def test_stacking_falls_back_without_a_cache():
+    full, genomes = _evaluator(["*"], 64.0)
+    full.payload.stack_candidates = 4
+    assert [(s.accuracy, s.nll) for s in full.evaluate_many(genomes[:4])] == \
+        [(s.accuracy, s.nll) for s in (full.evaluate(g) for g in genomes[:4])]
+
+
+def test_a_run_with_stacking_selects_the_same_members(tmp_path):
+    from evo_subens.runner import run
+
+    from conftest import tiny_dict
+
+    late = {"children": {"layers": ["classifier.*"]}}
+    one = run(tiny_dict(tmp_path, dict(late, name="one")), progress=lambda line: None)
+    four = run(tiny_dict(tmp_path, dict(late, name="four", workers={"executor": "local", "stack_candidates": 4})),
+               progress=lambda line: None)
+    assert four.member_genomes == one.member_genomes
+    assert four.population.val_accuracy.tolist() == one.population.val_accuracy.tolist()
+    assert four.population.val_nll.tolist() == pytest.approx(one.population.val_nll.tolist(), rel=1e-6)

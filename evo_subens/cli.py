@@ -118,6 +118,14 @@ def _cmd_bench_stochastic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_seeded_bench_options(parser: argparse.ArgumentParser, output_dir: str, executor_help: str) -> None:
+    """Options every multi-seed quality benchmark shares: seeds, data, output folder, executor."""
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder")
+    parser.add_argument("--output-dir", default=output_dir, help="where the runs go")
+    parser.add_argument("--executor", default="ray", choices=("ray", "local"), help=executor_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``evo-subens`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -206,19 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="The shape of PAT Table 1 on Fashion-MNIST with a LeNet: parent 8 epochs + 8 children "
                     "at 50%% sparsity tuned 1 epoch (random and anti-random), against one model trained 16 "
                     "epochs, bagging (8 x 2 epochs on 90%%) and dropout; mean +- standard error over seeds.")
-    prune_tune_parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    _add_seeded_bench_options(prune_tune_parser, "runs/bench-prune-tune", "where children are tuned")
     prune_tune_parser.add_argument("--members", type=int, default=8, help="children / bagged models")
-    prune_tune_parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder")
-    prune_tune_parser.add_argument("--output-dir", default="runs/bench-prune-tune", help="where PAT runs go")
-    prune_tune_parser.add_argument("--executor", default="ray", choices=("ray", "local"),
-                                   help="where children are tuned")
     prune_tune_parser.set_defaults(handler=_cmd_bench_prune_tune)
     stochastic_parser = bench_commands.add_parser(
         "stochastic", help="Stochastic Subnetwork Annealing vs one-shot pruning at high sparsity, same tuning",
         description="Fashion-MNIST, LeNet S, one parent per seed: random-mask children at each sparsity tuned "
                     "with the mask fixed (one-shot) or annealed (stochastic), the same masks, seeds and budget; "
                     "single children and ensembles, mean +- standard error over seeds of accuracy and NLL.")
-    stochastic_parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    _add_seeded_bench_options(stochastic_parser, "runs/bench-stochastic", "where children are tuned")
     stochastic_parser.add_argument("--sparsities", default="0.9,0.98", help="comma-separated sparsities")
     stochastic_parser.add_argument("--members", type=int, default=6, help="children per run (the ensemble)")
     stochastic_parser.add_argument("--tune-epochs", type=int, default=2, help="tuning epochs per child")
@@ -228,10 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    help="annealing schedule")
     stochastic_parser.add_argument("--start", type=float, default=0.5, help="starting inclusion probability")
     stochastic_parser.add_argument("--fraction", type=float, default=0.5, help="share of tuning that anneals")
-    stochastic_parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder")
-    stochastic_parser.add_argument("--output-dir", default="runs/bench-stochastic", help="where the runs go")
-    stochastic_parser.add_argument("--executor", default="ray", choices=("ray", "local"),
-                                   help="where children are tuned")
     stochastic_parser.set_defaults(handler=_cmd_bench_stochastic)
     quality_parser = bench_commands.add_parser(
         "quality", help="subnetwork ensemble vs matched-budget baselines: accuracy, NLL, ECE, disagreement, cost",
@@ -239,12 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "model, deep ensemble, bagging, MC dropout, snapshot ensemble, FGE on Fashion-MNIST at one "
                     "training budget) for each seed and prints mean +- standard error over seeds next to each "
                     "method's cost.")
-    quality_parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    _add_seeded_bench_options(quality_parser, "runs/bench-quality", "where the subnetwork runs evaluate candidates")
     quality_parser.add_argument("--configs", default="configs/bench", help="folder of YAML configs, one per method")
-    quality_parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder")
-    quality_parser.add_argument("--output-dir", default="runs/bench-quality", help="where the runs go")
-    quality_parser.add_argument("--executor", default="ray", choices=("ray", "local"),
-                                help="where the subnetwork runs evaluate candidates")
     quality_parser.set_defaults(handler=_cmd_bench_quality)
     return parser
 

@@ -194,9 +194,11 @@ def _fitness_plot(population: pd.DataFrame, fitness: str, parent: float | None, 
     axes.plot(worst.index, worst.values, "v-", label="worst")
     if parent is not None:
         axes.axhline(parent, color="black", linestyle="--", linewidth=1, label="parent")
-    axes.set_title(f"Validation {fitness} per generation")
+    label = "NLL" if lower_is_better else "accuracy"
+    axes.set_title(f"Validation {label} per generation (lower is better)" if lower_is_better
+                   else f"Validation {label} per generation")
     axes.set_xlabel("generation")
-    axes.set_ylabel(f"validation {fitness}")
+    axes.set_ylabel(f"validation {label}")
     axes.set_xticks(list(best.index))
     axes.legend()
     _save(figure, path)

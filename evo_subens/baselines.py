@@ -42,7 +42,7 @@ from .errors import ConfigError
 from .metrics import classification_metrics, diversity, growth_curve, reliability
 from .models import build_model, count_parameters, state_copy
 from .rundir import write_json, write_state
-from .training import lr_factor, predict_with_features, train
+from .training import lr_factor, predict_members, predict_with_features, train
 
 Progress = Callable[[str], None]
 
@@ -93,13 +93,7 @@ def _predict(cfg: RunConfig, data: DatasetSplits, model: nn.Module) -> tuple[tor
 
 def _predict_states(cfg: RunConfig, data: DatasetSplits, states: list[dict]) -> tuple[list, list]:
     model = build_model(cfg.model, data.input_shape, data.num_classes)
-    probs, features = [], []
-    for state in states:
-        model.load_state_dict(state)
-        p, f = _predict(cfg, data, model)
-        probs.append(p)
-        features.append(f)
-    return probs, features
+    return predict_members(model, states, data.test.x, cfg.search.eval_batch_size)
 
 
 def _independent(cfg: RunConfig, data: DatasetSplits, seed: int, splits: list[Split], epochs: int,

@@ -38,7 +38,7 @@ from .faults import crash_point
 from .logs import check_resume_compatible, load_population, read_run_config
 from .rundir import create_run_dir, remove_stale_temp_files, write_json, write_population, write_run_config, write_state
 from .search import CandidateRecord, SubnetworkSearch, greedy_selection, rank_key, select_members
-from .training import predict_probs, predict_with_features, train
+from .training import predict_members, predict_probs, train
 
 Progress = Callable[[str], None]
 
@@ -362,15 +362,9 @@ def _select_members(cfg: RunConfig, data: DatasetSplits, records: list[Candidate
 
 def _member_outputs(cfg: RunConfig, data: DatasetSplits, states: list[dict],
                     x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each member's probabilities and penultimate features on ``x`` (one model, weights swapped in)."""
-    model = build_model(cfg.model, data.input_shape, data.num_classes).eval()
-    probs, features = [], []
-    for state in states:
-        model.load_state_dict(state)
-        member_probs, member_features = predict_with_features(model, x, cfg.search.eval_batch_size)
-        probs.append(member_probs)
-        features.append(member_features)
-    return probs, features
+    """Each member's probabilities and penultimate features on ``x``."""
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    return predict_members(model, states, x, cfg.search.eval_batch_size)
 
 
 def _checkpoint(run_dir: Path, cfg: RunConfig, state: dict) -> None:

@@ -130,3 +130,17 @@ def predict_with_features(model: nn.Module, x: torch.Tensor,
     finally:
         handle.remove()
     return probs, torch.cat(captured)
+
+
+def predict_members(model: nn.Module, states: list[dict[str, torch.Tensor]], x: torch.Tensor,
+                    batch_size: int = 1000) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Probabilities and penultimate features on ``x`` of each weight set in ``states``, loaded in turn into
+    ``model`` (one model, weights swapped in)."""
+    probs, features = [], []
+    for state in states:
+        model.load_state_dict(state)
+        member_probs, member_features = predict_with_features(model, x, batch_size)
+        probs.append(member_probs)
+        features.append(member_features)
+    return probs, features
+

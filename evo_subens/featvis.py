@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import classifier_parameter_names
+from .models import classifier_inputs
 
 
 @dataclass(frozen=True)
@@ -38,19 +38,11 @@ class Regularisers:
     jitter: int = 1
 
 
-def _classifier(model: nn.Module) -> nn.Module:
-    return model.get_submodule(classifier_parameter_names(model)[0].rpartition(".")[0])
-
-
 def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The classifier layer's inputs (flattened) for ``x``, with gradients flowing back to ``x``."""
-    captured: list[torch.Tensor] = []
-    handle = _classifier(model).register_forward_hook(lambda m, inputs, out: captured.append(inputs[0]))
-    try:
+    with classifier_inputs(model) as captured:
         model(x)
-    finally:
-        handle.remove()
-    return captured[0].flatten(1)
+    return captured[0]
 
 
 def pick_units(model: nn.Module, input_shape: tuple[int, ...], count: int, seed: int) -> list[int]:

@@ -12,13 +12,14 @@ Every registry model ends in an ``nn.Linear`` named ``classifier``, registered l
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
 import pickle
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -374,6 +375,20 @@ def classifier_parameter_names(model: nn.Module) -> list[str]:
     if last is None:
         return []
     return [names[id(p)] for p in last.parameters(recurse=False)]
+
+
+@contextlib.contextmanager
+def classifier_inputs(model: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+                      ) -> Iterator[list[torch.Tensor]]:
+    """While open, collects the final classifier layer's inputs (flattened to (batch, features), then
+    ``transform``ed), one tensor per forward pass: the penultimate features."""
+    module = model.get_submodule(classifier_parameter_names(model)[0].rpartition(".")[0])
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda m, inputs, output: captured.append(transform(inputs[0].flatten(1))))
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def model_stages(model: nn.Module) -> list[nn.Module] | None:

@@ -48,6 +48,17 @@ def default_num_actors(workers: WorkersConfig) -> int:
     return max(1, count)
 
 
+def keep_single_actor(problem: Problem, num_actors: int | None, num_gpus_per_actor: float | None) -> None:
+    """Undo EvoTorch's turning ``num_actors=1`` into in-process evaluation, for a problem just constructed.
+
+    The one actor asked for is kept: on a cluster the driver may have no GPU, and the Ray path must stay
+    the same for any actor count.
+    """
+    if num_actors == 1:
+        problem._num_actors = 1
+        problem._num_gpus_per_actor = num_gpus_per_actor or None
+
+
 class SubnetworkProblem(Problem):
     """Single-objective EvoTorch problem over genome strings (``dtype=object``).
 
@@ -61,11 +72,7 @@ class SubnetworkProblem(Problem):
         super().__init__("max" if fitness == "accuracy" else "min", dtype=object, eval_dtype=torch.float64,
                          eval_data_length=len(EVAL_COLUMNS), num_actors=num_actors, actor_config=actor_config,
                          num_gpus_per_actor=num_gpus_per_actor or None, subbatch_size=subbatch_size)
-        if num_actors == 1:
-            # EvoTorch turns a single actor into in-process evaluation. Keep the one actor asked for: on a
-            # cluster the driver may have no GPU, and the Ray path must stay the same for any actor count.
-            self._num_actors = 1
-            self._num_gpus_per_actor = num_gpus_per_actor or None
+        keep_single_actor(self, num_actors, num_gpus_per_actor)
         self.payload: EvaluationPayload | None = payload
         # Actors fetch the payload through an object reference the driver holds for the problem's life:
         # Ray can then rebuild a lost actor from its (small) creation task and fetch the payload again.

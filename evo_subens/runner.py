@@ -346,16 +346,23 @@ def _select_members(cfg: RunConfig, data: DatasetSplits, records: list[Candidate
     pool = select_members(records, cfg.ensemble.pool or 4 * size, fitness)
     candidates = list({r.candidate: r for r in pool + topk}.values())
     states = dict(zip((r.candidate for r in candidates), states_of(candidates)))
-    pool_probs, _ = _member_outputs(cfg, data, [states[r.candidate] for r in pool], data.validation.x)
-    greedy = [pool[j] for j in greedy_selection(pool_probs, data.validation.y, size)]
+
+    def outputs(chosen: list[CandidateRecord], split: str) -> dict[int, torch.Tensor]:
+        """Probabilities on ``split`` of each distinct candidate in ``chosen``, each predicted once."""
+        distinct = list({r.candidate: r for r in chosen})
+        probs, _ = _member_outputs(cfg, data, [states[c] for c in distinct], getattr(data, split).x)
+        return dict(zip(distinct, probs))
+
+    validation = outputs(candidates, "validation")
+    greedy = [pool[j] for j in greedy_selection([validation[r.candidate] for r in pool], data.validation.y, size)]
     chosen = {"topk": topk, "greedy": greedy}
+    predicted = {"validation": validation, "test": outputs(topk + greedy, "test")}
     comparison = {}
     for rule, ensemble in chosen.items():
-        chosen_states = [states[r.candidate] for r in ensemble]
         comparison[rule] = {"candidates": [r.candidate for r in ensemble]}
-        for split in ("validation", "test"):
-            probs, _ = _member_outputs(cfg, data, chosen_states, getattr(data, split).x)
-            comparison[rule][split] = classification_metrics(torch.stack(probs).mean(dim=0), getattr(data, split).y)
+        for split, probs in predicted.items():
+            ensemble_probs = torch.stack([probs[r.candidate] for r in ensemble]).mean(dim=0)
+            comparison[rule][split] = classification_metrics(ensemble_probs, getattr(data, split).y)
     members = chosen[cfg.ensemble.selection]
     return members, [states[r.candidate] for r in members] if family.trains_children else [], comparison
 

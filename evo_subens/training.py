@@ -46,6 +46,11 @@ def lr_factor(schedule: str, step: int, total_steps: int, *, cycles: int = 1, lo
     raise ValueError(f"unknown lr schedule {schedule!r}")
 
 
+def training_steps(cfg: TrainConfig, samples: int) -> int:
+    """Optimiser steps :func:`train` takes on ``samples`` training samples."""
+    return cfg.epochs * math.ceil(samples / cfg.batch_size)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov, weight decay) or Adam (weight decay), as ``cfg.optimizer`` says."""
     if cfg.optimizer == "adam":
@@ -72,8 +77,7 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int,
     optimizer = make_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(seed)
     n = len(data)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = training_steps(cfg, n)
     step = 0
     device = next(model.parameters()).device
     model.train()
@@ -119,16 +123,10 @@ def predict_probs(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> 
 def predict_with_features(model: nn.Module, x: torch.Tensor,
                           batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities and penultimate features (the final classifier layer's inputs) in one pass."""
-    from .models import classifier_parameter_names
+    from .models import classifier_inputs
 
-    classifier = model.get_submodule(classifier_parameter_names(model)[0].rpartition(".")[0])
-    captured: list[torch.Tensor] = []
-    handle = classifier.register_forward_hook(
-        lambda module, inputs, output: captured.append(inputs[0].flatten(1).float().cpu()))
-    try:
+    with classifier_inputs(model, lambda t: t.float().cpu()) as captured:
         probs = predict_probs(model, x, batch_size)
-    finally:
-        handle.remove()
     return probs, torch.cat(captured)
 
 

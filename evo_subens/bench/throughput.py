@@ -60,7 +60,7 @@ from ..data import load_dataset
 from ..evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint, torch_threads, worker_device
 from ..families import make_family
 from ..models import build_model, state_copy
-from ..problem import ACTOR_ENV, actor_options, make_problem
+from ..problem import ACTOR_ENV, actor_options, keep_single_actor, make_problem
 
 BENCH_MODELS = {
     "cnn": ModelConfig(name="cnn2d"),  # ~0.1M parameters on 28x28 images
@@ -213,10 +213,7 @@ class StockProblem(Problem):
         super().__init__("max", solution_length=parent_vector.numel(), initial_bounds=(-1.0, 1.0),
                          dtype=torch.float32, num_actors=workers.num_actors, actor_config=actor_options(workers),
                          num_gpus_per_actor=workers.num_gpus_per_actor or None)
-        if workers.num_actors == 1:
-            # EvoTorch evaluates in-process for one actor; keep the actor, as SubnetworkProblem does.
-            self._num_actors = 1
-            self._num_gpus_per_actor = workers.num_gpus_per_actor or None
+        keep_single_actor(self, workers.num_actors, workers.num_gpus_per_actor)
         self._payload_ref = ray.put(payload)
         self._evaluator: CandidateEvaluator | None = None
 

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..config import ChildrenConfig, TuneConfig
-from ..training import train
+from ..config import ChildrenConfig
+from ..training import train, training_steps
 from .noisy import SEED_BOUND
 from .sparse import SparseFamily, SparseMaterialiser, unit_masks
 
@@ -60,11 +60,6 @@ def inclusion_probabilities(schedule: str, start: float, progress: float) -> tup
     """(kept units', pruned units') inclusion probability at ``progress`` through the annealing window."""
     d = distance(schedule, progress)
     return 1.0 - (1.0 - start) * d, start * d
-
-
-def tuning_steps(tune: TuneConfig, samples: int) -> int:
-    """Optimiser steps of a child's tuning on ``samples`` training samples (as :func:`train` takes them)."""
-    return tune.epochs * math.ceil(samples / tune.batch_size)
 
 
 def anneal_steps(fraction: float, total_steps: int) -> int:
@@ -156,7 +151,7 @@ class StochasticMaterialiser(SparseMaterialiser):
 
     def tune_child(self, mask: dict, data, seed: int, apply_mask: Callable[[nn.Module], None]) -> None:
         """Tune the child in place with annealed masks; pruned weights end exactly zero."""
-        annealer = self.annealer(mask, seed, tuning_steps(self.tune, len(data)))
+        annealer = self.annealer(mask, seed, training_steps(self.tune, len(data)))
         train(self.model, data, self.tune, seed=seed, forward=annealer.forward, parameter_filter=annealer.after_step)
         apply_mask(self.model)  # annealing may have run to the last step (fraction 1)
 

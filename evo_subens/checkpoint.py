@@ -24,7 +24,7 @@ from .rundir import atomic_write
 
 FORMAT = 1
 KEEP = 3
-STAGES = ("parent", "search", "members", "finetune", "done")
+STAGES = ("parent", "search", "members", "finetune", "accepted", "done")
 REQUIRED_KEYS = {"format", "seq", "stage", "config", "parent_id", "search", "members", "tuned", "rng"}
 
 

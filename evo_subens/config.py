@@ -70,8 +70,12 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    epochs: int = option(0, "SGD epochs on each selected member before the ensemble is built; 0 = off", ge=0)
-    lr: float = option(0.01, "peak learning rate", gt=0)
+    epochs: int = option(2, "SGD epochs on each selected member (in the workers, in parallel) before the "
+                            "ensemble is built: the 'optimise' of sample, perturb, optimise; 0 = off", ge=0)
+    lr: float = option(0.05, "peak learning rate", gt=0)
+    lr_schedule: str = option("onecycle", "learning-rate schedule, stepped per batch; onecycle: warm-up over "
+                                          "10% from lr/100 to lr, then cosine to ~1e-7 lr",
+                              choices=("constant", "cosine", "onecycle", "step"))
 
 
 @dataclass
@@ -137,6 +141,14 @@ class SearchConfig:
                                  "rank among the best max(elites, ensemble candidates) so far; it is logged "
                                  "with raced=true and NaN metrics. Elites and members are unchanged; pays "
                                  "when eval_batch_size is a fraction of the validation split")
+    step_size: str = option("one_fifth", "noisy: how the sigma of new mutations changes between generations: "
+                                         "constant; one_fifth (1/5 success rule: divided by step_factor when more "
+                                         "than a fifth of a generation's children beat the genome they extend, "
+                                         "else multiplied by it); decay (multiplied by step_factor every "
+                                         "generation)", choices=("constant", "one_fifth", "decay"))
+    step_factor: float = option(0.7, "noisy: the factor step_size applies to sigma", gt=0, le=1)
+    patience: int = option(1, "stop the search once this many generations in a row have not improved the "
+                              "best validation fitness (and say so); 0 = always run every generation", ge=0)
 
 
 # Resources Ray manages itself; an actor asks for CPUs and GPUs through their own fields.
@@ -193,6 +205,12 @@ class EnsembleConfig:
                                     "2004)", choices=("topk", "greedy"))
     pool: int = option(0, "greedy: candidates it chooses from, the best by validation fitness; 0 = 4 x size",
                        ge=0)
+    acceptance: bool = option(True, "after fine-tuning, a selected member joins the ensemble only if it lowers "
+                                     "the validation ensemble's NLL (members tried best first; the first always "
+                                     "joins); false = every selected member joins")
+    holdout: float = option(0.5, "share of the validation split held back from the search, selection and "
+                                 "acceptance, to check the chosen ensemble (and each generation's best) against "
+                                 "the parent on data no decision has seen; 0 = none", ge=0, le=0.9)
 
 
 METHODS = ("subnetworks", "single", "deep_ensemble", "bagging", "mc_dropout", "snapshot", "fge")

@@ -44,21 +44,24 @@ def baseline_budget(cfg: RunConfig) -> int:
     return cfg.baseline.budget_epochs or subnetwork_budget_epochs(cfg)
 
 
-def subnetwork_cost(cfg: RunConfig, data: DatasetSplits, *, candidates: int, members: int) -> dict:
-    """Cost of a subnetwork run that evaluated ``candidates`` and kept ``members``.
+def subnetwork_cost(cfg: RunConfig, data: DatasetSplits, *, candidates: int, finetuned: int, members: int,
+                    validation: int) -> dict:
+    """Cost of a subnetwork run that evaluated ``candidates``, fine-tuned ``finetuned`` selected ones and
+    kept ``members`` on ``validation`` selection samples.
 
-    Greedy selection predicts its pool on the validation split once more; other diagnostics (the
-    selection rules' comparison, the parent's test metrics) are not counted.
+    Greedy selection predicts its pool on the selection split once more, acceptance each fine-tuned
+    candidate; other diagnostics (the selection rules' comparison, held-back checks, the parent's own
+    metrics, temperature scaling) are not counted.
     """
     from .families.sparse import BAGGING_SHARE
 
     train_size, parent = len(data.train), (0 if cfg.model.parent_path else cfg.parent.epochs)
     tuned = _tuned_children(cfg, candidates)
     tune_share = round(BAGGING_SHARE * train_size) if cfg.children.tune.bagging else train_size
-    epochs = parent + cfg.children.tune.epochs * tuned + cfg.finetune.epochs * members
-    passes = ((parent + cfg.finetune.epochs * members) * train_size
+    epochs = parent + cfg.children.tune.epochs * tuned + cfg.finetune.epochs * finetuned
+    passes = ((parent + cfg.finetune.epochs * finetuned) * train_size
               + cfg.children.tune.epochs * tuned * tune_share)
-    scored = candidates
+    scored = candidates + finetuned
     if cfg.ensemble.selection == "greedy":
         scored += min(cfg.ensemble.pool or 4 * cfg.ensemble.size, candidates)
-    return cost_record(epochs, passes, scored * len(data.validation) + members * len(data.test))
+    return cost_record(epochs, passes, scored * validation + members * len(data.test))

@@ -58,6 +58,20 @@ class DatasetSplits:
     num_classes: int
 
 
+def hold_out(split: Split, share: float) -> tuple[Split, Split | None]:
+    """``split`` cut into a part for decisions and a held-back part of ``share`` of its samples (its tail;
+    validation splits are random draws of the pool, so the tail is a random subset). ``share`` 0: no
+    held-back part. Each part has its own storage (see :func:`_make_split`)."""
+    held = int(round(share * len(split)))
+    if held == 0:
+        return split, None
+    if held >= len(split):
+        raise DataError(f"ensemble.holdout = {share} of {len(split)} validation samples leaves none to select on")
+    keep = len(split) - held
+    return (Split(split.x[:keep].clone(), split.y[:keep].clone()),
+            Split(split.x[keep:].clone(), split.y[keep:].clone()))
+
+
 def _make_split(x: np.ndarray, y: np.ndarray) -> Split:
     # clone() gives each tensor a storage of exactly its own size: a view of a larger array would
     # drag the whole array along whenever a split is pickled to a worker process.

@@ -17,10 +17,11 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .config import ChildrenConfig, ModelConfig
+from .config import ChildrenConfig, FinetuneConfig, ModelConfig
 from .data import Split
 from .families import make_family
 from .models import build_model, model_stages, state_copy
+from .training import train
 
 
 def parent_fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -50,8 +51,9 @@ class EvaluationPayload:
     batch_size: int
     threads: int
     use_gpu: bool = False
-    train_x: torch.Tensor | None = None  # only for families that train children (sparse tuning)
+    train_x: torch.Tensor | None = None  # for families that train children (sparse tuning) and fine-tuning
     train_y: torch.Tensor | None = None
+    finetune: FinetuneConfig | None = None  # SGD passes on selected members (see finetuned_state)
     activation_cache_mb: float = 0.0  # see WorkersConfig.activation_cache_mb
     autocast: str = "off"  # see WorkersConfig.autocast
     stack_candidates: int = 1  # see WorkersConfig.stack_candidates
@@ -219,6 +221,23 @@ class CandidateEvaluator:
             correct += (logits.argmax(dim=2) == y).sum(dim=1)
         n = len(self.val_y)
         return [(c / n, l / n) for c, l in zip(correct.tolist(), loss.tolist())]
+
+    def finetuned_state(self, genome: str, seed: int,
+                        start: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The child ``genome`` (weights ``start`` when given, else its own) after the payload's fine-tuning
+        on the training split, its family's constraint (a fixed mask) held after every step; a CPU
+        ``state_dict``. A function of (genome, seed, start): any worker returns the same weights."""
+        if self.payload.finetune is None or self.payload.train_x is None:
+            raise ValueError("this payload carries no fine-tuning settings or training data")
+        model = build_model(self.payload.model, self.payload.input_shape, self.payload.num_classes)
+        model.load_state_dict(start if start is not None else self.child_state(genome))
+        model.to(self.device)
+        constraint = self.family.constraint(genome, self.materialiser)
+        torch.manual_seed(seed)  # dropout masks, if the model has dropout
+        train(model, Split(self.payload.train_x, self.payload.train_y), self.payload.finetune, seed=seed,
+              parameter_filter=constraint)
+        self._trained.pop(genome, None)  # fetched for the last time: its tuned successor replaces it
+        return state_copy(model)
 
     def child_state(self, genome: str) -> dict[str, torch.Tensor]:
         """A CPU copy of the child's full ``state_dict`` (kept from its evaluation, else rebuilt)."""

@@ -24,6 +24,16 @@ ADDED_COLUMNS = {"node": "", "raced": False}
 # Fields a resume may change: how long the search runs and where/how it is evaluated.
 RESUMABLE_CHANGES = ("search.generations", "workers.", "name", "output_dir")
 
+# Fields whose default changed behaviour when they were added: a run directory written before them
+# did what these values do, so they fill in for the missing keys (other new fields' defaults already
+# reproduce the old behaviour).
+LEGACY_VALUES: dict[tuple[str, str], object] = {
+    ("search", "step_size"): "constant",
+    ("search", "patience"): 0,
+    ("ensemble", "acceptance"): False,
+    ("ensemble", "holdout"): 0.0,
+}
+
 
 def read_run_config(run_dir: str | Path) -> dict:
     """The resolved config a run directory was started with, as a nested dict."""
@@ -39,6 +49,9 @@ def read_run_config(run_dir: str | Path) -> dict:
         raise RunDirError(f"{path} is unreadable: {exc}") from None
     if not isinstance(data, dict):
         raise RunDirError(f"{path} does not hold a config mapping")
+    for (section, name), value in LEGACY_VALUES.items():
+        if isinstance(data.get(section), dict) and name not in data[section]:
+            data[section][name] = value
     return data
 
 

@@ -111,3 +111,22 @@ def diversity(member_probs: list[torch.Tensor], member_features: list[torch.Tens
     return {"disagreement": pairwise(member_probs, disagreement), "kl": pairwise(member_probs, kl_divergence),
             "correlation": pairwise(member_probs, output_correlation),
             "cka": pairwise(member_features, linear_cka)}
+
+
+def ensemble_gain(parent: dict[str, float], members: list[dict[str, float]], ensemble: dict[str, float]) -> dict:
+    """The ensemble's gain over the parent, split into member quality and diversity.
+
+    With NLL: ``gain = parent - ensemble = diversity - member_cost``, where ``member_cost = mean member -
+    parent`` (what perturbing and tuning cost each member; negative when members beat the parent) and
+    ``diversity = mean member - ensemble`` (what averaging members that disagree wins back; >= 0 for
+    NLL by Jensen's inequality). Accuracy is split the same way, with signs turned so that a positive
+    ``gain`` is better for both metrics.
+    """
+    out = {}
+    for metric, sign in (("nll", 1.0), ("accuracy", -1.0)):
+        mean_member = sum(m[metric] for m in members) / len(members)
+        out[metric] = {"parent": parent[metric], "mean_member": mean_member, "ensemble": ensemble[metric],
+                       "member_cost": sign * (mean_member - parent[metric]),
+                       "diversity": sign * (mean_member - ensemble[metric]),
+                       "gain": sign * (parent[metric] - ensemble[metric])}
+    return out

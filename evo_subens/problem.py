@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import Iterator
 
 import ray
 import torch
@@ -170,6 +171,29 @@ class SubnetworkProblem(Problem):
             for i, state in zip(idx, ray.get(futures[actor])):
                 states[i] = state
         return states
+
+    def local_finetune(self, genome: str, seed: int, start: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """One member's fine-tuned weights (see :meth:`CandidateEvaluator.finetuned_state`); called on an
+        actor by the driver, or in-process."""
+        evaluator = self._get_evaluator()
+        with torch_threads(self.payload.threads):
+            return evaluator.finetuned_state(genome, seed, start)
+
+    def finetune(self, jobs: list[tuple[str, int, dict | None]]) -> Iterator[dict[str, torch.Tensor]]:
+        """Fine-tuned weights of each ``(genome, seed, start weights or None)`` job, yielded in job order.
+
+        On actors every job is submitted at once, round robin, so members tune in parallel while the
+        caller stores (and checkpoints) each result as it comes; in-process they run one after another,
+        through the same code.
+        """
+        if self.actors is None:
+            for genome, seed, start in jobs:
+                yield self.local_finetune(genome, seed, start)
+            return
+        futures = [self.actors[i % len(self.actors)].call.remote("local_finetune", [genome, seed, start], {})
+                   for i, (genome, seed, start) in enumerate(jobs)]
+        for future in futures:
+            yield ray.get(future)
 
     def make_batch(self, genomes: list[str]) -> SolutionBatch:
         """An unevaluated batch holding ``genomes``."""

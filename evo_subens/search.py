@@ -50,6 +50,7 @@ class CandidateRecord:
 
 
 ROOT_CANDIDATE = -1  # the ``parent`` of generation-0 candidates: the trained parent itself
+REFERENCE_GENERATION = -1  # the generation of the parent's reference row in the population log
 
 
 def rank_key(record: CandidateRecord, fitness: str) -> tuple:
@@ -96,11 +97,37 @@ def greedy_selection(pool_probs: list[torch.Tensor], labels: torch.Tensor, size:
     return picks
 
 
+def accept_members(kept_probs: list[torch.Tensor], new_probs: list[torch.Tensor], labels: torch.Tensor, *,
+                   enabled: bool = True) -> list[int]:
+    """Ensemble-level acceptance: which of ``new_probs`` join an ensemble that already holds ``kept_probs``.
+
+    Candidates are tried in the order given (the selection order, i.e. by search fitness); one joins only
+    if the averaged ensemble's validation NLL is strictly lower with it than without it, so no accepted
+    member makes the validation ensemble worse. The first member of an empty ensemble always joins.
+    ``enabled=False`` accepts every candidate. Returns indices into ``new_probs`` in the order they joined.
+
+    Trying candidates in the order of their own validation NLL instead conditions twice on the same noisy
+    split: on MNIST-1D (800 selection samples) it kept the 2 luckiest of 8 fine-tuned members and raised
+    the test NLL from 0.109 (all 8) to 0.113.
+    """
+    total = torch.stack([p.double() for p in kept_probs]).sum(dim=0) if kept_probs else None
+    count = len(kept_probs)
+    current = nll(total / count, labels) if count else math.inf
+    accepted = []
+    for j, probs in enumerate(new_probs):
+        candidate = probs.double() if total is None else total + probs.double()
+        trial = nll(candidate / (count + 1), labels)
+        if not enabled or count == 0 or trial < current:
+            accepted.append(j)
+            total, count, current = candidate, count + 1, trial
+    return accepted
+
+
 class SubnetworkSearch(SearchAlgorithm):
     """Generations of genome candidates with elitism (``mu + lambda`` truncation selection)."""
 
     def __init__(self, problem: SubnetworkProblem, family: Family, cfg: SearchConfig, *, seed: int,
-                 racing_rank: int = 0):
+                 racing_rank: int = 0, reference: CandidateRecord | None = None):
         super().__init__(problem, best_fitness=self._best_fitness, best_accuracy=self._best_accuracy,
                          best_nll=self._best_nll, generation=lambda: self.generation)
         self.family = family
@@ -115,6 +142,13 @@ class SubnetworkSearch(SearchAlgorithm):
         # Racing stops candidates that cannot enter the best ``racing_rank`` so far (0: off); the runner
         # passes the number of candidates elites and ensemble selection draw from.
         self.racing_rank = racing_rank
+        # The trained parent's own validation record: what generation 0's children must beat to count as
+        # successes of the 1/5 rule (None: every child of the root counts as a success).
+        self.reference = reference
+        self.step_scale = 1.0  # multiplies children.sigma of new mutations (search.step_size)
+        self.stalled = 0       # generations in a row without a better best candidate
+        self.stopped = False   # search.patience ran out: the loop stops early
+        self.history: list[dict] = []  # per generation: step scale used, success rate, improved or not
 
     def racing_bound(self) -> RacingBound | None:
         """The bound of the next generation: the fitness of the ``racing_rank``-th best candidate so far
@@ -128,7 +162,8 @@ class SubnetworkSearch(SearchAlgorithm):
         """The search state as plain data (for checkpoints); :meth:`load_state_dict` restores it."""
         return {"generation": self.generation, "records": [r.as_row() for r in self.records],
                 "elites": [r.candidate for r in self.elites], "rng": self.rng.bit_generator.state,
-                "incidents": list(self.incidents)}
+                "incidents": list(self.incidents), "step_scale": self.step_scale, "stalled": self.stalled,
+                "stopped": self.stopped, "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a :meth:`state_dict`: the next step proposes exactly what it would have."""
@@ -137,6 +172,11 @@ class SubnetworkSearch(SearchAlgorithm):
         self.elites = [self.records[i] for i in state["elites"]]
         self.rng.bit_generator.state = state["rng"]
         self.incidents = list(state["incidents"])
+        # Checkpoints written before step-size adaptation and early stopping carry none of their state.
+        self.step_scale = state.get("step_scale", 1.0)
+        self.stalled = state.get("stalled", 0)
+        self.stopped = state.get("stopped", False)
+        self.history = list(state.get("history", []))
 
     def _note_restarts(self, rows: list[tuple[int, int]]) -> None:
         """Record a lost worker when an actor index reports a new process id (Ray restarted it)."""
@@ -162,7 +202,7 @@ class SubnetworkSearch(SearchAlgorithm):
     def _step(self) -> None:
         parents = self.elites or None
         parent_genomes = [e.genome for e in parents] if parents else [self.root]
-        proposals = self.family.propose(parent_genomes, self.cfg.population, self.rng)
+        proposals = self.family.propose(parent_genomes, self.cfg.population, self.rng, step_scale=self.step_scale)
         batch = self.problem.make_batch([genome for _, genome in proposals])
         if self.racing_rank:
             self.problem.set_racing_bound(self.racing_bound())
@@ -180,8 +220,38 @@ class SubnetworkSearch(SearchAlgorithm):
             pids.append((int(worker), int(pid)))
         self._note_restarts(pids)
         self.records.extend(new)
+        best_before = self.elites[0] if self.elites else None
         self.elites = sorted(self.elites + new, key=lambda r: rank_key(r, self.cfg.fitness))[: self.cfg.elites]
         for record in self.elites:
             if record.generation == self.generation:
                 record.is_elite = True
+        improved = best_before is None or self._better(self.elites[0], best_before)
+        successes = sum(self._better(child, parents[i] if parents and i >= 0 else self.reference)
+                        for (i, _), child in zip(proposals, new))
+        self.history.append({"generation": self.generation, "step_scale": self.step_scale,
+                             "success_rate": successes / len(new), "improved": improved})
+        self._adapt(successes / len(new), improved)
         self.generation += 1
+
+    def _better(self, record: CandidateRecord, than: CandidateRecord | None) -> bool:
+        """Whether ``record`` ranks strictly above ``than`` on its metrics (anything beats nothing)."""
+        if than is None:
+            return True
+        return rank_key(record, self.cfg.fitness)[:2] < rank_key(than, self.cfg.fitness)[:2]
+
+    def _adapt(self, success_rate: float, improved: bool) -> None:
+        """Step size and early stopping after a generation.
+
+        Compounded mutations at a fixed sigma drift away from the good region generation after generation;
+        the 1/5 success rule (Rechenberg) widens steps while more than a fifth of the children beat the
+        genome they extend and narrows them otherwise. A search that stops improving its best candidate
+        for ``patience`` generations stops instead of spending more evaluations.
+        """
+        factor = self.cfg.step_factor
+        if self.cfg.step_size == "decay":
+            self.step_scale *= factor
+        elif self.cfg.step_size == "one_fifth":
+            self.step_scale *= (1 / factor) if success_rate > 0.2 else factor
+        self.stalled = 0 if improved else self.stalled + 1
+        if self.cfg.patience and self.stalled >= self.cfg.patience:
+            self.stopped = True

@@ -23,9 +23,12 @@ TINY: dict[str, Any] = {
     "model": {"name": "mlp", "kwargs": {"hidden": [32]}},
     "parent": {"epochs": 2, "batch_size": 64, "lr": 0.1},
     "children": {"density": 0.2, "sigma": 0.5, "sigma_mode": "relative"},
-    "search": {"population": 8, "generations": 2, "elites": 3, "fitness": "accuracy"},
+    # Every generation runs and every selected candidate joins, so tests can count rows and members; the
+    # tests of early stopping, fine-tuning and acceptance turn them on.
+    "search": {"population": 8, "generations": 2, "elites": 3, "fitness": "accuracy", "patience": 0},
     "workers": {"executor": "local"},
-    "ensemble": {"size": 3},
+    "finetune": {"epochs": 0},
+    "ensemble": {"size": 3, "acceptance": False},
 }
 
 

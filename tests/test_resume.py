@@ -29,7 +29,8 @@ from conftest import TINY, deep_merge
 RUNTIME_COLUMNS = ["eval_seconds", "worker", "node"]
 
 # Three generations and a fine-tune pass so every crash point is visited.
-CRASH_CONFIG = deep_merge(TINY, {"search": {"generations": 3}, "finetune": {"epochs": 1, "lr": 0.01}})
+CRASH_CONFIG = deep_merge(TINY, {"search": {"generations": 3}, "finetune": {"epochs": 1, "lr": 0.01},
+                                 "ensemble": {"acceptance": True}})
 
 
 def _write_config(folder: Path, config: dict) -> Path:
@@ -135,8 +136,8 @@ def test_population_log_keeps_finished_generations(crash_setup, cli_command) -> 
     config, reference = crash_setup
     run_dir = _killed_run(cli_command, config, "killed-log", "search.after_generation:2")
     population = evo_subens.load_population(run_dir)
-    assert sorted(population["generation"].unique()) == [0, 1]
-    assert len(population) == 2 * CRASH_CONFIG["search"]["population"]
+    assert sorted(population["generation"].unique()) == [-1, 0, 1]  # -1: the parent's reference row
+    assert len(population) == 1 + 2 * CRASH_CONFIG["search"]["population"]
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -63,9 +63,11 @@ class Family(ABC):
         """The genome of the unmodified parent ``parent_id`` (the search's starting point)."""
 
     @abstractmethod
-    def propose(self, parents: Sequence[str], count: int, rng: np.random.Generator) -> list[tuple[int, str]]:
+    def propose(self, parents: Sequence[str], count: int, rng: np.random.Generator, *,
+                step_scale: float = 1.0) -> list[tuple[int, str]]:
         """``count`` new genomes, each paired with the index in ``parents`` of the genome it extends
-        (-1: derived from the trained parent itself)."""
+        (-1: derived from the trained parent itself); ``step_scale`` scales the size of new perturbations
+        (the search's step-size adaptation; families whose children have no step size ignore it)."""
 
     @abstractmethod
     def bind(self, model: nn.Module, train_data: Any = None) -> Materialiser:

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .calibration import temperature_scaled
 from .config import RunConfig, TrainConfig
 from .cost import baseline_budget, cost_record
 from .data import DatasetSplits, Split
@@ -292,6 +293,17 @@ def baseline_metrics(cfg: RunConfig, data: DatasetSplits, output: BaselineOutput
     }
 
 
+def _temperature(cfg: RunConfig, data: DatasetSplits, output: BaselineOutput) -> dict | None:
+    """Temperature scaling of the ensemble, fitted on the validation split, as subnetwork runs record it
+    (None for MC dropout, whose members are stochastic passes rather than weight sets)."""
+    if cfg.method == "mc_dropout":
+        return None
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    validation, _ = predict_members(model, output.states, data.validation.x, cfg.search.eval_batch_size)
+    return {"ensemble": temperature_scaled(torch.stack(validation).mean(dim=0), data.validation.y,
+                                           torch.stack(output.test_probs).mean(dim=0), data.test.y)}
+
+
 def _summary(cfg: RunConfig, metrics: dict) -> str:
     m, cost = metrics["ensemble"], metrics["cost"]
     return (f"{cfg.method} ({len(metrics['members'])} members)  test accuracy {m['accuracy']:.4f}  "
@@ -321,6 +333,7 @@ def run_baseline(cfg: RunConfig, run_dir: Path, data: DatasetSplits, progress: P
     write_json(run_dir / "members.json", [dict(info, weights=f"members/{i}.pt")
                                           for i, info in enumerate(output.models)])
     metrics = baseline_metrics(cfg, data, output)
+    metrics["temperature"] = _temperature(cfg, data, output)
     write_json(run_dir / "metrics.json", metrics)
     progress(_summary(cfg, metrics))
     progress(f"[run] results in {run_dir} ({time.perf_counter() - started:.0f}s)")

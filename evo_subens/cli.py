@@ -21,7 +21,7 @@ examples:
   evo-subens report runs/default-s0-20261126-033727
   evo-subens config configs/default.yaml search.generations=5
   evo-subens bench throughput --models cnn,mlp10m
-  evo-subens bench quality --seeds 0,1,2
+  evo-subens bench quality --seeds 0,1,2 --configs configs/study/mnist1d,configs/study/digits
 """
 
 
@@ -234,13 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     stochastic_parser.add_argument("--fraction", type=float, default=0.5, help="share of tuning that anneals")
     stochastic_parser.set_defaults(handler=_cmd_bench_stochastic)
     quality_parser = bench_commands.add_parser(
-        "quality", help="subnetwork ensemble vs matched-budget baselines: accuracy, NLL, ECE, disagreement, cost",
-        description="Runs every config in --configs (default configs/bench/: parent + noisy ensemble, single "
-                    "model, deep ensemble, bagging, MC dropout, snapshot ensemble, FGE on Fashion-MNIST at one "
-                    "training budget) for each seed and prints mean +- standard error over seeds next to each "
-                    "method's cost.")
-    _add_seeded_bench_options(quality_parser, "runs/bench-quality", "where the subnetwork runs evaluate candidates")
-    quality_parser.add_argument("--configs", default="configs/bench", help="folder of YAML configs, one per method")
+        "quality", help="the study: every family vs its parent and matched-budget baselines, per dataset",
+        description="Runs every config of each folder in --configs (one folder per dataset and model under "
+                    "configs/study/: the child families, one model at the matched budget, deep ensemble, bagging, "
+                    "MC dropout, snapshot ensemble, FGE, and a deep ensemble at N x the budget) for each seed and "
+                    "prints per folder mean +- standard error over seeds of accuracy, NLL and ECE (raw and "
+                    "temperature-scaled), disagreement, how many seeds beat the parent, epochs and wall seconds. "
+                    "Finished runs are read back, so an interrupted study goes on where it stopped.")
+    _add_seeded_bench_options(quality_parser, "runs/study", "where the subnetwork runs evaluate candidates")
+    quality_parser.add_argument("--configs", default="configs/study/mnist1d,configs/study/digits",
+                                help="comma-separated folders of YAML configs, one config per method")
     quality_parser.set_defaults(handler=_cmd_bench_quality)
     return parser
 

@@ -62,6 +62,18 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _probability(name: str, value: Any) -> float:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
+        raise ConfigError("model.kwargs", f"'{name}' as a probability in [0, 1)", value)
+    return float(value)
+
+
+def _dropout(p: float) -> list[nn.Module]:
+    """A dropout layer before the classifier when ``p`` > 0; none otherwise, so models without dropout keep
+    their layer list (and the stages activation caching sees)."""
+    return [nn.Dropout(p)] if p > 0 else []
+
+
 def _check_rank(arch: str, input_shape: Sequence[int], rank: int, kind: str) -> tuple[int, ...]:
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != rank or any(s < 1 for s in shape):
@@ -123,12 +135,14 @@ class _ConvClassifier(nn.Module):
 
 
 class CNN1d(_ConvClassifier):
-    """Conv1d/ReLU/MaxPool blocks on (C, L) signals, then Linear(hidden)/ReLU and a Linear classifier."""
+    """Conv1d/ReLU/MaxPool blocks on (C, L) signals, then Linear(hidden)/ReLU (/Dropout) and a Linear
+    classifier."""
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 64),
-                 kernel_size: int = 5, hidden: int = 128):
+                 kernel_size: int = 5, hidden: int = 128, dropout: float = 0.0):
         super().__init__()
         shape = _check_rank("cnn1d", input_shape, 2, "1-D signal inputs (C, L)")
+        dropout = _probability("dropout", dropout)
         channels = _positive_ints("channels", channels)
         kernel_size = _positive_int("kernel_size", kernel_size)
         hidden = _positive_int("hidden", hidden)
@@ -143,7 +157,7 @@ class CNN1d(_ConvClassifier):
             c = out
         self.features = nn.Sequential(*layers)
         flat = _flat_size(self.features, shape)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), *_dropout(dropout))
         self.classifier = nn.Linear(hidden, num_classes)
 
 

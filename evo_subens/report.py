@@ -78,6 +78,8 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
     lines += ["## Test split", "", *_metrics_table(metrics), ""]
     if metrics.get("cost"):
         lines += ["Cost: " + ", ".join(f"{k.replace('_', ' ')} {v:,g}" for k, v in metrics["cost"].items()), ""]
+    if metrics.get("gain"):
+        lines += ["## Ensemble vs parent", "", *_gain_section(metrics), ""]
     if metrics.get("selection"):
         lines += ["## Ensemble selection", "", *_selection_table(metrics, config), ""]
     if population is not None:
@@ -151,6 +153,37 @@ def _metrics_table(metrics: dict) -> list[str]:
                                                     for k in ("accuracy", "nll", "ece", "brier")}))
     rows.append(_metrics_row(f"ensemble ({len(members)})", metrics["ensemble"]))
     return rows
+
+
+def _gain_section(metrics: dict) -> list[str]:
+    """The verdict, temperature-scaled metrics, and the NLL gain split into member cost and diversity."""
+    lines = []
+    for split, title in (("test", "test split"), ("holdout", "held-back validation")):
+        verdict = (metrics.get("verdict") or {}).get(split)
+        if verdict:
+            word = "beats" if verdict["beats_parent"] else "does **not** beat"
+            lines.append(f"- On the {title} the ensemble {word} its parent: accuracy "
+                         f"{verdict['accuracy_points']:+.2f} points, NLL {100 * verdict['nll_change']:+.1f}%.")
+    scaled = metrics.get("temperature")
+    if scaled:
+        lines += ["", "Temperature scaling (fitted on the validation split) separates calibration from ensembling:",
+                  "", "| model | temperature | test NLL | test NLL (scaled) | test ECE | test ECE (scaled) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name in ("parent", "ensemble"):
+            raw, ts = metrics[name], scaled[name]
+            lines.append(f"| {name} | {ts['temperature']:.3f} | {raw['nll']:.4f} | {ts['test']['nll']:.4f} | "
+                         f"{raw['ece']:.4f} | {ts['test']['ece']:.4f} |")
+    lines += ["", "Where the NLL gain comes from (gain = diversity - member cost; member cost = mean member NLL - "
+              "parent NLL, diversity = mean member NLL - ensemble NLL):", "",
+              "| split | parent | mean member | ensemble | member cost | diversity | gain |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for split in ("test", "holdout"):
+        gain = metrics["gain"].get(split)
+        if gain:
+            g = gain["nll"]
+            lines.append(f"| {split} | {g['parent']:.4f} | {g['mean_member']:.4f} | {g['ensemble']:.4f} | "
+                         f"{g['member_cost']:+.4f} | {g['diversity']:+.4f} | {g['gain']:+.4f} |")
+    return lines
 
 
 def _selection_table(metrics: dict, config: dict) -> list[str]:

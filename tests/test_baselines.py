@@ -16,7 +16,7 @@ from evo_subens import baselines
 from evo_subens.baselines import BASELINES, bagging_subsets, check_baseline, fge_epochs
 from evo_subens.bench.quality import format_table, quality
 from evo_subens.config import METHODS, config_from_dict, load_config
-from evo_subens.cost import baseline_budget
+from evo_subens.cost import baseline_budget, subnetwork_budget_epochs
 from evo_subens.data import load_dataset
 from evo_subens.errors import ConfigError, UserError
 from evo_subens.runner import grow, resume, run
@@ -211,14 +211,19 @@ def test_bad_baseline_configs_name_the_field(make_config, extra: dict, field: st
 
 # --- the quality benchmark ---------------------------------------------------------------------------
 
-def test_bench_configs_compare_every_method_at_one_budget() -> None:
-    paths = sorted((REPO / "configs" / "bench").glob("*.yaml"))
+@pytest.mark.parametrize("folder", sorted(p.name for p in (REPO / "configs" / "study").iterdir()))
+def test_study_configs_compare_every_method_at_one_budget(folder: str) -> None:
+    """Each study folder: every method, one dataset, model and parent; matched-budget baselines spend what
+    the noisy family spends, and a deep_ensemble-<N>x config N times that."""
+    paths = sorted((REPO / "configs" / "study" / folder).glob("*.yaml"))
     configs = {p.stem: load_config(p) for p in paths}
-    assert sorted(c.method for c in configs.values()) == sorted(METHODS)
-    for cfg in configs.values():
-        assert (cfg.data, cfg.model, cfg.parent) == (configs["noisy"].data, configs["noisy"].model,
-                                                     configs["noisy"].parent)
-        assert baseline_budget(cfg) == configs["noisy"].parent.epochs
+    assert set(METHODS) <= {c.method for c in configs.values()}
+    noisy = configs["noisy"]
+    for name, cfg in configs.items():
+        assert (cfg.data, cfg.model, cfg.parent) == (noisy.data, noisy.model, noisy.parent), name
+        if cfg.method != "subnetworks":
+            multiple = int(name.rsplit("-", 1)[1].rstrip("x")) if name.endswith("x") else 1
+            assert baseline_budget(cfg) == multiple * subnetwork_budget_epochs(noisy), name
 
 
 def test_quality_runs_each_config_per_seed_and_tabulates(tmp_path: Path, capsys) -> None:
@@ -227,7 +232,8 @@ def test_quality_runs_each_config_per_seed_and_tabulates(tmp_path: Path, capsys)
     for name, extra in {"noisy": {}, "single": {"method": "single"}}.items():
         text = yaml.safe_dump(tiny_dict(tmp_path / "unused", extra))
         (folder / f"{name}.yaml").write_text(text)
-    table = quality(seeds=[0, 1], config_dir=str(folder), output_dir=str(tmp_path / "runs"), executor="local")
+    tables = quality(seeds=[0, 1], config_dir=str(folder), output_dir=str(tmp_path / "runs"), executor="local")
+    table = tables["bench"]
     assert list(table) == ["parent", "noisy", "single"]
     assert all(len(rows) == 2 for rows in table.values())
     # the single model of the parent's budget is the parent, seed by seed
@@ -235,9 +241,14 @@ def test_quality_runs_each_config_per_seed_and_tabulates(tmp_path: Path, capsys)
     assert table["parent"][0]["train_epochs"] == table["single"][0]["train_epochs"] == 2
     assert table["noisy"][0]["accuracy"] != table["noisy"][1]["accuracy"]
     assert table["single"][0]["disagreement"] is None and table["noisy"][0]["disagreement"] > 0
+    assert table["single"][0]["beats_parent"] is False  # it is the parent: not better
+    assert all(r["nll_ts"] is not None and r["seconds"] > 0 for r in table["noisy"] + table["single"])
     out = capsys.readouterr().out
     assert format_table(table) in out and "+-" in out
-    assert len(list((tmp_path / "runs").iterdir())) == 4
+    assert len(list((tmp_path / "runs" / "bench").iterdir())) == 4
+    # A second call reads the finished runs back instead of running them again.
+    again = quality(seeds=[0, 1], config_dir=str(folder), output_dir=str(tmp_path / "runs"), executor="local")
+    assert again["bench"]["noisy"] == table["noisy"]
 
 
 def test_cli_bench_quality_passes_its_options(monkeypatch) -> None:

@@ -216,11 +216,16 @@ def test_runs_written_before_newer_fields_still_resume_and_load(tmp_path: Path) 
     """A run directory from before config fields and log columns were added: resume fills the defaults
     (which reproduce the old behaviour) and the population log loads with the old meaning of the columns."""
     quiet = {"progress": lambda line: None}
-    first = evo_subens.run(dict(TINY, output_dir=str(tmp_path), name="old"), **quiet)
+    # What runs did before step-size adaptation, early stopping, acceptance and the held-back part existed.
+    before = deep_merge(TINY, {"search": {"step_size": "constant", "patience": 0},
+                               "ensemble": {"acceptance": False, "holdout": 0.0}})
+    first = evo_subens.run(dict(before, output_dir=str(tmp_path), name="old"), **quiet)
     reference = _outputs(first.run_dir)
     config = yaml.safe_load((first.run_dir / "config.yaml").read_text())
     for section, name in (("", "method"), ("", "baseline"), ("children", "density_grid"),
-                          ("search", "racing"), ("workers", "activation_cache_mb"), ("workers", "autocast")):
+                          ("search", "racing"), ("workers", "activation_cache_mb"), ("workers", "autocast"),
+                          ("search", "step_size"), ("search", "patience"), ("ensemble", "acceptance"),
+                          ("ensemble", "holdout")):
         (config[section] if section else config).pop(name)
     (first.run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     pd.read_parquet(first.run_dir / "population.parquet").drop(columns=["node", "raced"]).to_parquet(

@@ -61,7 +61,9 @@ def _pat_runs(seed: int, data_cfg: dict, output_dir: Path, members: int, workers
             "model": {"name": "lenet", "parent_path": parent_path}, "parent": PARENT,
             "children": {"family": "sparse", "mask": mask, "sparsity": 0.5, "tune": CHILD_TUNE},
             "search": {"population": members, "generations": 1, "elites": 1, "fitness": "nll"},
-            "ensemble": {"size": members}, "workers": workers}
+            # The paper's recipe: every tuned child in the ensemble, no further fine-tuning or held-back part.
+            "finetune": {"epochs": 0}, "ensemble": {"size": members, "acceptance": False, "holdout": 0.0},
+            "workers": workers}
         result = run(config, progress=lambda line: None)
         parent_path = str(result.run_dir / "parent.pt")  # both arms share one parent per seed
         cost = dict(result.metrics["cost"])

@@ -83,7 +83,9 @@ def stochastic(*, seeds: list[int], sparsities: list[float], members: int = 6, t
         "model": {"name": "lenet", "kwargs": {"size": "S"}}, "parent": PARENT,
         "children": {"mask": "random", "structure": "connection", "scope": "global", "tune": _tune(tune_epochs)},
         "search": {"population": members, "generations": 1, "elites": 1, "fitness": "nll"},
-        "ensemble": {"size": members}, "workers": {"executor": executor}}
+        # Both arms differ only in how children are tuned: no further fine-tuning, every child ensembled.
+        "finetune": {"epochs": 0}, "ensemble": {"size": members, "acceptance": False, "holdout": 0.0},
+        "workers": {"executor": executor}}
     anneal = {"anneal_schedule": schedule, "anneal_start": start, "anneal_fraction": fraction}
     table: dict[str, list[dict]] = defaultdict(list)
     started = time.perf_counter()

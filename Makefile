@@ -1,4 +1,4 @@
-# `make run`: set up .venv and run the default job.  `make test`: run the test suite.
+# `make run`: set up .venv and run the default job (`make run SEED=1`: another seed).  `make test`: run the test suite.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # e.g. make TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu'.
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/default.yaml
+SEED ?= 0
 STAMP := $(VENV)/.installed
 
 .PHONY: run test bench clean-venv
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/evo-subens run $(CONFIG)
+	$(BIN)/evo-subens run $(CONFIG) seed=$(SEED)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -118,6 +118,15 @@ def _cmd_bench_stochastic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_sparsity(args: argparse.Namespace) -> int:
+    from .bench.sparsity import sparsity_table
+
+    sparsity_table(args.config, sparsities=[float(s) for s in args.sparsities.split(",")], members=args.members,
+                   tune_epochs=args.tune_epochs, tune_lr=args.tune_lr, seed=args.seed, output_dir=args.output_dir,
+                   executor=args.executor, overrides=list(args.overrides))
+    return 0
+
+
 def _add_seeded_bench_options(parser: argparse.ArgumentParser, output_dir: str, executor_help: str) -> None:
     """Options every multi-seed quality benchmark shares: seeds, data, output folder, executor."""
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
@@ -233,6 +242,23 @@ def build_parser() -> argparse.ArgumentParser:
     stochastic_parser.add_argument("--start", type=float, default=0.5, help="starting inclusion probability")
     stochastic_parser.add_argument("--fraction", type=float, default=0.5, help="share of tuning that anneals")
     stochastic_parser.set_defaults(handler=_cmd_bench_stochastic)
+    sparsity_parser = bench_commands.add_parser(
+        "sparsity", help="how much sparsity a model affords: tuned random-mask children vs their parent",
+        description="Trains the config's parent once, tunes --members random-mask children (connections, global) "
+                    "at each sparsity for --tune-epochs one-cycle epochs with the mask fixed, and prints test "
+                    "accuracy and NLL of the parent, the mean child and their ensemble, and the largest sparsity "
+                    "whose children stay within half a point of the parent's accuracy.")
+    sparsity_parser.add_argument("config", help="YAML config: its data, model and parent training are used")
+    sparsity_parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    sparsity_parser.add_argument("--sparsities", default="0.1,0.2,0.3,0.5", help="comma-separated sparsities")
+    sparsity_parser.add_argument("--members", type=int, default=4, help="children per sparsity")
+    sparsity_parser.add_argument("--tune-epochs", type=int, default=3, help="tuning epochs per child")
+    sparsity_parser.add_argument("--tune-lr", type=float, default=0.05, help="peak one-cycle learning rate")
+    sparsity_parser.add_argument("--seed", type=int, default=0, help="run seed")
+    sparsity_parser.add_argument("--output-dir", default="runs/bench-sparsity", help="where the runs go")
+    sparsity_parser.add_argument("--executor", default="local", choices=("ray", "local"),
+                                 help="where children are tuned")
+    sparsity_parser.set_defaults(handler=_cmd_bench_sparsity)
     quality_parser = bench_commands.add_parser(
         "quality", help="the study: every family vs its parent and matched-budget baselines, per dataset",
         description="Runs every config of each folder in --configs (one folder per dataset and model under "

@@ -202,3 +202,25 @@ def test_one_fifth_rule_and_early_stopping(tiny_config, tmp_path: Path) -> None:
         assert generations[-1]["val_nll"] >= min(x["val_nll"] for x in generations[:-1])
     assert population.generation.max() + 1 == search["generations_run"]
     assert isinstance(search["later_generations_beat_first"], bool)
+
+
+def test_sparsity_table_tunes_children_of_one_parent(tmp_path: Path, capsys) -> None:
+    """bench sparsity: one parent for every sparsity, `members` tuned children each, a table and the sparsity
+    the model affords."""
+    import yaml
+    from conftest import tiny_dict
+    from evo_subens.bench.sparsity import TOLERANCE, sparsity_table
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(tmp_path / "unused")))
+    rows = sparsity_table(str(config), sparsities=[0.1, 0.9], members=2, tune_epochs=1,
+                          output_dir=str(tmp_path / "runs"))
+    assert [r["sparsity"] for r in rows] == [0.1, 0.9]
+    assert rows[0]["parent_accuracy"] == rows[1]["parent_accuracy"]  # the same parent
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2
+    first = json.loads((runs[0] / "members.json").read_text())
+    assert len(first) == 2 and all(m["weights"] for m in first)
+    out = capsys.readouterr().out
+    afforded = [r["sparsity"] for r in rows if r["child_accuracy"] >= r["parent_accuracy"] - TOLERANCE]
+    assert (f"affords: {max(afforded):.0%}" if afforded else "affords: none") in out

@@ -11,6 +11,7 @@ bad value is rejected before any work starts with a message that names the field
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -268,7 +269,7 @@ class RunConfig:
             raise ConfigError("children.tune.epochs", "at least 1 for stochastic children (annealing happens "
                                                       "while tuning)", children.tune.epochs)
         grids = {"density_grid": ("numbers in (0, 1]", lambda g: 0 < g <= 1),
-                 "sigma_grid": ("numbers >= 0", lambda g: g >= 0)}
+                 "sigma_grid": ("finite numbers >= 0", lambda g: 0 <= g < math.inf)}
         for name, (wanted, valid) in grids.items():
             grid = getattr(children, name)
             if not all(isinstance(g, (int, float)) and not isinstance(g, bool) and valid(g) for g in grid):
@@ -355,6 +356,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .inf would pass every range check; .nan fails them obscurely
+                raise ConfigError(path, "a finite number", value)
             return float(value)
     elif hint in (str, list, dict):
         if isinstance(value, hint):

@@ -19,7 +19,7 @@ from .errors import RunDirError
 from .rundir import POPULATION_SCHEMA
 
 # Population-log columns added after the first release, with the value older logs mean by them.
-ADDED_COLUMNS = {"node": "", "raced": False}
+ADDED_COLUMNS = {"node": "", "raced": False, "diverged": False}
 
 # Fields a resume may change: how long the search runs and where/how it is evaluated.
 RESUMABLE_CHANGES = ("search.generations", "workers.", "name", "output_dir")

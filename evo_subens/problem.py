@@ -21,12 +21,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .cluster import (LOCAL_NODE, check_placeable, connect, current_node, make_placement_group,
                       release_placement_group)
 from .config import WorkersConfig
+from .divergence import is_diverged
 from .errors import ConfigError
 from .evaluation import CandidateEvaluator, EvaluationPayload, RacingBound, torch_threads, worker_device
 from .faults import crash_point
 
 # Columns of the evaluation data every candidate returns, after its fitness.
-EVAL_COLUMNS = ("val_accuracy", "val_nll", "eval_seconds", "worker", "pid", "raced")
+EVAL_COLUMNS = ("val_accuracy", "val_nll", "eval_seconds", "worker", "pid", "raced", "diverged")
 LOCAL_WORKER = -1
 
 # glibc's default thresholds made the evaluation loop page-fault heavily (measured ~1.6x slower).
@@ -69,9 +70,12 @@ class SubnetworkProblem(Problem):
     def __init__(self, payload: EvaluationPayload, *, fitness: str, num_actors: int = 0,
                  actor_config: dict | None = None, num_gpus_per_actor: float | None = None,
                  subbatch_size: int | None = None):
+        # No solution stats: the search keeps its own elites, and EvoTorch's best-so-far tracking fails on a
+        # batch with no finite fitness (every child diverged).
         super().__init__("max" if fitness == "accuracy" else "min", dtype=object, eval_dtype=torch.float64,
                          eval_data_length=len(EVAL_COLUMNS), num_actors=num_actors, actor_config=actor_config,
-                         num_gpus_per_actor=num_gpus_per_actor or None, subbatch_size=subbatch_size)
+                         num_gpus_per_actor=num_gpus_per_actor or None, subbatch_size=subbatch_size,
+                         store_solution_stats=False)
         keep_single_actor(self, num_actors, num_gpus_per_actor)
         self.payload: EvaluationPayload | None = payload
         # Actors fetch the payload through an object reference the driver holds for the problem's life:
@@ -133,9 +137,13 @@ class SubnetworkProblem(Problem):
                 if self.is_main and start <= len(genomes) // 2 < start + chunk:
                     crash_point("search.mid_generation")
                 for score in evaluator.evaluate_many(genomes[start:start + chunk]):
-                    fitness = score.accuracy if self.fitness_name == "accuracy" else score.nll
-                    rows.append([fitness, score.accuracy, score.nll, score.seconds, worker, os.getpid(),
-                                 score.raced])
+                    accuracy, nll = score.accuracy, score.nll
+                    diverged = not score.raced and is_diverged(accuracy, nll)
+                    if diverged:  # NaN metrics rank last; an infinite NLL would still rank by its accuracy
+                        accuracy = nll = math.nan
+                    fitness = accuracy if self.fitness_name == "accuracy" else nll
+                    rows.append([fitness, accuracy, nll, score.seconds, worker, os.getpid(), score.raced,
+                                 diverged])
         batch.set_evals(torch.tensor(rows, dtype=torch.float64))
 
     def set_racing_bound(self, bound: RacingBound | None) -> None:

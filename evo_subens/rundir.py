@@ -49,6 +49,7 @@ POPULATION_SCHEMA: dict[str, str] = {
     "worker": "string",         # 'actor-<i>' or 'local'
     "node": "string",           # Ray node id of the process that evaluated it; 'local' = the driver's process
     "raced": "bool",            # search.racing stopped its scoring early (it could not rank): metrics are NaN
+    "diverged": "bool",         # its validation metrics were NaN or infinite (logged as NaN): never elite/member
     "genome": "string",         # the full genome (JSON), materialises the candidate exactly
 }
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from .config import RunConfig, apply_overrides, config_from_dict, config_to_dict
 from .cost import subnetwork_cost
 from .errors import ConfigError, RunDirError, UserError
 from .data import DatasetSplits, load_dataset
+from .divergence import report_divergence, summary_lines
 from .evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
 from .families import make_family
 from .metrics import classification_metrics, diversity, growth_curve, reliability
@@ -98,7 +100,7 @@ def _generation_line(search: SubnetworkSearch, cfg: RunConfig, seconds: float) -
     best, median, worst = ranked[0], ranked[len(ranked) // 2], ranked[-1]
     return (f"[search] generation {search.generation}/{cfg.search.generations}  val {cfg.search.fitness}: "
             f"best {best.fitness:.4f}  median {median.fitness:.4f}  worst {worst.fitness:.4f}  "
-            f"elite best {search.elites[0].fitness:.4f}  "
+            f"elite best {search.elites[0].fitness if search.elites else math.nan:.4f}  "
             f"({len(latest)} candidates in {seconds:.1f}s, {len(latest) / seconds:.1f}/s)")
 
 
@@ -247,7 +249,8 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
             seconds = time.perf_counter() - step_started
             state = dict(state, stage="search", search=search.state_dict(), members=[], tuned=0)
             _checkpoint(run_dir, cfg, state)
-            write_population(population_path, _population_rows(search.records, family, state["members"]))
+            rows = _population_rows(search.records, family, state["members"])
+            write_population(population_path, rows)
             if first_step:
                 first_step = False
                 devices = problem.worker_devices()
@@ -258,6 +261,7 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
                     progress(f"[workers] actor-{incident['worker']} was lost (pid {incident['lost_pid']}) and "
                              f"restarted; its unfinished candidates were evaluated again")
             progress(_generation_line(search, cfg, seconds))
+            report_divergence(rows, search.generation - 1, cfg.children, run_dir, progress)
             crash_point("search.after_generation")
 
         # Stage 3: members. A grown ensemble keeps its members; an extended search selects afresh.
@@ -309,6 +313,8 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
     write_json(run_dir / "metrics.json", metrics)
     _checkpoint(run_dir, cfg, dict(state, stage="done", keep=[], keep_tuned=0))
     progress(_summary_table(metrics))
+    for line in summary_lines(_population_rows(search.records, family, state["members"]), data.num_classes):
+        progress(line)
     progress(f"[run] results in {run_dir} ({time.perf_counter() - started:.0f}s)")
     return RunResult(run_dir, metrics, load_population(run_dir), [m.genome for m in members])
 

@@ -245,14 +245,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """The line printed on Ctrl-C: where the run stopped and how to go on."""
+    from .checkpoint import describe_stop
+    from .rundir import created_run_dirs
+
+    run_dir = getattr(args, "run_dir", None) if args.command in ("resume", "grow") else None
+    if args.command == "run" and created_run_dirs:
+        run_dir = created_run_dirs[-1]
+    if run_dir is None:
+        return "evo-subens: interrupted" + (" before the run directory was created" if args.command == "run" else "")
+    return (f"evo-subens: interrupted; {run_dir} stopped {describe_stop(run_dir)}; go on with: "
+            f"evo-subens resume {run_dir}")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` with options and ``key=value`` overrides in any order (argparse alone takes the
+    overrides only before the first option)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``evo-subens``; user errors print one line and exit with code 2."""
-    args = build_parser().parse_args(argv)
+    """Entry point of ``evo-subens``; user errors print one line and exit with code 2, Ctrl-C says where
+    the run stopped and exits with 130."""
+    args = parse_args(build_parser(), argv)
     try:
         return args.handler(args)
     except UserError as exc:
         print(f"evo-subens: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_interrupted(args), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 
 from .config import RunConfig, WorkersConfig
 from .errors import ConfigError, UserError
+from .rundir import check_output_folder, check_run_name
 
 LOCAL_NODE = "local"  # the node column of candidates evaluated in the driver's own process
 CONNECT_TIMEOUT_S = 5.0
@@ -172,8 +173,11 @@ def check_address(workers: WorkersConfig) -> None:
 
 
 def check_before_run(cfg: RunConfig) -> None:
-    """The cluster settings a new run can check before any work: ``output_dir`` and the Ray address."""
+    """What a new run can check before any work: where its run directory goes (``output_dir``, ``name``)
+    and the Ray address."""
     check_output_dir(cfg.output_dir)
+    check_run_name(cfg.name)
+    check_output_folder(cfg.output_dir)
     check_address(cfg.workers)
 
 

@@ -409,6 +409,8 @@ def config_from_dict(data: dict) -> RunConfig:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply dotted ``key=value`` overrides (values parsed as YAML) to a nested mapping, in place."""
+    if overrides and not isinstance(data, dict):
+        raise ConfigError("<top level>", "a mapping of sections to apply overrides to", data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -433,12 +435,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigFileError(f"config file {path} is a directory; expected a YAML file such as "
+                                  f"configs/default.yaml")
         if not path.is_file():
-            raise ConfigFileError(f"config file {path} does not exist")
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise ConfigFileError(f"config file {path} {what}; expected a YAML file such as configs/default.yaml")
         try:
-            data = parse_yaml(path.read_text()) or {}
+            data = parse_yaml(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigFileError(f"config file {path} is not a text (UTF-8) file: byte {exc.start} cannot be "
+                                  f"decoded; expected YAML") from None
         except yaml.YAMLError as exc:
             raise ConfigFileError(f"config file {path} is not valid YAML: {exc}") from None
+        except OSError as exc:
+            raise ConfigFileError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+        if not isinstance(data, dict):
+            kind = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+            raise ConfigFileError(f"config file {path} holds {kind.get(type(data), type(data).__name__)}; "
+                                  f"expected a mapping of sections (e.g. 'search: {{population: 16}}')")
     apply_overrides(data, overrides or [])
     return config_from_dict(data)
 

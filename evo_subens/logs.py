@@ -29,7 +29,9 @@ def read_run_config(run_dir: str | Path) -> dict:
     """The resolved config a run directory was started with, as a nested dict."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise RunDirError(f"run directory {run_dir} does not exist")
+        what = "is a file" if run_dir.exists() else "does not exist"
+        raise RunDirError(f"run directory {run_dir} {what}; expected a run's folder (<output_dir>/<name>, "
+                          f"holding config.yaml)")
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise RunDirError(f"{run_dir} is not a run directory: {path.name} is missing")

@@ -66,12 +66,25 @@ def write_report(path: str | Path, *, features: bool = True, progress: Progress 
     return _folder_report(path, runs, progress)
 
 
+def read_metrics(run_dir: Path) -> dict:
+    """A run's ``metrics.json``; :class:`RunDirError` naming the file when it is not a JSON object."""
+    path = Path(run_dir) / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"{path} is not valid JSON ({exc}); a finished run writes it last, so run "
+                          f"evo-subens resume {run_dir} to write it again") from None
+    if not isinstance(metrics, dict):
+        raise RunDirError(f"{path} holds a {type(metrics).__name__}; expected the run's metrics (a JSON object)")
+    return metrics
+
+
 # ---------------------------------------------------------------------------------------------- one run
 
 def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
     progress(f"[report] {run_dir}")
     config = read_run_config(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_metrics(run_dir)
     population = load_population(run_dir) if (run_dir / "population.parquet").is_file() else None
     ensemble = load_ensemble(run_dir) if features or population is not None else None
     lines = [f"# {run_dir.name}", "", _describe_config(config, metrics), ""]
@@ -352,7 +365,7 @@ def _count(values) -> str:
 def _folder_report(folder: Path, runs: list[Path], progress: Progress) -> Path:
     groups: dict[str, list[dict]] = {}
     for run_dir in runs:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = read_metrics(run_dir)
         groups.setdefault(_run_group(run_dir.name), []).append(dict(metrics, _run=run_dir.name))
     lines = [f"# Runs in {folder.name}", "", ("Test split; mean +- standard error over the runs of each group "
              "(runs whose names differ only in seed and time stamp)."), "",

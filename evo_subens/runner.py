@@ -35,7 +35,7 @@ from .evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprin
 from .families import make_family
 from .metrics import classification_metrics, diversity, growth_curve, reliability
 from .models import build_model, count_parameters, load_parent_state, state_copy
-from .problem import LOCAL_WORKER, make_problem
+from .problem import LOCAL_WORKER, make_problem, prepare_workers
 from .faults import crash_point
 from .logs import check_resume_compatible, load_population, read_run_config
 from .rundir import create_run_dir, remove_stale_temp_files, write_json, write_population, write_run_config, write_state
@@ -138,6 +138,7 @@ def run(config: RunConfig | dict | str | Path, overrides: list[str] | None = Non
         check_baseline(cfg, data)
         return run_baseline(cfg, create_run_dir(cfg, config_name), data, progress)
     parent = _build_parent(cfg, data)
+    prepare_workers(cfg.workers, progress)  # Ray up and the actors placeable before training or the run dir
     run_dir = create_run_dir(cfg, config_name)
     return _execute(cfg, run_dir, data, parent, None, progress)
 
@@ -165,6 +166,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress:
                                                 f"{run_dir} has already run", cfg.search.generations)
     data = load_dataset(cfg.data)
     parent = _build_parent(cfg, data)
+    prepare_workers(cfg.workers, progress)
     for path in remove_stale_temp_files(run_dir):
         progress(f"[resume] removed {path.name}, left by an interrupted write")
     if cfg != config_from_dict(saved):
@@ -189,6 +191,7 @@ def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: P
     cfg.ensemble.size = len(state["members"]) + members
     data = load_dataset(cfg.data)
     parent = _build_parent(cfg, data)
+    prepare_workers(cfg.workers, progress)
     write_run_config(run_dir, cfg)
     progress(f"[grow] {len(state['members'])} -> {cfg.ensemble.size} members, "
              f"{generations} more generation(s)")

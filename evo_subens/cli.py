@@ -10,6 +10,7 @@ import yaml
 
 from .config import config_to_dict, field_docs, load_config
 from .errors import UserError
+from .progress import say, start_cli_clock
 
 EXAMPLES = """Overrides are dotted key=value pairs after the config, values parsed as YAML.
 
@@ -38,13 +39,17 @@ ADDRESS_HELP = ("Ray cluster to join (head node host:port); the same as workers.
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    overrides = _with_address(args)
+    load_config(args.config, overrides)  # a config error stops here, before seconds of imports
+    say(f"[run] {args.config}: config valid; loading the engine")
     from .runner import run
 
-    run(args.config, _with_address(args))
+    run(args.config, overrides)
     return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
+    say(f"[resume] {args.run_dir}: loading the engine")
     from .runner import resume
 
     resume(args.run_dir, _with_address(args))
@@ -52,6 +57,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_grow(args: argparse.Namespace) -> int:
+    say(f"[grow] {args.run_dir}: loading the engine")
     from .runner import grow
 
     grow(args.run_dir, args.members, generations=args.generations)
@@ -274,6 +280,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``evo-subens``; user errors print one line and exit with code 2, Ctrl-C says where
     the run stopped and exits with 130."""
+    start_cli_clock(with_process=argv is None)
     args = parse_args(build_parser(), argv)
     try:
         return args.handler(args)

@@ -36,6 +36,7 @@ from .families import make_family
 from .metrics import classification_metrics, diversity, growth_curve, reliability
 from .models import build_model, count_parameters, load_parent_state, state_copy
 from .problem import LOCAL_WORKER, make_problem, prepare_workers
+from .progress import Steps, run_seconds, say, start_run_clock
 from .faults import crash_point
 from .logs import check_resume_compatible, load_population, read_run_config
 from .rundir import create_run_dir, remove_stale_temp_files, write_json, write_population, write_run_config, write_state
@@ -88,10 +89,11 @@ def _train_parent(cfg: RunConfig, model: torch.nn.Module, data: DatasetSplits, p
     def report(epoch: int, loss: float, seconds: float) -> None:
         val = classification_metrics(predict_probs(model, data.validation.x), data.validation.y)
         model.train()
-        progress(f"[parent] epoch {epoch + 1}/{cfg.parent.epochs}  loss {loss:.4f}  "
-                 f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  ({seconds:.1f}s)")
+        epochs.step(f"[parent] epoch {epoch + 1}/{cfg.parent.epochs}  loss {loss:.4f}  "
+                    f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  ({seconds:.1f}s)")
 
-    train(model, data.train, cfg.parent, seed=cfg.seed, on_epoch=report)
+    with Steps(progress, cfg.parent.epochs, "[parent]", "epochs") as epochs:
+        train(model, data.train, cfg.parent, seed=cfg.seed, on_epoch=report)
 
 
 def _generation_line(search: SubnetworkSearch, cfg: RunConfig, seconds: float) -> str:
@@ -126,11 +128,13 @@ def _load_config_arg(config: RunConfig | dict | str | Path, overrides: list[str]
 
 
 def run(config: RunConfig | dict | str | Path, overrides: list[str] | None = None, *,
-        progress: Progress = print) -> RunResult:
+        progress: Progress = say) -> RunResult:
     """Run a whole search from a :class:`RunConfig`, a nested dict or a YAML path, plus ``key=value``
     overrides (not applied to a ready :class:`RunConfig`)."""
+    start_run_clock()
     cfg, config_name = _load_config_arg(config, overrides)
     check_before_run(cfg)
+    progress(f"[data] loading {cfg.data.name}")
     data = load_dataset(cfg.data)
     if cfg.method != "subnetworks":  # a matched-budget baseline: the same kind of run directory, no search
         from .baselines import check_baseline, run_baseline
@@ -143,12 +147,13 @@ def run(config: RunConfig | dict | str | Path, overrides: list[str] | None = Non
     return _execute(cfg, run_dir, data, parent, None, progress)
 
 
-def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress: Progress = print) -> RunResult:
+def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress: Progress = say) -> RunResult:
     """Go on with ``run_dir`` from its newest usable checkpoint.
 
     Compatible overrides: ``search.generations`` (to extend a search) and ``workers.*`` (actors, GPUs,
     cluster address); anything else would make it another run and is refused.
     """
+    start_run_clock()
     run_dir = Path(run_dir)
     saved = read_run_config(run_dir)
     cfg = config_from_dict(apply_overrides(copy.deepcopy(saved), overrides or []))
@@ -174,9 +179,10 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress:
     return _execute(cfg, run_dir, data, parent, state, progress)
 
 
-def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: Progress = print) -> RunResult:
+def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: Progress = say) -> RunResult:
     """Add ``members`` members to a finished run: evolve ``generations`` more generations from where the
     search stopped, keep the current members and add the best new distinct candidates."""
+    start_run_clock()
     run_dir = Path(run_dir)
     if members < 1 or generations < 0:
         raise UserError(f"grow needs --members >= 1 and --generations >= 0 (got {members} and {generations})")
@@ -203,7 +209,6 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
              state: dict | None, progress: Progress) -> RunResult:
     """The pipeline from ``state`` (None: from the start) to metrics.json, checkpointing each stage."""
     logging.getLogger("evotorch").setLevel(logging.WARNING)  # its per-problem INFO lines drown the progress
-    started = time.perf_counter()
     progress(f"[run] {run_dir}")
     progress(f"[data] {data.name}: train {len(data.train):,}  validation {len(data.validation):,}  "
              f"test {len(data.test):,}")
@@ -245,6 +250,7 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
     # checkpoints carry what to keep, so a grow that is killed and resumed keeps them too.
     keep_ids, keep_tuned = state.get("keep", []), state.get("keep_tuned", 0)
     first_step = True
+    generations = Steps(progress, cfg.search.generations - search.generation, "[search]", "generations")
     try:
         while search.generation < cfg.search.generations:
             step_started = time.perf_counter()
@@ -263,13 +269,16 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
                 if incident["generation"] == search.generation - 1:
                     progress(f"[workers] actor-{incident['worker']} was lost (pid {incident['lost_pid']}) and "
                              f"restarted; its unfinished candidates were evaluated again")
-            progress(_generation_line(search, cfg, seconds))
+            generations.step(_generation_line(search, cfg, seconds))
             report_divergence(rows, search.generation - 1, cfg.children, run_dir, progress)
             crash_point("search.after_generation")
 
+        generations.close()
         # Stage 3: members. A grown ensemble keeps its members; an extended search selects afresh.
         if state["stage"] in ("parent", "search") or searched:
             keep = [search.records[i] for i in keep_ids]
+            progress(f"[members] choosing {cfg.ensemble.size} members ({cfg.ensemble.selection}) from "
+                     f"{len(search.records):,} candidates on the validation split")
             members, fresh_states, comparison = _select_members(cfg, data, search.records, keep, family,
                                                                 problem, driver)
             if family.trains_children:  # trained weights were fetched from the workers while they are up
@@ -280,6 +289,7 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
                          selection=comparison)
             _checkpoint(run_dir, cfg, state)
     finally:
+        generations.close()
         problem.close()
     members = [search.records[i] for i in state["members"]]
     member_files: list[str | None] = []
@@ -308,6 +318,7 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
         {"candidate": m.candidate, "genome": m.genome, "weights": f, "val_accuracy": m.val_accuracy,
          "val_nll": m.val_nll} for m, f in zip(members, member_files)])
     write_json(run_dir / "incidents.json", search.incidents)
+    progress(f"[test] parent, {len(members)} members and their ensemble on {len(data.test):,} test samples")
     metrics = _test_metrics(cfg, data, parent, member_states, members)
     if state.get("selection"):
         metrics["selection"] = state["selection"]
@@ -318,7 +329,7 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
     progress(_summary_table(metrics))
     for line in summary_lines(_population_rows(search.records, family, state["members"]), data.num_classes):
         progress(line)
-    progress(f"[run] results in {run_dir} ({time.perf_counter() - started:.0f}s)")
+    progress(f"[run] results in {run_dir} ({run_seconds():.0f}s)")
     return RunResult(run_dir, metrics, load_population(run_dir), [m.genome for m in members])
 
 

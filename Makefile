@@ -1,4 +1,5 @@
-# `make run`: set up .venv and run the default job (`make run SEED=1`: another seed).  `make test`: run the test suite.
+# `make run`: set up .venv (and system packages) and run the default job (`make run SEED=1`: another
+# seed).  `make test`: run the test suite.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,14 @@ CONFIG ?= configs/default.yaml
 SEED ?= 0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean-venv
+# System packages: Debian's Fashion-MNIST (configs/fashion-mnist.yaml, the benchmarks and its tests, which
+# skip without it). Installed with apt-get when this runs as root, else one line says what to install.
+SYSTEM_PACKAGES ?= dataset-fashion-mnist
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+APT_GET ?= apt-get
+AS_ROOT ?= $(shell [ "$$(id -u)" = 0 ] && echo yes)
+
+.PHONY: run test bench clean-venv system-packages
 
 $(STAMP): pyproject.toml
 	@# A torch already in $(PY) (e.g. a CUDA build on a GPU machine) is kept: the venv sees it.
@@ -23,10 +31,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-run: $(STAMP)
+system-packages:
+	@if [ -d "$(FASHION_MNIST_DIR)" ]; then :; \
+	elif [ "$(AS_ROOT)" = yes ] && command -v $(APT_GET) >/dev/null; then \
+		echo "installing $(SYSTEM_PACKAGES) with apt-get"; \
+		{ $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq $(SYSTEM_PACKAGES); } \
+			|| echo "note: apt-get could not install $(SYSTEM_PACKAGES); Fashion-MNIST configs and tests need it"; \
+	else \
+		echo "note: Fashion-MNIST configs and tests need the system package $(SYSTEM_PACKAGES):" \
+			"sudo apt-get install $(SYSTEM_PACKAGES)"; \
+	fi
+
+run: $(STAMP) system-packages
 	$(BIN)/evo-subens run $(CONFIG) seed=$(SEED)
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -5,13 +5,28 @@
     >>> result.metrics["ensemble"], result.population.head()
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .config import RunConfig, load_config
 from .errors import ConfigError, DataError, ParentFileError, RunDirError, UserError
-from .ensemble import LoadedEnsemble, load_ensemble
-from .logs import load_population, load_runs
-from .runner import RunResult, grow, resume, run
+
+# The engine (torch, Ray, EvoTorch) is imported on first use: the command line then validates its input
+# and says what it is doing within a fraction of a second, instead of after seconds of imports.
+_LAZY = {"LoadedEnsemble": "ensemble", "load_ensemble": "ensemble", "load_population": "logs",
+         "load_runs": "logs", "RunResult": "runner", "grow": "runner", "resume": "runner", "run": "runner"}
 
 __all__ = ["ConfigError", "DataError", "LoadedEnsemble", "ParentFileError", "RunConfig", "RunDirError",
            "RunResult", "UserError", "grow", "load_config", "load_ensemble", "load_population", "load_runs",
            "resume", "run"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

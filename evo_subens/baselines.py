@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from .data import DatasetSplits, Split
 from .errors import ConfigError
 from .metrics import classification_metrics, diversity, growth_curve, reliability
 from .models import build_model, count_parameters, state_copy
+from .progress import run_seconds, say
 from .rundir import write_json, write_state
 from .training import lr_factor, predict_members, predict_with_features, train
 
@@ -313,13 +313,12 @@ def _summary(cfg: RunConfig, metrics: dict) -> str:
             f"{cost['eval_forward_passes']:,} eval forward passes")
 
 
-def run_baseline(cfg: RunConfig, run_dir: Path, data: DatasetSplits, progress: Progress = print):
+def run_baseline(cfg: RunConfig, run_dir: Path, data: DatasetSplits, progress: Progress = say):
     """Train and test the baseline ``cfg.method`` into ``run_dir`` (config.yaml already written): member
     weights under members/, members.json, metrics.json. Returns a :class:`~evo_subens.runner.RunResult`
     with an empty population (baselines have no search)."""
     from .runner import RunResult
 
-    started = time.perf_counter()
     check_baseline(cfg, data)
     progress(f"[run] {run_dir}")
     progress(f"[data] {data.name}: train {len(data.train):,}  validation {len(data.validation):,}  "
@@ -336,5 +335,5 @@ def run_baseline(cfg: RunConfig, run_dir: Path, data: DatasetSplits, progress: P
     metrics["temperature"] = _temperature(cfg, data, output)
     write_json(run_dir / "metrics.json", metrics)
     progress(_summary(cfg, metrics))
-    progress(f"[run] results in {run_dir} ({time.perf_counter() - started:.0f}s)")
+    progress(f"[run] results in {run_dir} ({run_seconds():.0f}s)")
     return RunResult(run_dir, metrics, pd.DataFrame(), [])

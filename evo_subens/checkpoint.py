@@ -106,3 +106,24 @@ def load_latest_checkpoint(run_dir: Path, report: Callable[[str], None]) -> dict
     if _checkpoints(run_dir):
         raise RunDirError(f"no usable checkpoint in {checkpoint_dir(run_dir)}")
     return None
+
+
+def describe_stop(run_dir: Path) -> str:
+    """Where a stopped run is, from its newest usable checkpoint: e.g. ``after generation 2 of 4``."""
+    try:
+        state = load_latest_checkpoint(Path(run_dir), lambda line: None)
+    except RunDirError:
+        state = None
+    if state is None:
+        return "before its first checkpoint (resume starts it again)"
+    stage = state["stage"]
+    if stage == "parent":
+        return "after training the parent"
+    if stage == "search":
+        planned = state["config"]["search"]["generations"]
+        return f"after generation {state['search']['generation']} of {planned}"
+    if stage == "members":
+        return "after selecting the members"
+    if stage == "finetune":
+        return f"after fine-tuning {state['tuned']} of {len(state['members'])} members"
+    return "finished"

@@ -10,6 +10,7 @@ import yaml
 
 from .config import config_to_dict, field_docs, load_config
 from .errors import UserError
+from .progress import say, start_cli_clock
 
 EXAMPLES = """Overrides are dotted key=value pairs after the config, values parsed as YAML.
 
@@ -38,13 +39,17 @@ ADDRESS_HELP = ("Ray cluster to join (head node host:port); the same as workers.
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    overrides = _with_address(args)
+    load_config(args.config, overrides)  # a config error stops here, before seconds of imports
+    say(f"[run] {args.config}: config valid; loading the engine")
     from .runner import run
 
-    run(args.config, _with_address(args))
+    run(args.config, overrides)
     return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
+    say(f"[resume] {args.run_dir}: loading the engine")
     from .runner import resume
 
     resume(args.run_dir, _with_address(args))
@@ -52,6 +57,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_grow(args: argparse.Namespace) -> int:
+    say(f"[grow] {args.run_dir}: loading the engine")
     from .runner import grow
 
     grow(args.run_dir, args.members, generations=args.generations)
@@ -274,14 +280,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """The line printed on Ctrl-C: where the run stopped and how to go on."""
+    from .checkpoint import describe_stop
+    from .rundir import created_run_dirs
+
+    run_dir = getattr(args, "run_dir", None) if args.command in ("resume", "grow") else None
+    if args.command == "run" and created_run_dirs:
+        run_dir = created_run_dirs[-1]
+    if run_dir is None:
+        return "evo-subens: interrupted" + (" before the run directory was created" if args.command == "run" else "")
+    return (f"evo-subens: interrupted; {run_dir} stopped {describe_stop(run_dir)}; go on with: "
+            f"evo-subens resume {run_dir}")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` with options and ``key=value`` overrides in any order (argparse alone takes the
+    overrides only before the first option)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``evo-subens``; user errors print one line and exit with code 2."""
-    args = build_parser().parse_args(argv)
+    """Entry point of ``evo-subens``; user errors print one line and exit with code 2, Ctrl-C says where
+    the run stopped and exits with 130."""
+    start_cli_clock(with_process=argv is None)
+    args = parse_args(build_parser(), argv)
     try:
         return args.handler(args)
     except UserError as exc:
         print(f"evo-subens: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_interrupted(args), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -19,12 +19,15 @@ import time
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
+from . import reaper
 from .config import RunConfig, WorkersConfig
 from .errors import ConfigError, UserError
+from .rundir import check_output_folder, check_run_name
 
 LOCAL_NODE = "local"  # the node column of candidates evaluated in the driver's own process
 CONNECT_TIMEOUT_S = 5.0
 PLACEMENT_WAIT_LOG_S = 30.0
+JOB_CWD_WAIT_S = 5.0
 # Set by Ray's job supervisor in the environment of a driver started by `ray job submit`.
 JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -64,6 +67,22 @@ def check_reachable(address: str, field: str, timeout: float = CONNECT_TIMEOUT_S
                                  f"answered at {parsed[0]}:{parsed[1]}: {exc.strerror or exc})", address) from None
 
 
+class _TokenNotice(logging.Filter):
+    """Drops Ray's warning that token authentication is on, which it prints on every local start: it is
+    the expected setting (kept on), and the progress output says so in a line of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenNotice())
+
+
+def token_authentication() -> bool:
+    """Whether this process talks to Ray with token authentication (after :func:`connect`)."""
+    return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+
+
 def connect(address: str | None, local_runtime_env: dict | None = None) -> None:
     """Join the cluster at ``address`` (see :func:`resolve_address`) or start a local Ray, once per process.
 
@@ -76,15 +95,44 @@ def connect(address: str | None, local_runtime_env: dict | None = None) -> None:
     address, field = resolve_address(address)
     if address is None:
         ray.init(include_dashboard=False, runtime_env=local_runtime_env)
+        reaper.start()  # a Ray this process started ends with it, even after a SIGKILL
         return
     check_reachable(address, field)
+    cwd = os.getcwd()
     try:
         ray.init(address=address)
+        _return_to(cwd)
     except (ConnectionError, ValueError, RuntimeError, ray.exceptions.AuthenticationError) as exc:
         # Ray reports a refused token as a failure to connect, after retrying for about 30 s.
         raise UserError(f"config field '{field}': cannot join the Ray cluster at {address!r} ({exc}); check "
                         f"that it is a running head node's host:port and that this process holds the cluster's "
                         f"token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)") from None
+
+
+def _stale(cwd: str) -> bool:
+    """Whether this process sits in a folder that is no longer the one at path ``cwd``."""
+    try:
+        return os.stat(".").st_ino != os.stat(cwd).st_ino
+    except FileNotFoundError:
+        return True
+
+
+def _return_to(cwd: str, wait_s: float = JOB_CWD_WAIT_S, settle_s: float = 1.0) -> None:
+    """In a ``ray job submit`` driver, step into the job's working directory again once joining Ray has
+    replaced it: during ``ray.init`` or up to about a second later, Ray unpacks the working directory anew
+    at the same path, which left the driver in a deleted folder (``os.getcwd()`` then failed, inside
+    torch's first optimizer). Watches for ``wait_s`` at most, and ``settle_s`` after stepping back in."""
+    if not os.environ.get(JOB_DRIVER_ENV):
+        return
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if _stale(cwd):
+            try:
+                os.chdir(cwd)
+                deadline = min(deadline, time.monotonic() + settle_s)
+            except FileNotFoundError:  # removed, not yet unpacked again
+                pass
+        time.sleep(0.05)
 
 
 def actor_bundle(workers: WorkersConfig, gpus_per_actor: float) -> dict[str, float]:
@@ -172,8 +220,11 @@ def check_address(workers: WorkersConfig) -> None:
 
 
 def check_before_run(cfg: RunConfig) -> None:
-    """The cluster settings a new run can check before any work: ``output_dir`` and the Ray address."""
+    """What a new run can check before any work: where its run directory goes (``output_dir``, ``name``)
+    and the Ray address."""
     check_output_dir(cfg.output_dir)
+    check_run_name(cfg.name)
+    check_output_folder(cfg.output_dir)
     check_address(cfg.workers)
 
 

@@ -11,6 +11,7 @@ bad value is rejected before any work starts with a message that names the field
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -286,7 +287,7 @@ class RunConfig:
             raise ConfigError("children.tune.epochs", "at least 1 for stochastic children (annealing happens "
                                                       "while tuning)", children.tune.epochs)
         grids = {"density_grid": ("numbers in (0, 1]", lambda g: 0 < g <= 1),
-                 "sigma_grid": ("numbers >= 0", lambda g: g >= 0)}
+                 "sigma_grid": ("finite numbers >= 0", lambda g: 0 <= g < math.inf)}
         for name, (wanted, valid) in grids.items():
             grid = getattr(children, name)
             if not all(isinstance(g, (int, float)) and not isinstance(g, bool) and valid(g) for g in grid):
@@ -373,6 +374,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .inf would pass every range check; .nan fails them obscurely
+                raise ConfigError(path, "a finite number", value)
             return float(value)
     elif hint in (str, list, dict):
         if isinstance(value, hint):
@@ -424,6 +427,8 @@ def config_from_dict(data: dict) -> RunConfig:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply dotted ``key=value`` overrides (values parsed as YAML) to a nested mapping, in place."""
+    if overrides and not isinstance(data, dict):
+        raise ConfigError("<top level>", "a mapping of sections to apply overrides to", data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -448,12 +453,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigFileError(f"config file {path} is a directory; expected a YAML file such as "
+                                  f"configs/default.yaml")
         if not path.is_file():
-            raise ConfigFileError(f"config file {path} does not exist")
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise ConfigFileError(f"config file {path} {what}; expected a YAML file such as configs/default.yaml")
         try:
-            data = parse_yaml(path.read_text()) or {}
+            data = parse_yaml(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigFileError(f"config file {path} is not a text (UTF-8) file: byte {exc.start} cannot be "
+                                  f"decoded; expected YAML") from None
         except yaml.YAMLError as exc:
             raise ConfigFileError(f"config file {path} is not valid YAML: {exc}") from None
+        except OSError as exc:
+            raise ConfigFileError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+        if not isinstance(data, dict):
+            kind = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+            raise ConfigFileError(f"config file {path} holds {kind.get(type(data), type(data).__name__)}; "
+                                  f"expected a mapping of sections (e.g. 'search: {{population: 16}}')")
     apply_overrides(data, overrides or [])
     return config_from_dict(data)
 

@@ -44,12 +44,12 @@ def baseline_budget(cfg: RunConfig) -> int:
     return cfg.baseline.budget_epochs or subnetwork_budget_epochs(cfg)
 
 
-def subnetwork_cost(cfg: RunConfig, data: DatasetSplits, *, candidates: int, finetuned: int, members: int,
+def subnetwork_cost(cfg: RunConfig, data: DatasetSplits, *, candidates: int, selected: int, members: int,
                     validation: int) -> dict:
-    """Cost of a subnetwork run that evaluated ``candidates``, fine-tuned ``finetuned`` selected ones and
-    kept ``members`` on ``validation`` selection samples.
+    """Cost of a subnetwork run that evaluated ``candidates``, selected (and fine-tuned) ``selected`` of them
+    and kept ``members``, with ``validation`` selection samples.
 
-    Greedy selection predicts its pool on the selection split once more, acceptance each fine-tuned
+    Greedy selection predicts its pool on the selection split once more, acceptance each selected
     candidate; other diagnostics (the selection rules' comparison, held-back checks, the parent's own
     metrics, temperature scaling) are not counted.
     """
@@ -58,10 +58,10 @@ def subnetwork_cost(cfg: RunConfig, data: DatasetSplits, *, candidates: int, fin
     train_size, parent = len(data.train), (0 if cfg.model.parent_path else cfg.parent.epochs)
     tuned = _tuned_children(cfg, candidates)
     tune_share = round(BAGGING_SHARE * train_size) if cfg.children.tune.bagging else train_size
-    epochs = parent + cfg.children.tune.epochs * tuned + cfg.finetune.epochs * finetuned
-    passes = ((parent + cfg.finetune.epochs * finetuned) * train_size
+    epochs = parent + cfg.children.tune.epochs * tuned + cfg.finetune.epochs * selected
+    passes = ((parent + cfg.finetune.epochs * selected) * train_size
               + cfg.children.tune.epochs * tuned * tune_share)
-    scored = candidates + finetuned
+    scored = candidates + (selected if cfg.ensemble.acceptance else 0)
     if cfg.ensemble.selection == "greedy":
         scored += min(cfg.ensemble.pool or 4 * cfg.ensemble.size, candidates)
     return cost_record(epochs, passes, scored * validation + members * len(data.test))

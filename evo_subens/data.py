@@ -240,7 +240,8 @@ def load_fashion_mnist(cfg: DataConfig) -> DatasetSplits:
     """Fashion-MNIST from local IDX files: 60k training pool, 10k test, shape (1, 28, 28), normalised."""
     root = Path(cfg.root if cfg.root is not None else FASHION_MNIST_ROOT)
     if not root.is_dir():
-        raise DataError(f"fashion-mnist folder {root} not found; {_FASHION_HINT}")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"data.root: fashion-mnist folder {root} {what}; {_FASHION_HINT}")
     pool_x, pool_y = _read_fashion_part(root, "train")
     test_x, test_y = _read_fashion_part(root, "t10k")
     return _split_pool("fashion-mnist", pool_x, pool_y, test_x, test_y, cfg, num_classes=10,

@@ -31,3 +31,8 @@ class ParentFileError(UserError):
 
 class RunDirError(UserError):
     """A run directory is missing, already used, or malformed."""
+
+
+class DivergedError(UserError):
+    """Every candidate of a generation diverged (non-finite validation metrics): the settings break the
+    children, so the search cannot go on."""

@@ -19,7 +19,7 @@ from .errors import RunDirError
 from .rundir import POPULATION_SCHEMA
 
 # Population-log columns added after the first release, with the value older logs mean by them.
-ADDED_COLUMNS = {"node": "", "raced": False}
+ADDED_COLUMNS = {"node": "", "raced": False, "diverged": False}
 
 # Fields a resume may change: how long the search runs and where/how it is evaluated.
 RESUMABLE_CHANGES = ("search.generations", "workers.", "name", "output_dir")
@@ -39,7 +39,9 @@ def read_run_config(run_dir: str | Path) -> dict:
     """The resolved config a run directory was started with, as a nested dict."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise RunDirError(f"run directory {run_dir} does not exist")
+        what = "is a file" if run_dir.exists() else "does not exist"
+        raise RunDirError(f"run directory {run_dir} {what}; expected a run's folder (<output_dir>/<name>, "
+                          f"holding config.yaml)")
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise RunDirError(f"{run_dir} is not a run directory: {path.name} is missing")

@@ -298,7 +298,12 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
         model = builder(*args, **kwargs)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:
+        if cfg.architecture:  # the kwargs fit its signature (checked above): the user's class itself failed
+            raise ConfigError("model.architecture", f"a class whose constructor succeeds ({what}(**{kwargs!r}) "
+                                                    f"raised {type(exc).__name__}: {exc})", show_got=False) from None
+        if not isinstance(exc, (TypeError, ValueError)):
+            raise
         # The kwargs are the only user input here, so a type/value error is theirs to fix.
         raise ConfigError("model.kwargs", f"values {what} accepts ({type(exc).__name__}: {exc})",
                           kwargs) from None

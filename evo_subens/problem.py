@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Iterator
+import time
+from typing import Callable, Iterator
 
 import ray
 import torch
@@ -20,14 +21,16 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .cluster import (LOCAL_NODE, check_placeable, connect, current_node, make_placement_group,
-                      release_placement_group)
+                      release_placement_group, resolve_address, token_authentication)
 from .config import WorkersConfig
+from .divergence import is_diverged
 from .errors import ConfigError
 from .evaluation import CandidateEvaluator, EvaluationPayload, RacingBound, torch_threads, worker_device
 from .faults import crash_point
+from .shared_payload import SharedPayload
 
 # Columns of the evaluation data every candidate returns, after its fitness.
-EVAL_COLUMNS = ("val_accuracy", "val_nll", "eval_seconds", "worker", "pid", "raced")
+EVAL_COLUMNS = ("val_accuracy", "val_nll", "eval_seconds", "worker", "pid", "raced", "diverged")
 LOCAL_WORKER = -1
 
 # glibc's default thresholds made the evaluation loop page-fault heavily (measured ~1.6x slower).
@@ -70,15 +73,17 @@ class SubnetworkProblem(Problem):
     def __init__(self, payload: EvaluationPayload, *, fitness: str, num_actors: int = 0,
                  actor_config: dict | None = None, num_gpus_per_actor: float | None = None,
                  subbatch_size: int | None = None):
+        # No solution stats: the search keeps its own elites, and EvoTorch's best-so-far tracking fails on a
+        # batch with no finite fitness (every child diverged).
         super().__init__("max" if fitness == "accuracy" else "min", dtype=object, eval_dtype=torch.float64,
                          eval_data_length=len(EVAL_COLUMNS), num_actors=num_actors, actor_config=actor_config,
-                         num_gpus_per_actor=num_gpus_per_actor or None, subbatch_size=subbatch_size)
+                         num_gpus_per_actor=num_gpus_per_actor or None, subbatch_size=subbatch_size,
+                         store_solution_stats=False)
         keep_single_actor(self, num_actors, num_gpus_per_actor)
         self.payload: EvaluationPayload | None = payload
-        # Actors fetch the payload through an object reference the driver holds for the problem's life:
-        # Ray can then rebuild a lost actor from its (small) creation task and fetch the payload again.
-        # Passed by value, the payload would be released after the first construction.
-        self._payload_ref = ray.put(payload) if self._num_actors else None
+        # Actors fetch the payload by name from a holder the driver keeps for the problem's life: Ray can then
+        # rebuild a lost actor from its (small) creation task and the actor fetches the payload again.
+        self._shared_payload = SharedPayload(payload) if self._num_actors else None
         self.fitness_name = fitness
         self._evaluator: CandidateEvaluator | None = None
         self._nodes: dict[tuple[int, int], str] = {}  # (actor index, pid) -> Ray node id
@@ -107,7 +112,7 @@ class SubnetworkProblem(Problem):
     def _get_evaluator(self) -> CandidateEvaluator:
         if self._evaluator is None:
             if self.payload is None:
-                self.payload = ray.get(self._payload_ref)
+                self.payload = self._shared_payload.get()
             if self.is_remote:
                 torch.set_num_threads(self.payload.threads)
             self._evaluator = CandidateEvaluator(self.payload, worker_device(self.payload))
@@ -134,9 +139,13 @@ class SubnetworkProblem(Problem):
                 if self.is_main and start <= len(genomes) // 2 < start + chunk:
                     crash_point("search.mid_generation")
                 for score in evaluator.evaluate_many(genomes[start:start + chunk]):
-                    fitness = score.accuracy if self.fitness_name == "accuracy" else score.nll
-                    rows.append([fitness, score.accuracy, score.nll, score.seconds, worker, os.getpid(),
-                                 score.raced])
+                    accuracy, nll = score.accuracy, score.nll
+                    diverged = not score.raced and is_diverged(accuracy, nll)
+                    if diverged:  # NaN metrics rank last; an infinite NLL would still rank by its accuracy
+                        accuracy = nll = math.nan
+                    fitness = accuracy if self.fitness_name == "accuracy" else nll
+                    rows.append([fitness, accuracy, nll, score.seconds, worker, os.getpid(), score.raced,
+                                 diverged])
         batch.set_evals(torch.tensor(rows, dtype=torch.float64))
 
     def set_racing_bound(self, bound: RacingBound | None) -> None:
@@ -205,6 +214,8 @@ class SubnetworkProblem(Problem):
         """Kill the evaluation actors and release their placement group (no-op for the in-process executor)."""
         if self.actors is not None:
             self.kill_actors()
+        if self._shared_payload is not None:
+            self._shared_payload.release()
         release_placement_group(self.placement_group)
         self.placement_group = None
 
@@ -229,6 +240,22 @@ def actor_options(workers: WorkersConfig, group: PlacementGroup | None = None) -
     return options
 
 
+def prepare_workers(workers: WorkersConfig, progress: Callable[[str], None] = print) -> None:
+    """Start or join Ray and refuse actor requests the cluster cannot place, before any training: a run
+    that cannot evaluate stops before its parent is trained and before its run directory exists."""
+    if workers.executor != "ray":
+        return
+    if not ray.is_initialized():
+        address, _ = resolve_address(workers.address)
+        started = time.perf_counter()
+        progress(f"[workers] joining the Ray cluster at {address}" if address else
+                 "[workers] starting Ray on this machine")
+        ensure_ray(workers.address)
+        auth = "token authentication on" if token_authentication() else "no token authentication (RAY_AUTH_MODE)"
+        progress(f"[workers] Ray is up, {auth} ({time.perf_counter() - started:.1f}s)")
+    _fit_to_cluster(workers, workers.num_actors or default_num_actors(workers))
+
+
 def make_problem(workers: WorkersConfig, payload: EvaluationPayload, *, fitness: str,
                  population: int) -> SubnetworkProblem:
     """The problem for ``workers.executor``: Ray actors as configured, or in-process evaluation."""
@@ -251,6 +278,9 @@ def make_problem(workers: WorkersConfig, payload: EvaluationPayload, *, fitness:
     return problem
 
 
+_warned_no_gpu: list[bool] = []
+
+
 def _fit_to_cluster(workers: WorkersConfig, num_actors: int) -> float:
     """Refuse actor requests the Ray cluster can never place (Ray would wait for them forever).
 
@@ -264,9 +294,11 @@ def _fit_to_cluster(workers: WorkersConfig, num_actors: int) -> float:
                                                 f"Ray cluster (threads_per_actor={workers.threads_per_actor})",
                           num_actors)
     gpus_per_actor = workers.num_gpus_per_actor
-    if gpus_per_actor > 0 and gpus == 0:
+    if gpus_per_actor > 0 and gpus == 0 and not _warned_no_gpu:
+        _warned_no_gpu.append(True)  # once per process: prepare_workers and make_problem both get here
         logging.getLogger(__name__).warning("workers.num_gpus_per_actor=%g but the Ray cluster has no GPU; "
                                             "evaluating on CPUs", workers.num_gpus_per_actor)
+    if gpus_per_actor > 0 and gpus == 0:
         gpus_per_actor = 0.0
     if num_actors * gpus_per_actor > gpus:
         raise ConfigError("workers.num_gpus_per_actor", f"num_actors * num_gpus_per_actor <= {gpus:g}, the GPUs "

@@ -32,6 +32,7 @@ from .evaluation import torch_threads
 from .featvis import maximise_units, pick_units, starting_inputs, unit_activations
 from .logs import load_population, read_run_config
 from .metrics import classification_metrics
+from .progress import Steps, say
 from .rundir import atomic_write
 from .training import predict_probs
 
@@ -47,7 +48,7 @@ def is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file() and (path / "metrics.json").is_file()
 
 
-def write_report(path: str | Path, *, features: bool = True, progress: Progress = print) -> Path:
+def write_report(path: str | Path, *, features: bool = True, progress: Progress = say) -> Path:
     """Write ``report.md`` and its PNGs for a run directory, or for every run in a folder plus a summary.
 
     ``features=False`` skips the feature visualisation (the only part that runs the models at length).
@@ -66,12 +67,25 @@ def write_report(path: str | Path, *, features: bool = True, progress: Progress 
     return _folder_report(path, runs, progress)
 
 
+def read_metrics(run_dir: Path) -> dict:
+    """A run's ``metrics.json``; :class:`RunDirError` naming the file when it is not a JSON object."""
+    path = Path(run_dir) / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"{path} is not valid JSON ({exc}); a finished run writes it last, so run "
+                          f"evo-subens resume {run_dir} to write it again") from None
+    if not isinstance(metrics, dict):
+        raise RunDirError(f"{path} holds a {type(metrics).__name__}; expected the run's metrics (a JSON object)")
+    return metrics
+
+
 # ---------------------------------------------------------------------------------------------- one run
 
 def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
     progress(f"[report] {run_dir}")
     config = read_run_config(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_metrics(run_dir)
     population = load_population(run_dir) if (run_dir / "population.parquet").is_file() else None
     ensemble = load_ensemble(run_dir) if features or population is not None else None
     lines = [f"# {run_dir.name}", "", _describe_config(config, metrics), ""]
@@ -108,7 +122,8 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
         lines += ["## Calibration", "", ("Accuracy against confidence in 15 equal-width bins (test split); the "
                   "diagonal is perfect calibration."), "", "![reliability diagram](reliability.png)", ""]
     if features and ensemble is not None:
-        lines += ["## Feature visualisation", "", *_feature_grid(ensemble, config["seed"], run_dir / "features.png"), ""]
+        lines += ["## Feature visualisation", "", *_feature_grid(ensemble, config["seed"], run_dir / "features.png",
+                                                              progress), ""]
     report = run_dir / "report.md"
     text = "\n".join(lines)
     atomic_write(report, lambda handle: handle.write(text.encode()))
@@ -306,7 +321,7 @@ def _reliability_plot(reliability: dict, path: Path) -> None:
     _save(figure, path)
 
 
-def _feature_grid(ensemble: LoadedEnsemble, seed: int, path: Path) -> list[str]:
+def _feature_grid(ensemble: LoadedEnsemble, seed: int, path: Path, progress: Progress) -> list[str]:
     rows = ([("parent", ensemble.parent)] if ensemble.parent is not None else []) + \
         [(f"member {i}", m) for i, m in enumerate(ensemble.members[:FEATURE_MEMBERS])]
     train_x = ensemble.data.train.x
@@ -315,12 +330,15 @@ def _feature_grid(ensemble: LoadedEnsemble, seed: int, path: Path) -> list[str]:
     bounds = tuple(torch.quantile(train_x[:2000].float().flatten(), torch.tensor([0.005, 0.995])).tolist())
     images = []
     table = ["| model | " + " | ".join(f"unit {u}" for u in units) + " |", "| --- |" + " ---: |" * len(units)]
-    for name, model in rows:
-        with torch_threads(1):  # a handful of inputs per step: intra-op threads only add overhead
-            inputs = maximise_units(model, units, start, bounds, seed=seed)
-        images.append(inputs)
-        activation = unit_activations(model, units, inputs)
-        table.append(f"| {name} | " + " | ".join(f"{a:.2f}" for a in activation.tolist()) + " |")
+    progress(f"[report] feature visualisation: {len(units)} units in {len(rows)} models")
+    with Steps(progress, len(rows), "[report] features", "models") as steps:
+        for name, model in rows:
+            with torch_threads(1):  # a handful of inputs per step: intra-op threads only add overhead
+                inputs = maximise_units(model, units, start, bounds, seed=seed)
+            images.append(inputs)
+            activation = unit_activations(model, units, inputs)
+            table.append(f"| {name} | " + " | ".join(f"{a:.2f}" for a in activation.tolist()) + " |")
+            steps.step(f"[report] features of {name} done")
     _grid_plot(images, [name for name, _ in rows], units, path)
     return [(f"The input that maximises each of {len(units)} randomly chosen penultimate units (seed {seed}), "
             "found by gradient ascent in every model from the same start (the training sample that excites "
@@ -385,7 +403,7 @@ def _count(values) -> str:
 def _folder_report(folder: Path, runs: list[Path], progress: Progress) -> Path:
     groups: dict[str, list[dict]] = {}
     for run_dir in runs:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = read_metrics(run_dir)
         groups.setdefault(_run_group(run_dir.name), []).append(dict(metrics, _run=run_dir.name))
     lines = [f"# Runs in {folder.name}", "", ("Test split; mean +- standard error over the runs of each group "
              "(runs whose names differ only in seed and time stamp)."), "",

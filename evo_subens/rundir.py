@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from .config import RunConfig, config_to_dict
-from .errors import RunDirError
+from .errors import ConfigError, RunDirError
 
 # Column -> pandas dtype of population.parquet. Stable names: analyses and later tools rely on them.
 POPULATION_SCHEMA: dict[str, str] = {
@@ -49,6 +49,7 @@ POPULATION_SCHEMA: dict[str, str] = {
     "worker": "string",         # 'actor-<i>' or 'local'
     "node": "string",           # Ray node id of the process that evaluated it; 'local' = the driver's process
     "raced": "bool",            # search.racing stopped its scoring early (it could not rank): metrics are NaN
+    "diverged": "bool",         # its validation metrics were NaN or infinite (logged as NaN): never elite/member
     "genome": "string",         # the full genome (JSON), materialises the candidate exactly
 }
 
@@ -139,11 +140,57 @@ def _claim_dir(root: Path, name: str | None, config_name: str, seed: int) -> Pat
     raise AssertionError("unreachable")
 
 
+def check_run_name(name: str | None) -> None:
+    """Refuse a run name that is not one folder name: it would put the run outside ``output_dir``."""
+    if name is None:
+        return
+    bad = (name in ("", ".", "..") or "/" in name or (os.altsep is not None and os.altsep in name)
+           or "\0" in name or os.path.isabs(name))
+    if bad:
+        raise ConfigError("name", "one folder name, created under output_dir (no '/', '.', '..' or absolute "
+                                  "path)", name)
+
+
+def check_output_folder(output_dir: str) -> None:
+    """Refuse an ``output_dir`` that is not a folder and cannot become one, without creating anything.
+
+    The nearest existing ancestor must be a folder in which this process can create folders (probed
+    with a temporary folder, removed at once: permission bits do not tell for root or for /proc).
+    """
+    path = Path(output_dir)
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError("output_dir", f"a folder to hold run directories ({path} is a file)", output_dir)
+        probe_in = path
+    else:
+        probe_in = next(p for p in path.absolute().parents if p.exists())
+        if not probe_in.is_dir():
+            raise ConfigError("output_dir", f"a folder to hold run directories ({probe_in} is a file, so "
+                                            f"{path} cannot be created)", output_dir)
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe_in, prefix=".evo-subens-probe-"))
+    except OSError as exc:
+        raise ConfigError("output_dir", f"a folder this process can write run directories into (cannot "
+                                        f"create folders in {probe_in}: {exc.strerror or exc})",
+                          output_dir) from None
+
+
+# The run directories this process created, newest last: the CLI names the newest when a run is interrupted.
+created_run_dirs: list[Path] = []
+
+
 def create_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
     """Create ``output_dir/name`` (refusing a non-empty one) and write the resolved config into it."""
+    check_run_name(cfg.name)
     root = Path(cfg.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    run_dir = _claim_dir(root, cfg.name, config_name, cfg.seed)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        run_dir = _claim_dir(root, cfg.name, config_name, cfg.seed)
+    except (FileExistsError, NotADirectoryError, FileNotFoundError, PermissionError) as exc:
+        # check_output_folder refuses these up front; a folder changed since then still gets a clear error
+        raise RunDirError(f"cannot create a run directory under output_dir {root} "
+                          f"({exc.strerror or exc}: {exc.filename})") from None
+    created_run_dirs.append(run_dir)
     write_run_config(run_dir, cfg)
     return run_dir
 

@@ -32,11 +32,13 @@ from .errors import ConfigError, RunDirError, UserError
 from .calibration import temperature_scaled
 from .cluster import LOCAL_NODE
 from .data import DatasetSplits, Split, hold_out, load_dataset
+from .divergence import report_divergence, summary_lines
 from .evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
 from .families import make_family
 from .metrics import classification_metrics, diversity, ensemble_gain, growth_curve, reliability
 from .models import build_model, count_parameters, load_parent_state, state_copy
-from .problem import LOCAL_WORKER, make_problem
+from .problem import LOCAL_WORKER, make_problem, prepare_workers
+from .progress import Steps, run_seconds, say, start_run_clock
 from .faults import crash_point
 from .logs import check_resume_compatible, load_population, read_run_config
 from .rundir import create_run_dir, remove_stale_temp_files, write_json, write_population, write_run_config, write_state
@@ -92,10 +94,11 @@ def _train_parent(cfg: RunConfig, model: torch.nn.Module, data: DatasetSplits, p
     def report(epoch: int, loss: float, seconds: float) -> None:
         val = classification_metrics(predict_probs(model, data.validation.x), data.validation.y)
         model.train()
-        progress(f"[parent] epoch {epoch + 1}/{cfg.parent.epochs}  loss {loss:.4f}  "
-                 f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  ({seconds:.1f}s)")
+        epochs.step(f"[parent] epoch {epoch + 1}/{cfg.parent.epochs}  loss {loss:.4f}  "
+                    f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  ({seconds:.1f}s)")
 
-    train(model, data.train, cfg.parent, seed=cfg.seed, on_epoch=report)
+    with Steps(progress, cfg.parent.epochs, "[parent]", "epochs") as epochs:
+        train(model, data.train, cfg.parent, seed=cfg.seed, on_epoch=report)
 
 
 def _generation_line(search: SubnetworkSearch, cfg: RunConfig, seconds: float, check: dict) -> str:
@@ -106,7 +109,8 @@ def _generation_line(search: SubnetworkSearch, cfg: RunConfig, seconds: float, c
             if check["holdout_nll"] is not None else "")
     return (f"[search] generation {search.generation}/{cfg.search.generations}  val {cfg.search.fitness}: "
             f"best {best.fitness:.4f}  median {median.fitness:.4f}  worst {worst.fitness:.4f}  "
-            f"elite best {search.elites[0].fitness:.4f}{held}  step x{check['step_scale']:.2f}  "
+            f"elite best {search.elites[0].fitness if search.elites else math.nan:.4f}{held}  "
+            f"step x{check['step_scale']:.2f}  "
             f"({len(latest)} candidates in {seconds:.1f}s, {len(latest) / seconds:.1f}/s)")
 
 
@@ -119,11 +123,13 @@ def _load_config_arg(config: RunConfig | dict | str | Path, overrides: list[str]
 
 
 def run(config: RunConfig | dict | str | Path, overrides: list[str] | None = None, *,
-        progress: Progress = print) -> RunResult:
+        progress: Progress = say) -> RunResult:
     """Run a whole search from a :class:`RunConfig`, a nested dict or a YAML path, plus ``key=value``
     overrides (not applied to a ready :class:`RunConfig`)."""
+    start_run_clock()
     cfg, config_name = _load_config_arg(config, overrides)
     check_before_run(cfg)
+    progress(f"[data] loading {cfg.data.name}")
     data = load_dataset(cfg.data)
     if cfg.method != "subnetworks":  # a matched-budget baseline: the same kind of run directory, no search
         from .baselines import check_baseline, run_baseline
@@ -131,16 +137,18 @@ def run(config: RunConfig | dict | str | Path, overrides: list[str] | None = Non
         check_baseline(cfg, data)
         return run_baseline(cfg, create_run_dir(cfg, config_name), data, progress)
     parent = _build_parent(cfg, data)
+    prepare_workers(cfg.workers, progress)  # Ray up and the actors placeable before training or the run dir
     run_dir = create_run_dir(cfg, config_name)
     return _execute(cfg, run_dir, data, parent, None, progress)
 
 
-def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress: Progress = print) -> RunResult:
+def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress: Progress = say) -> RunResult:
     """Go on with ``run_dir`` from its newest usable checkpoint.
 
     Compatible overrides: ``search.generations`` (to extend a search) and ``workers.*`` (actors, GPUs,
     cluster address); anything else would make it another run and is refused.
     """
+    start_run_clock()
     run_dir = Path(run_dir)
     saved = read_run_config(run_dir)
     cfg = config_from_dict(apply_overrides(copy.deepcopy(saved), overrides or []))
@@ -158,6 +166,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress:
                                                 f"{run_dir} has already run", cfg.search.generations)
     data = load_dataset(cfg.data)
     parent = _build_parent(cfg, data)
+    prepare_workers(cfg.workers, progress)
     for path in remove_stale_temp_files(run_dir):
         progress(f"[resume] removed {path.name}, left by an interrupted write")
     if cfg != config_from_dict(saved):
@@ -165,10 +174,11 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress:
     return _execute(cfg, run_dir, data, parent, state, progress)
 
 
-def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: Progress = print) -> RunResult:
+def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: Progress = say) -> RunResult:
     """Add up to ``members`` members to a finished run: evolve ``generations`` more generations from where
     the search stopped, keep the current members and offer the best new distinct candidates to the
     ensemble (fine-tuned and accepted as in a run)."""
+    start_run_clock()
     run_dir = Path(run_dir)
     if members < 1 or generations < 0:
         raise UserError(f"grow needs --members >= 1 and --generations >= 0 (got {members} and {generations})")
@@ -184,6 +194,7 @@ def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: P
     cfg.ensemble.size = len(accepted) + members
     data = load_dataset(cfg.data)
     parent = _build_parent(cfg, data)
+    prepare_workers(cfg.workers, progress)
     write_run_config(run_dir, cfg)
     progress(f"[grow] {len(accepted)} members + up to {members} new, {generations} more generation(s)")
     # The user asked for more generations: an early stop of the search does not hold for them.
@@ -207,7 +218,6 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
     -> finetune (a checkpoint per tuned member) -> accepted (the ensemble) -> done.
     """
     logging.getLogger("evotorch").setLevel(logging.WARNING)  # its per-problem INFO lines drown the progress
-    started = time.perf_counter()
     selection, holdout = hold_out(data.validation, cfg.ensemble.holdout)
     progress(f"[run] {run_dir}")
     progress(f"[data] {data.name}: train {len(data.train):,}  validation {len(selection):,}"
@@ -261,6 +271,7 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
             return problem.child_states([r.genome for r in chosen], [r.worker for r in chosen])
         return [driver.child_state(r.genome) for r in chosen]
 
+    generations = Steps(progress, cfg.search.generations - search.generation, "[search]", "generations")
     try:
         while search.generation < cfg.search.generations and not search.stopped:
             step_started = time.perf_counter()
@@ -270,7 +281,8 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
             state = dict(state, stage="search", search=search.state_dict(), checks=checks,
                          **({} if state.get("grow") else {"members": [], "tuned": 0, "accepted": None}))
             _checkpoint(run_dir, cfg, state)
-            write_population(population_path, _population_rows(search.records, family, [], reference))
+            rows = _population_rows(search.records, family, [], reference)
+            write_population(population_path, rows)
             if first_step:
                 first_step = False
                 devices = problem.worker_devices()
@@ -280,17 +292,21 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
                 if incident["generation"] == search.generation - 1:
                     progress(f"[workers] actor-{incident['worker']} was lost (pid {incident['lost_pid']}) and "
                              f"restarted; its unfinished candidates were evaluated again")
-            progress(_generation_line(search, cfg, seconds, checks[-1]))
+            generations.step(_generation_line(search, cfg, seconds, checks[-1]))
+            report_divergence(rows, search.generation - 1, cfg.children, run_dir, progress)
             if search.stopped:
                 progress(f"[search] stopped after generation {search.generation}: {cfg.search.patience} "
                          f"generation(s) without a better best candidate (search.patience)")
             crash_point("search.after_generation")
 
+        generations.close()
         # Stage 3: select candidates (by position). Growing keeps every earlier position and adds new ones.
         starts: dict[int, dict] = {}  # weights of trained children fetched while their workers are up
         if state["stage"] in ("parent", "search") or searched:
             prior = [search.records[c] for c in state["members"]] if state.get("grow") else []
             count = state["grow"] if state.get("grow") else cfg.ensemble.size
+            progress(f"[members] choosing {count} candidates ({cfg.ensemble.selection}) from "
+                     f"{len(search.records):,} on the validation split")
             fresh, comparison = _select_members(cfg, data, selection, search.records, prior, count, states_of)
             if family.trains_children:
                 for position, (member, member_state) in enumerate(zip(fresh, states_of(fresh)), start=len(prior)):
@@ -319,6 +335,7 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
                 progress(f"[finetune] member {i + 1}/{len(chosen)} done")
                 crash_point("finetune.after_member")
     finally:
+        generations.close()
         problem.close()
     stored = family.trains_children or cfg.finetune.epochs > 0
     member_files = [_member_file(i) if stored else None for i in range(len(chosen))]
@@ -329,9 +346,12 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
     if state["stage"] != "done" and state.get("decided", 0) < len(chosen):
         accepted = list(state.get("accepted") or [])
         decided = state.get("decided", 0)
-        kept = _predict_states(cfg, data, [chosen_states[i] for i in accepted], selection.x)
-        new = _predict_states(cfg, data, chosen_states[decided:], selection.x)
-        joined = accept_members(kept, new, selection.y, enabled=cfg.ensemble.acceptance)
+        if cfg.ensemble.acceptance:
+            kept = _predict_states(cfg, data, [chosen_states[i] for i in accepted], selection.x)
+            new = _predict_states(cfg, data, chosen_states[decided:], selection.x)
+            joined = accept_members(kept, new, selection.y)
+        else:
+            joined = list(range(len(chosen) - decided))
         accepted += [decided + j for j in joined]
         rejected = len(chosen) - decided - len(joined)
         if rejected:
@@ -350,6 +370,7 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
         {"candidate": m.candidate, "genome": m.genome, "weights": member_files[i], "val_accuracy": m.val_accuracy,
          "val_nll": m.val_nll} for i, m in zip(positions, members)])
     write_json(run_dir / "incidents.json", search.incidents)
+    progress(f"[test] parent, {len(members)} members and their ensemble on {len(data.test):,} test samples")
     metrics = _test_metrics(cfg, data, parent, member_states, members)
     metrics.update(_validation_metrics(cfg, data, selection, holdout, parent, member_states, metrics))
     metrics["search"] = _search_summary(search, checks, cfg)
@@ -357,15 +378,18 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
     if state.get("selection"):
         metrics["selection"] = state["selection"]
     metrics["method"] = "subnetworks"
-    metrics["cost"] = subnetwork_cost(cfg, data, candidates=len(search.records), finetuned=len(chosen),
+    metrics["cost"] = subnetwork_cost(cfg, data, candidates=len(search.records), selected=len(chosen),
                                       members=len(members), validation=len(selection))
     metrics["verdict"] = _verdict(metrics)
     write_json(run_dir / "metrics.json", metrics)
     _checkpoint(run_dir, cfg, dict(state, stage="done", grow=None))
     progress(_summary_table(metrics, len(chosen)))
+    final_rows = _population_rows(search.records, family, [m.candidate for m in members], reference)
+    for line in summary_lines([r for r in final_rows if r["generation"] >= 0], data.num_classes):
+        progress(line)
     for line in _warnings(metrics):
         progress(line)
-    progress(f"[run] results in {run_dir} ({time.perf_counter() - started:.0f}s)")
+    progress(f"[run] results in {run_dir} ({run_seconds():.0f}s)")
     return RunResult(run_dir, metrics, load_population(run_dir), [m.genome for m in members])
 
 

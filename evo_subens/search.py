@@ -43,6 +43,7 @@ class CandidateRecord:
     is_elite: bool = False
     node: str = ""  # Ray node id of the worker ('local' in-process; '' in checkpoints written before it)
     raced: bool = False  # scoring stopped by the racing bound: metrics are NaN
+    diverged: bool = False  # NaN or infinite validation metrics (logged as NaN): never an elite or member
 
     def as_row(self) -> dict:
         """The record as a flat dict."""
@@ -75,7 +76,7 @@ def select_members(records: list[CandidateRecord], size: int, fitness: str,
     for record in sorted(records, key=lambda r: rank_key(r, fitness)):
         if len(members) >= size:
             break
-        if record.genome not in seen:
+        if record.genome not in seen and not record.diverged:
             seen.add(record.genome)
             members.append(record)
     return members
@@ -187,17 +188,14 @@ class SubnetworkSearch(SearchAlgorithm):
                                        "new_pid": pid})
             self.worker_pids[worker] = pid
 
-    def _best(self) -> CandidateRecord:
-        return self.elites[0]
-
     def _best_fitness(self) -> float:
-        return self._best().fitness
+        return self.elites[0].fitness if self.elites else math.nan  # no elite yet: every child diverged
 
     def _best_accuracy(self) -> float:
-        return self._best().val_accuracy
+        return self.elites[0].val_accuracy if self.elites else math.nan
 
     def _best_nll(self) -> float:
-        return self._best().val_nll
+        return self.elites[0].val_nll if self.elites else math.nan
 
     def _step(self) -> None:
         parents = self.elites or None
@@ -212,20 +210,21 @@ class SubnetworkSearch(SearchAlgorithm):
         new = []
         pids = []
         for i, ((parent_index, genome), row) in enumerate(zip(proposals, evals)):
-            fitness, accuracy, nll, seconds, worker, pid, raced = (float(v) for v in row)
+            fitness, accuracy, nll, seconds, worker, pid, raced, diverged = (float(v) for v in row)
             parent_id = parents[parent_index].candidate if parents and parent_index >= 0 else ROOT_CANDIDATE
             new.append(CandidateRecord(self.generation, first_id + i, parent_id, genome, fitness, accuracy, nll,
                                        seconds, int(worker), node=self.problem.worker_node(int(worker), int(pid)),
-                                       raced=bool(raced)))
+                                       raced=bool(raced), diverged=bool(diverged)))
             pids.append((int(worker), int(pid)))
         self._note_restarts(pids)
         self.records.extend(new)
         best_before = self.elites[0] if self.elites else None
-        self.elites = sorted(self.elites + new, key=lambda r: rank_key(r, self.cfg.fitness))[: self.cfg.elites]
+        kept = [r for r in new if not r.diverged]
+        self.elites = sorted(self.elites + kept, key=lambda r: rank_key(r, self.cfg.fitness))[: self.cfg.elites]
         for record in self.elites:
             if record.generation == self.generation:
                 record.is_elite = True
-        improved = best_before is None or self._better(self.elites[0], best_before)
+        improved = bool(self.elites) and (best_before is None or self._better(self.elites[0], best_before))
         successes = sum(self._better(child, parents[i] if parents and i >= 0 else self.reference)
                         for (i, _), child in zip(proposals, new))
         self.history.append({"generation": self.generation, "step_scale": self.step_scale,

@@ -178,9 +178,10 @@ def test_baseline_run_directory_matches_a_subnetwork_run(make_config, tmp_path: 
     assert all((result.run_dir / f"members/{i}.pt").is_file() for i in range(2))
     assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["method"] == "deep_ensemble"
     n_val, n_test = sub.metrics["cost"]["eval_forward_passes"] - 3 * 359, 359
+    # 16 candidates on the 100-sample selection part (the other 100 validation samples are held back)
     assert sub.metrics["cost"] == {"train_epochs": 2, "train_sample_passes": 2 * 800,
-                                   "eval_forward_passes": 8 * 2 * 200 + 3 * n_test}
-    assert n_val == 8 * 2 * 200
+                                   "eval_forward_passes": 8 * 2 * 100 + 3 * n_test}
+    assert n_val == 8 * 2 * 100
     # A single model trained for the parent's budget with the run seed is exactly that run's parent.
     single = run(make_config({"method": "single"}), progress=lambda line: None)
     parent = torch.load(sub.run_dir / "parent.pt", weights_only=True)

@@ -41,8 +41,9 @@ def test_tiny_run_prints_summary(cli_run) -> None:
     assert "Traceback" not in proc.stderr
     lines = proc.stdout.splitlines()
     number = r"\s+\d+\.\d{4}"
-    for label in ("parent", "best member", r"ensemble \(3\)"):
-        assert any(re.fullmatch(label + number * 3, line.strip()) for line in lines), label
+    for label, count in (("parent", 5), ("best member", 3), (r"ensemble \(3/3\)", 5)):  # + temperature-scaled
+        assert any(re.fullmatch(label + number * count, line.strip()) for line in lines), label
+    assert any(line.startswith("verdict: ensemble vs parent on test") for line in lines)
     run_dir = Path("runs") / RUN_NAME
     assert str(run_dir) in proc.stdout
     for name in ("config.yaml", "parent.pt", "population.parquet", "members.json", "metrics.json"):

@@ -288,7 +288,7 @@ def test_load_runs_flattens_configs(tmp_path: Path) -> None:
                                          "children": {"sigma": sigma}}), **quiet)
     runs = evo_subens.load_runs(tmp_path)
     assert set(runs["run"]) == {"s0.2", "s0.4"}
-    assert runs.groupby("children.sigma").size().to_dict() == {0.2: 16, 0.4: 16}
+    assert runs.groupby("children.sigma").size().to_dict() == {0.2: 17, 0.4: 17}  # 16 candidates + the parent
     assert (runs["search.population"] == 8).all()
 
 

@@ -1,0 +1,88 @@
+"""A local Ray the CLI starts itself: checked before any work, quiet about what is expected, and gone
+with its driver, even when the driver is SIGKILLed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from evo_subens.reaper import descendants
+
+
+
+def _alive(recorded: dict[int, int]) -> dict[int, str]:
+    """pid -> command line of the recorded processes still running (same start time: not a reused pid)."""
+    alive = {}
+    for pid, started in recorded.items():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat[19]) == started and stat[0] != "Z":
+            alive[pid] = cmdline[:100]
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_sigkilled_driver_leaves_no_ray_process(tmp_path: Path, tiny_yaml_text: str, cli_command: list[str]) -> None:
+    """SIGKILL the driver of a Ray run inside its search: within a few seconds no process of that run's
+    Ray is left. Before the kill the run said, in its own words, that token authentication is on, and Ray
+    printed neither its token warning nor its error about actor arguments in the object store."""
+    (tmp_path / "tiny.yaml").write_text(tiny_yaml_text)
+    args = ["run", "tiny.yaml", "name=killed", "workers.executor=ray", "workers.num_actors=2",
+            "search.generations=200", "search.population=64"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen([*cli_command, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    recorded: dict[int, int] = {}
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("[search] generation 2/"):
+                break
+        assert any(line.startswith("[search] generation 2/") for line in lines), "".join(lines)[-3000:]
+        recorded = descendants(proc.pid)
+        commands = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                            for pid in recorded if Path(f"/proc/{pid}/cmdline").exists())
+        assert "raylet" in commands and "gcs_server" in commands  # the run started a Ray of its own
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(recorded) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _alive(recorded) == {}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in recorded:  # leave nothing behind even when the check failed
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    err = proc.stderr.read()
+    assert any(line.startswith("[workers] Ray is up, token authentication on") for line in lines), "".join(lines)
+    assert "Token authentication is enabled" not in err
+    assert "constructor arguments in the object store" not in err
+    assert "Traceback" not in err
+
+
+def test_unplaceable_actors_stop_the_run_before_training(tmp_path: Path, tiny_yaml_text: str,
+                                                         cli_command: list[str]) -> None:
+    """More actors than the machine's CPUs: exit 2 naming workers.num_actors, before the parent trains and before the
+    run directory exists."""
+    (tmp_path / "tiny.yaml").write_text(tiny_yaml_text)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([*cli_command, "run", "tiny.yaml", "name=many", "workers.executor=ray",
+                           "workers.num_actors=100000"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "config field 'workers.num_actors'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "[parent]" not in proc.stdout
+    assert not (tmp_path / "runs").exists()

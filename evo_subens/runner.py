@@ -328,12 +328,13 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
             progress(f"[finetune] {len(pending)} member(s), {cfg.finetune.epochs} epoch(s) each, "
                      f"{'in-process' if problem.actors is None else f'on {len(problem.actors)} Ray actors'}")
             jobs = [(chosen[i].genome, _finetune_seed(cfg, i), starts.get(i)) for i in pending]
-            for i, tuned in zip(pending, problem.finetune(jobs)):
-                _save_member(run_dir, i, family.pack(tuned, chosen[i].genome, driver.materialiser))
-                state = dict(state, stage="finetune", tuned=i + 1)
-                _checkpoint(run_dir, cfg, state)
-                progress(f"[finetune] member {i + 1}/{len(chosen)} done")
-                crash_point("finetune.after_member")
+            with Steps(progress, len(pending), "[finetune]", "members") as tuning:
+                for i, tuned in zip(pending, problem.finetune(jobs)):
+                    _save_member(run_dir, i, family.pack(tuned, chosen[i].genome, driver.materialiser))
+                    state = dict(state, stage="finetune", tuned=i + 1)
+                    _checkpoint(run_dir, cfg, state)
+                    tuning.step(f"[finetune] member {i + 1}/{len(chosen)} done")
+                    crash_point("finetune.after_member")
     finally:
         generations.close()
         problem.close()

@@ -372,8 +372,8 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
          "val_nll": m.val_nll} for i, m in zip(positions, members)])
     write_json(run_dir / "incidents.json", search.incidents)
     progress(f"[test] parent, {len(members)} members and their ensemble on {len(data.test):,} test samples")
-    metrics = _test_metrics(cfg, data, parent, member_states, members)
-    metrics.update(_validation_metrics(cfg, data, selection, holdout, parent, member_states, metrics))
+    metrics, test_probs = _test_metrics(cfg, data, parent, member_states, members)
+    metrics.update(_validation_metrics(cfg, data, selection, holdout, parent, member_states, metrics, test_probs))
     metrics["search"] = _search_summary(search, checks, cfg)
     metrics["rejected"] = [chosen[i].candidate for i in range(len(chosen)) if i not in set(positions)]
     if state.get("selection"):
@@ -479,8 +479,9 @@ def _select_members(cfg: RunConfig, data: DatasetSplits, selection: Split, recor
 
 
 def _predict_states(cfg: RunConfig, data: DatasetSplits, states: list[dict], x: torch.Tensor) -> list[torch.Tensor]:
-    """Each weight set's probabilities on ``x``."""
-    return _member_outputs(cfg, data, states, x)[0] if states else []
+    """Each weight set's probabilities on ``x`` (no penultimate features: only diversity needs them)."""
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    return predict_members(model, states, x, cfg.search.eval_batch_size, features=False)[0]
 
 
 def _member_outputs(cfg: RunConfig, data: DatasetSplits, states: list[dict],
@@ -515,7 +516,9 @@ def _finetune_seed(cfg: RunConfig, position: int) -> int:
 
 
 def _test_metrics(cfg: RunConfig, data: DatasetSplits, parent: torch.nn.Module, member_states: list[dict],
-                  members: list[CandidateRecord]) -> dict:
+                  members: list[CandidateRecord]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Test metrics of parent, members and ensemble, and the parent's and ensemble's test probabilities
+    (for temperature scaling)."""
     test_x, test_y = data.test.x, data.test.y
     batch = cfg.search.eval_batch_size
     member_probs, member_features = _member_outputs(cfg, data, member_states, test_x)
@@ -530,21 +533,20 @@ def _test_metrics(cfg: RunConfig, data: DatasetSplits, parent: torch.nn.Module, 
         "growth": growth_curve(member_probs, test_y),
         "diversity": diversity(member_probs, member_features),
         "test_samples": len(test_y),
-        "_test_probs": {"parent": parent_probs, "ensemble": ensemble_probs},
-    }
+    }, {"parent": parent_probs, "ensemble": ensemble_probs}
 
 
 def _validation_metrics(cfg: RunConfig, data: DatasetSplits, selection: Split, holdout: Split | None,
-                        parent: torch.nn.Module, member_states: list[dict], test: dict) -> dict:
+                        parent: torch.nn.Module, member_states: list[dict], test: dict,
+                        test_probs: dict[str, torch.Tensor]) -> dict:
     """Validation metrics of parent and ensemble (selection part and held-back part), temperature scaling
     fitted on the whole validation split, and the ensemble's gain over the parent split into member cost
     and diversity (test, and held-back validation)."""
-    test_probs = test.pop("_test_probs")
     x, y = data.validation.x, data.validation.y
     parent_probs = predict_probs(parent, x, cfg.search.eval_batch_size)
     member_probs = _predict_states(cfg, data, member_states, x)
     ensemble_probs = torch.stack(member_probs).mean(dim=0)
-    n = len(selection)
+    n = len(selection)  # hold_out keeps the head of the validation split for decisions, the tail held back
 
     def part(probs: torch.Tensor, held: bool) -> dict:
         return classification_metrics(probs[n:], y[n:]) if held else classification_metrics(probs[:n], y[:n])

@@ -131,14 +131,17 @@ def predict_with_features(model: nn.Module, x: torch.Tensor,
 
 
 def predict_members(model: nn.Module, states: list[dict[str, torch.Tensor]], x: torch.Tensor,
-                    batch_size: int = 1000) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                    batch_size: int = 1000, *, features: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Probabilities and penultimate features on ``x`` of each weight set in ``states``, loaded in turn into
-    ``model`` (one model, weights swapped in)."""
-    probs, features = [], []
+    ``model`` (one model, weights swapped in); ``features=False`` skips capturing the features (empty list)."""
+    probs, captured = [], []
     for state in states:
         model.load_state_dict(state)
-        member_probs, member_features = predict_with_features(model, x, batch_size)
+        if features:
+            member_probs, member_features = predict_with_features(model, x, batch_size)
+            captured.append(member_features)
+        else:
+            member_probs = predict_probs(model, x, batch_size)
         probs.append(member_probs)
-        features.append(member_features)
-    return probs, features
+    return probs, captured
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .config import RunConfig, load_config
+from .core.config import RunConfig, load_config
 from .errors import ConfigError, DataError, ParentFileError, RunDirError, UserError
 
 # The engine (torch, Ray, EvoTorch) is imported on first use: the command line then validates its input
 # and says what it is doing within a fraction of a second, instead of after seconds of imports.
-_LAZY = {"LoadedEnsemble": "ensemble", "load_ensemble": "ensemble", "load_population": "logs",
-         "load_runs": "logs", "RunResult": "runner", "grow": "runner", "resume": "runner", "run": "runner"}
+_LAZY = {"LoadedEnsemble": "ensemble", "load_ensemble": "ensemble", "load_population": "core.logs",
+         "load_runs": "core.logs", "RunResult": "core.runner", "grow": "core.runner", "resume": "core.runner",
+         "run": "core.runner"}
 
 __all__ = ["ConfigError", "DataError", "LoadedEnsemble", "ParentFileError", "RunConfig", "RunDirError",
            "RunResult", "UserError", "grow", "load_config", "load_ensemble", "load_population", "load_runs",

@@ -8,9 +8,9 @@ import sys
 
 import yaml
 
-from .config import config_to_dict, field_docs, load_config
+from .core.config import config_to_dict, field_docs, load_config
 from .errors import UserError
-from .progress import say, start_cli_clock
+from .core.progress import say, start_cli_clock
 
 EXAMPLES = """Overrides are dotted key=value pairs after the config, values parsed as YAML.
 
@@ -42,7 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = _with_address(args)
     load_config(args.config, overrides)  # a config error stops here, before seconds of imports
     say(f"[run] {args.config}: config valid; loading the engine")
-    from .runner import run
+    from .core.runner import run
 
     run(args.config, overrides)
     return 0
@@ -50,7 +50,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     say(f"[resume] {args.run_dir}: loading the engine")
-    from .runner import resume
+    from .core.runner import resume
 
     resume(args.run_dir, _with_address(args))
     return 0
@@ -58,14 +58,14 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 def _cmd_grow(args: argparse.Namespace) -> int:
     say(f"[grow] {args.run_dir}: loading the engine")
-    from .runner import grow
+    from .core.runner import grow
 
     grow(args.run_dir, args.members, generations=args.generations)
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report.run_report import write_report
 
     write_report(args.path, features=not args.no_features)
     return 0
@@ -282,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _interrupted(args: argparse.Namespace) -> str:
     """The line printed on Ctrl-C: where the run stopped and how to go on."""
-    from .checkpoint import describe_stop
-    from .rundir import created_run_dirs
+    from .core.checkpoint import describe_stop
+    from .core.rundir import created_run_dirs
 
     run_dir = getattr(args, "run_dir", None) if args.command in ("resume", "grow") else None
     if args.command == "run" and created_run_dirs:

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import RunConfig, config_from_dict
-from .data import DatasetSplits, load_dataset
+from .core.config import RunConfig, config_from_dict
+from .tasks.classification.data import DatasetSplits, load_dataset
 from .errors import RunDirError
 from .families import make_family
-from .logs import read_run_config
-from .models import build_model, load_parent_state, state_copy
-from .training import predict_probs
+from .core.logs import read_run_config
+from .tasks.classification.models import build_model, load_parent_state, state_copy
+from .tasks.classification.training import predict_probs
 
 
 @dataclass

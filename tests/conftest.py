@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import pytest
 
-from evo_subens.config import RunConfig, config_from_dict
+from evo_subens.core.config import RunConfig, config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 

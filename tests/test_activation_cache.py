@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from evo_subens.config import ChildrenConfig, ModelConfig
-from evo_subens.evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
+from evo_subens.core.config import ChildrenConfig, ModelConfig
+from evo_subens.tasks.classification.evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
 from evo_subens.families import make_family
-from evo_subens.models import build_model, model_stages, state_copy
+from evo_subens.tasks.classification.models import build_model, model_stages, state_copy
 
 SHAPES = {"mlp": (1, 8, 8), "cnn1d": (1, 40), "cnn2d": (1, 12, 12), "lenet": (1, 12, 12)}
 
@@ -115,7 +115,7 @@ def test_stacking_falls_back_without_a_cache():
 
 
 def test_a_run_with_stacking_selects_the_same_members(tmp_path):
-    from evo_subens.runner import run
+    from evo_subens.core.runner import run
 
     from conftest import tiny_dict
 

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from evo_subens import cli
-from evo_subens.config import ModelConfig
+from evo_subens.core.config import ModelConfig
 from evo_subens.errors import ConfigError
-from evo_subens.models import build_model
-from evo_subens.runner import run
+from evo_subens.tasks.classification.models import build_model
+from evo_subens.core.runner import run
 
 from conftest import tiny_dict
 

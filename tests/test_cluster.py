@@ -24,11 +24,11 @@ from conftest import TINY, deep_merge
 
 import evo_subens
 from evo_subens.cli import _with_address, build_parser, main
-from evo_subens.cluster import (LOCAL_NODE, check_output_dir, check_reachable, placeable_actors,
+from evo_subens.core.cluster import (LOCAL_NODE, check_output_dir, check_reachable, placeable_actors,
                                 resolve_address)
-from evo_subens.config import WorkersConfig, load_config
+from evo_subens.core.config import WorkersConfig, load_config
 from evo_subens.errors import ConfigError
-from evo_subens.problem import make_problem
+from evo_subens.core.problem import make_problem
 
 RAY_BIN = Path(sys.executable).parent / "ray"
 NODE_ID = re.compile(r"[0-9a-f]{56}")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from evo_subens import cli
-from evo_subens.config import RunConfig, config_from_dict, config_to_dict, field_docs, load_config
+from evo_subens.core.config import RunConfig, config_from_dict, config_to_dict, field_docs, load_config
 from evo_subens.errors import ConfigError, ConfigFileError
 
 DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 
 from evo_subens import load_population
-from evo_subens.config import load_config
+from evo_subens.core.config import load_config
 from evo_subens.errors import ConfigError
-from evo_subens.logs import ADDED_COLUMNS
-from evo_subens.rundir import write_population
-from evo_subens.runner import run
-from evo_subens.search import CandidateRecord
+from evo_subens.core.logs import ADDED_COLUMNS
+from evo_subens.core.rundir import write_population
+from evo_subens.core.runner import run
+from evo_subens.core.search import CandidateRecord
 
 from conftest import tiny_dict
 

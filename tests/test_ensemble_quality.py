@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import evo_subens
-from evo_subens.calibration import apply_temperature, fit_temperature
-from evo_subens.data import hold_out, load_dataset
-from evo_subens.metrics import classification_metrics, ensemble_gain, nll
-from evo_subens.search import accept_members
+from evo_subens.tasks.classification.calibration import apply_temperature, fit_temperature
+from evo_subens.tasks.classification.data import hold_out, load_dataset
+from evo_subens.tasks.classification.metrics import classification_metrics, ensemble_gain, nll
+from evo_subens.core.search import accept_members
 
 QUIET = {"progress": lambda line: None}
 # Fine-tuning, acceptance and the held-back check on, as in the shipped defaults.
@@ -31,7 +31,7 @@ def _run(tiny_config, tmp_path: Path, name: str, extra: dict | None = None) -> e
 
 def _predict(result: evo_subens.RunResult, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     ensemble = evo_subens.load_ensemble(result.run_dir)
-    from evo_subens.training import predict_probs
+    from evo_subens.tasks.classification.training import predict_probs
 
     return predict_probs(ensemble.parent, x), [predict_probs(m, x) for m in ensemble.members]
 

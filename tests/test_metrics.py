@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from evo_subens.metrics import (accuracy, brier, classification_metrics, disagreement, diversity, ece, reliability,
+from evo_subens.tasks.classification.metrics import (accuracy, brier, classification_metrics, disagreement, diversity, ece, reliability,
                                 growth_curve, kl_divergence, linear_cka, nll, output_correlation)
-from evo_subens.training import lr_factor
+from evo_subens.tasks.classification.training import lr_factor
 
 # 4 samples, 3 classes. Confidence / prediction / correct:
 #   0.9 -> 0 (label 0, right)   bin 13 = (13/15, 14/15]

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from evo_subens.config import ModelConfig
+from evo_subens.core.config import ModelConfig
 from evo_subens.errors import ConfigError, ParentFileError
-from evo_subens.models import (
+from evo_subens.tasks.classification.models import (
     MODELS,
     build_model,
     classifier_parameter_names,

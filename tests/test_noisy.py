@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from evo_subens.config import ChildrenConfig, ModelConfig
+from evo_subens.core.config import ChildrenConfig, ModelConfig
 from evo_subens.errors import ConfigError
-from evo_subens.evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
+from evo_subens.tasks.classification.evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
 from evo_subens.families import decode_genome, make_family
-from evo_subens.models import build_model
+from evo_subens.tasks.classification.models import build_model
 
 MODEL = ModelConfig(name="mlp", kwargs={"hidden": [32]})
 SHAPE = (1, 8, 8)
@@ -101,9 +101,9 @@ def test_parent_restored_when_the_body_raises() -> None:
 
 CHILD_SCRIPT = """
 import json, sys, torch
-from evo_subens.config import ChildrenConfig, ModelConfig
+from evo_subens.core.config import ChildrenConfig, ModelConfig
 from evo_subens.families import make_family
-from evo_subens.models import build_model
+from evo_subens.tasks.classification.models import build_model
 spec = json.load(open(sys.argv[1]))
 model = build_model(ModelConfig(**spec["model"]), tuple(spec["shape"]), spec["classes"])
 model.load_state_dict(torch.load(spec["parent"], weights_only=True))

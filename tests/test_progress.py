@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from evo_subens.progress import Steps, process_age, say
+from evo_subens.core.progress import Steps, process_age, say
 
 ARGS = ["tiny.yaml", "workers.executor=local", "parent.epochs=3"]
 

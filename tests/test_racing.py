@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from evo_subens.evaluation import RacingBound
-from evo_subens.runner import run
+from evo_subens.tasks.classification.evaluation import RacingBound
+from evo_subens.core.runner import run
 
 from conftest import tiny_dict
 

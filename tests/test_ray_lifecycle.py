@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from evo_subens.reaper import descendants
+from evo_subens.core.reaper import descendants
 
 
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from conftest import tiny_dict
 
-from evo_subens.config import config_from_dict
+from evo_subens.core.config import config_from_dict
 from evo_subens.ensemble import load_ensemble
 from evo_subens.errors import ConfigError, RunDirError
-from evo_subens.featvis import maximise_units, pick_units, starting_inputs, unit_activations
-from evo_subens.metrics import classification_metrics
-from evo_subens.report import write_report
-from evo_subens.runner import run
+from evo_subens.report.featvis import maximise_units, pick_units, starting_inputs, unit_activations
+from evo_subens.tasks.classification.metrics import classification_metrics
+from evo_subens.report.run_report import write_report
+from evo_subens.core.runner import run
 
 SWEEP = {"children": {"density_grid": [1.0, 0.1], "sigma_grid": [0.1, 2.0]}, "search": {"generations": 1}}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from evo_subens.config import load_config
+from evo_subens.core.config import load_config
 from evo_subens.errors import RunDirError
-from evo_subens.rundir import atomic_write, create_run_dir, write_text
+from evo_subens.core.rundir import atomic_write, create_run_dir, write_text
 
 
 def test_create_writes_resolved_config(make_config) -> None:

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import evo_subens
-from evo_subens.config import ChildrenConfig, TuneConfig, config_from_dict
-from evo_subens.data import Split
+from evo_subens.core.config import ChildrenConfig, TuneConfig, config_from_dict
+from evo_subens.tasks.classification.data import Split
 from evo_subens.errors import ConfigError
 from evo_subens.families import decode_genome, make_family
 from evo_subens.families.sparse import unit_masks
-from evo_subens.models import build_model
-from evo_subens.config import ModelConfig
+from evo_subens.tasks.classification.models import build_model
+from evo_subens.core.config import ModelConfig
 
 from conftest import TINY, deep_merge
 

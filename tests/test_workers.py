@@ -11,13 +11,13 @@ from pathlib import Path
 
 from conftest import deep_merge, TINY
 
-from evo_subens.config import WorkersConfig, config_from_dict
-from evo_subens.data import load_dataset
-from evo_subens.evaluation import EvaluationPayload, parent_fingerprint
+from evo_subens.core.config import WorkersConfig, config_from_dict
+from evo_subens.tasks.classification.data import load_dataset
+from evo_subens.tasks.classification.evaluation import EvaluationPayload, parent_fingerprint
 from evo_subens.families import make_family
-from evo_subens.models import build_model
-from evo_subens.problem import make_problem
-from evo_subens.search import SubnetworkSearch
+from evo_subens.tasks.classification.models import build_model
+from evo_subens.core.problem import make_problem
+from evo_subens.core.search import SubnetworkSearch
 
 
 def _slow_payload(tmp_path: Path) -> tuple:

@@ -11,7 +11,7 @@ Fashion-MNIST, a LeNet-style network, 16 epochs of training budget per method, s
 
 Prints mean +- standard error over seeds of test accuracy, NLL and ECE, with each method's cost in
 training epochs (passes over the training split, summed over its models) and training sample-passes.
-The baselines are :mod:`evo_subens.baselines` (``mc_dropout`` with ``mc_samples: 0`` for dropout).
+The baselines are :mod:`evo_subens.tasks.classification.baselines` (``mc_dropout`` with ``mc_samples: 0`` for dropout).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from ..baselines import BASELINES
-from ..config import DataConfig, config_from_dict
-from ..data import load_dataset
-from ..metrics import classification_metrics
-from ..runner import run
+from ..tasks.classification.baselines import BASELINES
+from ..core.config import DataConfig, config_from_dict
+from ..tasks.classification.data import load_dataset
+from ..tasks.classification.metrics import classification_metrics
+from ..core.runner import run
 from .quality import mean_se
 
 PARENT = {"epochs": 8, "batch_size": 128, "lr": 0.05, "lr_schedule": "cosine", "momentum": 0.9,
@@ -33,7 +33,7 @@ CHILD_TUNE = {"epochs": 1, "optimizer": "adam", "lr": 1e-3, "lr_schedule": "cons
 
 
 def _baselines(data, data_cfg: dict, seed: int, budget: int, members: int) -> dict[str, tuple[dict, dict]]:
-    """The matched-budget baselines of :mod:`evo_subens.baselines`, trained with the parent's recipe."""
+    """The matched-budget baselines of :mod:`evo_subens.tasks.classification.baselines`, trained with the parent's recipe."""
     methods = {
         f"single ({budget} ep)": ("single", {}),
         f"bagging ({members} x {budget // members} ep, 90%)": ("bagging", {"members": members, "bagging_share": 0.9}),

@@ -2,7 +2,7 @@
 
 Runs every config of one or more folders (one folder per dataset and model, e.g. ``configs/study/mnist1d``:
 one config per method, the same data, model and parent) once per seed through
-:func:`evo_subens.runner.run`, and prints per folder the mean +- standard error over seeds of test
+:func:`evo_subens.core.runner.run`, and prints per folder the mean +- standard error over seeds of test
 accuracy, NLL and ECE, raw and temperature-scaled (fitted on validation), mean pairwise member
 disagreement, in how many seeds the method beat the parent on both test accuracy and NLL, its training
 epochs and its wall seconds. The parent row comes from the first subnetwork config's runs. Finished runs
@@ -18,9 +18,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from ..config import METHODS, load_config
+from ..core.config import METHODS, load_config
 from ..errors import UserError
-from ..runner import run
+from ..core.runner import run
 
 COLUMNS = ("accuracy", "nll", "ece", "nll_ts", "ece_ts", "disagreement")
 

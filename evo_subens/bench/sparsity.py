@@ -15,8 +15,8 @@ import statistics
 import time
 from pathlib import Path
 
-from ..config import config_to_dict, load_config
-from ..runner import run
+from ..core.config import config_to_dict, load_config
+from ..core.runner import run
 
 TOLERANCE = 0.005  # accuracy a tuned child may lose against its parent at a sparsity the model affords
 

@@ -22,9 +22,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from ..config import config_from_dict, load_config
+from ..core.config import config_from_dict, load_config
 from ..errors import RunDirError
-from ..runner import resume, run
+from ..core.runner import resume, run
 
 PARENT = {"epochs": 4, "batch_size": 128, "lr": 0.05, "lr_schedule": "cosine", "momentum": 0.9,
           "weight_decay": 5e-4}

@@ -8,7 +8,7 @@ candidates per generation:
     Actors holding the same evaluator run plain validation passes of the parent, one per candidate, with
     the same batching and metric computation: the most any method can reach without skipping work.
 ``engine``
-    A :class:`~evo_subens.problem.SubnetworkProblem` evaluates noisy children of ``density``, every layer
+    A :class:`~evo_subens.core.problem.SubnetworkProblem` evaluates noisy children of ``density``, every layer
     mutable: genomes (a few hundred bytes) in, metrics out; each actor materialises children in place.
 ``engine, last two, no cache``
     The same with mutations restricted to the last two parameterised layers and activation caching off:
@@ -55,12 +55,12 @@ from evotorch import Problem, SolutionBatch
 from evotorch.algorithms import GeneticAlgorithm
 from evotorch.operators import GaussianMutation
 
-from ..config import ChildrenConfig, DataConfig, ModelConfig, WorkersConfig
-from ..data import load_dataset
-from ..evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint, torch_threads, worker_device
+from ..core.config import ChildrenConfig, DataConfig, ModelConfig, WorkersConfig
+from ..tasks.classification.data import load_dataset
+from ..tasks.classification.evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint, torch_threads, worker_device
 from ..families import make_family
-from ..models import build_model, state_copy
-from ..problem import ACTOR_ENV, actor_options, keep_single_actor, make_problem
+from ..tasks.classification.models import build_model, state_copy
+from ..core.problem import ACTOR_ENV, actor_options, keep_single_actor, make_problem
 
 BENCH_MODELS = {
     "cnn": ModelConfig(name="cnn2d"),  # ~0.1M parameters on 28x28 images

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import ChildrenConfig
+from ..core.config import ChildrenConfig
 from .base import Family, Materialiser, decode_genome, encode_genome
 from .noisy import NoisyFamily
 from .sparse import SparseFamily

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from torch import nn
 
-from ..config import ChildrenConfig
+from ..core.config import ChildrenConfig
 
 Undo = Callable[[], None]
 
@@ -72,7 +72,7 @@ class Family(ABC):
     @abstractmethod
     def bind(self, model: nn.Module, train_data: Any = None) -> Materialiser:
         """A materialiser for ``model``, which must hold the root parent's weights; ``train_data`` (a
-        :class:`~evo_subens.data.Split`) is given to families that train children."""
+        :class:`~evo_subens.tasks.classification.data.Split`) is given to families that train children."""
 
     def mutated_parameters(self, model: nn.Module) -> list[str] | None:
         """Names of the only parameters children can differ from the parent in, when the family knows

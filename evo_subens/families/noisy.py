@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ChildrenConfig
+from ..core.config import ChildrenConfig
 from ..errors import ConfigError
-from ..models import classifier_parameter_names
+from ..tasks.classification.models import classifier_parameter_names
 from .base import Family, Materialiser, Undo, decode_genome, encode_genome
 
 SEED_BOUND = 2**62  # seeds stay exact in JSON, int64 Parquet columns and torch.Generator

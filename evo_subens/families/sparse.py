@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ChildrenConfig, TuneConfig
+from ..core.config import ChildrenConfig, TuneConfig
 from ..errors import ConfigError
-from ..models import classifier_parameter_names
-from ..training import train
+from ..tasks.classification.models import classifier_parameter_names
+from ..tasks.classification.training import train
 from .base import Family, Materialiser, Undo, decode_genome, encode_genome
 from .noisy import SEED_BOUND
 

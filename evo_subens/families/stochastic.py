@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..config import ChildrenConfig
-from ..training import train, training_steps
+from ..core.config import ChildrenConfig
+from ..tasks.classification.training import train, training_steps
 from .noisy import SEED_BOUND
 from .sparse import SparseFamily, SparseMaterialiser, unit_masks
 
@@ -70,7 +70,7 @@ def anneal_steps(fraction: float, total_steps: int) -> int:
 class MaskAnnealer:
     """Per-step Bernoulli masks of one child, annealed towards its target mask.
 
-    ``forward`` and ``after_step`` plug into :func:`evo_subens.training.train`: during the annealing
+    ``forward`` and ``after_step`` plug into :func:`evo_subens.tasks.classification.training.train`: during the annealing
     window ``forward`` runs the model with its prunable parameters multiplied by a freshly sampled mask
     (gradients reach only the sampled-in entries through the loss); afterwards it zeroes the pruned
     weights once and runs the model as is, and ``after_step`` re-zeroes them after every optimiser step.

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from .config import RunConfig, config_to_dict
-from .errors import ConfigError, RunDirError
+from ..errors import ConfigError, RunDirError
 
 # Column -> pandas dtype of population.parquet. Stable names: analyses and later tools rely on them.
 POPULATION_SCHEMA: dict[str, str] = {

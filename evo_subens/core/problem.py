@@ -3,7 +3,7 @@
 EvoTorch manages the actors (creation, resources, splitting a batch into pieces); the payload reaches
 each actor once through Ray's object store (EvoTorch's shared attributes), and afterwards every task
 carries only genome strings. The in-process executor is the same Problem with no actors, so both run
-:class:`~evo_subens.evaluation.CandidateEvaluator` on the same inputs.
+:class:`~evo_subens.tasks.classification.evaluation.CandidateEvaluator` on the same inputs.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from .cluster import (LOCAL_NODE, check_placeable, connect, current_node, make_p
                       release_placement_group, resolve_address, token_authentication)
 from .config import WorkersConfig
 from .divergence import is_diverged
-from .errors import ConfigError
-from .evaluation import CandidateEvaluator, EvaluationPayload, RacingBound, torch_threads, worker_device
+from ..errors import ConfigError
+from ..tasks.classification.evaluation import CandidateEvaluator, EvaluationPayload, RacingBound, torch_threads, worker_device
 from .faults import crash_point
 from .shared_payload import SharedPayload
 
@@ -39,7 +39,7 @@ ACTOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "10
 
 def ensure_ray(address: str | None = None) -> None:
     """Start or join Ray once per process: ``address``, else ``RAY_ADDRESS``, else a local instance
-    (see :func:`evo_subens.cluster.connect`)."""
+    (see :func:`evo_subens.core.cluster.connect`)."""
     connect(address, local_runtime_env={"env_vars": ACTOR_ENV})
 
 

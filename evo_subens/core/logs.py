@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow
 
 from .config import parse_yaml
-from .errors import RunDirError
+from ..errors import RunDirError
 from .rundir import POPULATION_SCHEMA
 
 # Population-log columns added after the first release, with the value older logs mean by them.
@@ -83,7 +83,7 @@ def check_resume_compatible(saved: dict, new: dict, run_dir: Path) -> None:
 def load_population(run_dir: str | Path) -> pd.DataFrame:
     """The population log of a run: one row per evaluated candidate.
 
-    Columns and dtypes are :data:`evo_subens.rundir.POPULATION_SCHEMA`; ``eval_seconds``, ``worker`` and
+    Columns and dtypes are :data:`evo_subens.core.rundir.POPULATION_SCHEMA`; ``eval_seconds``, ``worker`` and
     ``node`` record where and how fast a candidate ran, everything else is a function of the config.
     """
     path = Path(run_dir) / "population.parquet"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable
 
-from .errors import DivergedError
+from ..errors import DivergedError
 
 
 def is_diverged(accuracy: float, nll: float) -> bool:
@@ -28,7 +28,7 @@ def _settings(rows: Iterable[dict]) -> str:
 def generation_note(rows: list[dict], generation: int) -> str | None:
     """A progress line about the diverged candidates of ``generation`` (None when there are none).
 
-    ``rows`` are population-log rows (see :data:`~evo_subens.rundir.POPULATION_SCHEMA`).
+    ``rows`` are population-log rows (see :data:`~evo_subens.core.rundir.POPULATION_SCHEMA`).
     """
     latest = [r for r in rows if r["generation"] == generation]
     bad = [r for r in latest if r.get("diverged")]
@@ -42,7 +42,7 @@ def generation_note(rows: list[dict], generation: int) -> str | None:
 def check_generation(rows: list[dict], generation: int, children: object, run_dir: object) -> None:
     """Raise :class:`DivergedError` when every candidate of ``generation`` diverged.
 
-    ``children`` is the run's :class:`~evo_subens.config.ChildrenConfig`; the message names the settings
+    ``children`` is the run's :class:`~evo_subens.core.config.ChildrenConfig`; the message names the settings
     that diverged and what to change.
     """
     latest = [r for r in rows if r["generation"] == generation]

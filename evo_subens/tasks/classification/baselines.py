@@ -35,14 +35,14 @@ import torch
 from torch import nn
 
 from .calibration import temperature_scaled
-from .config import RunConfig, TrainConfig
-from .cost import baseline_budget, cost_record
+from ...core.config import RunConfig, TrainConfig
+from ...core.cost import baseline_budget, cost_record
 from .data import DatasetSplits, Split
-from .errors import ConfigError
+from ...errors import ConfigError
 from .metrics import classification_metrics, diversity, growth_curve, reliability
 from .models import build_model, count_parameters, state_copy
-from .progress import run_seconds, say
-from .rundir import write_json, write_state
+from ...core.progress import run_seconds, say
+from ...core.rundir import write_json, write_state
 from .training import lr_factor, predict_members, predict_with_features, train
 
 Progress = Callable[[str], None]
@@ -315,9 +315,9 @@ def _summary(cfg: RunConfig, metrics: dict) -> str:
 
 def run_baseline(cfg: RunConfig, run_dir: Path, data: DatasetSplits, progress: Progress = say):
     """Train and test the baseline ``cfg.method`` into ``run_dir`` (config.yaml already written): member
-    weights under members/, members.json, metrics.json. Returns a :class:`~evo_subens.runner.RunResult`
+    weights under members/, members.json, metrics.json. Returns a :class:`~evo_subens.core.runner.RunResult`
     with an empty population (baselines have no search)."""
-    from .runner import RunResult
+    from ...core.runner import RunResult
 
     check_baseline(cfg, data)
     progress(f"[run] {run_dir}")

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .errors import ConfigError, ParentFileError
+from ...core.config import ModelConfig
+from ...errors import ConfigError, ParentFileError
 
 __all__ = [
     "MODELS",

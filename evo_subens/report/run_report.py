@@ -8,7 +8,7 @@ member diversity heatmaps, a reliability diagram (parent vs ensemble), a feature
 per density). For a folder: a report per run and one table over all of them, runs that differ only in
 their seed grouped as mean +- standard error.
 
-    >>> from evo_subens.report import write_report
+    >>> from evo_subens.report.run_report import write_report
     >>> write_report("runs/default-s0-20261126-033727")   # -> runs/default-s0-.../report.md
 """
 
@@ -26,15 +26,15 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from .ensemble import LoadedEnsemble, load_ensemble
-from .errors import RunDirError
-from .evaluation import torch_threads
+from ..ensemble import LoadedEnsemble, load_ensemble
+from ..errors import RunDirError
+from ..tasks.classification.evaluation import torch_threads
 from .featvis import maximise_units, pick_units, starting_inputs, unit_activations
-from .logs import load_population, read_run_config
-from .metrics import classification_metrics
-from .progress import Steps, say
-from .rundir import atomic_write
-from .training import predict_probs
+from ..core.logs import load_population, read_run_config
+from ..tasks.classification.metrics import classification_metrics
+from ..core.progress import Steps, say
+from ..core.rundir import atomic_write
+from ..tasks.classification.training import predict_probs
 
 Progress = Callable[[str], None]
 FEATURE_UNITS = 6

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import RunDirError
+from ..errors import RunDirError
 from .faults import crash_point
 from .rundir import atomic_write
 

@@ -25,8 +25,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import DataConfig
-from .errors import DataError
+from ...core.config import DataConfig
+from ...errors import DataError
 
 __all__ = ["Split", "DatasetSplits", "DATASETS", "load_dataset", "read_idx"]
 

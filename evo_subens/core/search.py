@@ -21,9 +21,9 @@ import torch
 from evotorch.algorithms.searchalgorithm import SearchAlgorithm
 
 from .config import SearchConfig
-from .families import Family
-from .evaluation import RacingBound
-from .metrics import nll
+from ..families import Family
+from ..tasks.classification.evaluation import RacingBound
+from ..tasks.classification.metrics import nll
 from .problem import SubnetworkProblem
 
 

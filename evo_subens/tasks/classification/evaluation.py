@@ -17,9 +17,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .config import ChildrenConfig, FinetuneConfig, ModelConfig
+from ...core.config import ChildrenConfig, FinetuneConfig, ModelConfig
 from .data import Split
-from .families import make_family
+from ...families import make_family
 from .models import build_model, model_stages, state_copy
 from .training import train
 

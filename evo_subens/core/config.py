@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, ConfigFileError
+from ..errors import ConfigError, ConfigFileError
 
 
 def option(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,

@@ -21,7 +21,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 
 from . import reaper
 from .config import RunConfig, WorkersConfig
-from .errors import ConfigError, UserError
+from ..errors import ConfigError, UserError
 from .rundir import check_output_folder, check_run_name
 
 LOCAL_NODE = "local"  # the node column of candidates evaluated in the driver's own process

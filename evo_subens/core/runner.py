@@ -28,15 +28,15 @@ from .checkpoint import load_latest_checkpoint, save_checkpoint, set_rng_state
 from .cluster import check_address, check_before_run
 from .config import RunConfig, apply_overrides, config_from_dict, config_to_dict, load_config
 from .cost import subnetwork_cost
-from .errors import ConfigError, RunDirError, UserError
-from .calibration import temperature_scaled
+from ..errors import ConfigError, RunDirError, UserError
+from ..tasks.classification.calibration import temperature_scaled
 from .cluster import LOCAL_NODE
-from .data import DatasetSplits, Split, hold_out, load_dataset
+from ..tasks.classification.data import DatasetSplits, Split, hold_out, load_dataset
 from .divergence import report_divergence, summary_lines
-from .evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
-from .families import make_family
-from .metrics import classification_metrics, diversity, ensemble_gain, growth_curve, reliability
-from .models import build_model, count_parameters, load_parent_state, state_copy
+from ..tasks.classification.evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
+from ..families import make_family
+from ..tasks.classification.metrics import classification_metrics, diversity, ensemble_gain, growth_curve, reliability
+from ..tasks.classification.models import build_model, count_parameters, load_parent_state, state_copy
 from .problem import LOCAL_WORKER, make_problem, prepare_workers
 from .progress import Steps, run_seconds, say, start_run_clock
 from .faults import crash_point
@@ -44,7 +44,7 @@ from .logs import check_resume_compatible, load_population, read_run_config
 from .rundir import create_run_dir, remove_stale_temp_files, write_json, write_population, write_run_config, write_state
 from .search import (REFERENCE_GENERATION, ROOT_CANDIDATE, CandidateRecord, SubnetworkSearch, accept_members,
                      greedy_selection, rank_key, select_members)
-from .training import predict_members, predict_probs, train
+from ..tasks.classification.training import predict_members, predict_probs, train
 
 Progress = Callable[[str], None]
 
@@ -132,7 +132,7 @@ def run(config: RunConfig | dict | str | Path, overrides: list[str] | None = Non
     progress(f"[data] loading {cfg.data.name}")
     data = load_dataset(cfg.data)
     if cfg.method != "subnetworks":  # a matched-budget baseline: the same kind of run directory, no search
-        from .baselines import check_baseline, run_baseline
+        from ..tasks.classification.baselines import check_baseline, run_baseline
 
         check_baseline(cfg, data)
         return run_baseline(cfg, create_run_dir(cfg, config_name), data, progress)
@@ -157,7 +157,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress:
     check_resume_compatible(config_to_dict(config_from_dict(saved)), config_to_dict(cfg), run_dir)
     check_address(cfg.workers)
     if cfg.method != "subnetworks":  # baselines keep no checkpoints; run again, they give the same result
-        from .baselines import run_baseline
+        from ..tasks.classification.baselines import run_baseline
 
         return run_baseline(cfg, run_dir, load_dataset(cfg.data), progress)
     state = load_latest_checkpoint(run_dir, progress)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import classifier_inputs
+from ..tasks.classification.models import classifier_inputs
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from .tasks.classification.data import DatasetSplits, load_dataset
 from .errors import RunDirError
 from .families import make_family
 from .core.logs import read_run_config
-from .tasks.classification.models import build_model, load_parent_state, state_copy
+from .tasks.classification.models import build_model, load_parent_state
+from .nn import state_copy
 from .tasks.classification.training import predict_probs
 
 

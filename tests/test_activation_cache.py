@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from evo_subens.core.config import ChildrenConfig, ModelConfig
-from evo_subens.tasks.classification.evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
+from evo_subens.core.worker import parent_fingerprint
+from evo_subens.tasks.classification.evaluation import CandidateEvaluator, EvaluationPayload
 from evo_subens.families import make_family
-from evo_subens.tasks.classification.models import build_model, model_stages, state_copy
+from evo_subens.tasks.classification.models import build_model, model_stages
+from evo_subens.nn import state_copy
 
 SHAPES = {"mlp": (1, 8, 8), "cnn1d": (1, 40), "cnn2d": (1, 12, 12), "lenet": (1, 12, 12)}
 

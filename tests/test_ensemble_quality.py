@@ -14,7 +14,7 @@ import evo_subens
 from evo_subens.tasks.classification.calibration import apply_temperature, fit_temperature
 from evo_subens.tasks.classification.data import hold_out, load_dataset
 from evo_subens.tasks.classification.metrics import classification_metrics, ensemble_gain, nll
-from evo_subens.core.search import accept_members
+from evo_subens.tasks.classification.selection import accept_members
 
 QUIET = {"progress": lambda line: None}
 # Fine-tuning, acceptance and the held-back check on, as in the shipped defaults.

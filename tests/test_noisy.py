@@ -14,7 +14,8 @@ import torch
 
 from evo_subens.core.config import ChildrenConfig, ModelConfig
 from evo_subens.errors import ConfigError
-from evo_subens.tasks.classification.evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint
+from evo_subens.core.worker import parent_fingerprint
+from evo_subens.tasks.classification.evaluation import CandidateEvaluator, EvaluationPayload
 from evo_subens.families import decode_genome, make_family
 from evo_subens.tasks.classification.models import build_model
 

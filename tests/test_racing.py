@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from evo_subens.tasks.classification.evaluation import RacingBound
+from evo_subens.core.worker import RacingBound
 from evo_subens.core.runner import run
 
 from conftest import tiny_dict

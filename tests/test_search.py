@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 import evo_subens
-import evo_subens.core.runner
+import evo_subens.tasks.classification.task as task_module
 from evo_subens.core.config import RunConfig, WorkersConfig, load_config
 from evo_subens.tasks.classification.data import Split, hold_out, load_dataset
 from evo_subens.errors import ConfigError
-from evo_subens.tasks.classification.evaluation import EvaluationPayload, parent_fingerprint
+from evo_subens.core.worker import parent_fingerprint
+from evo_subens.tasks.classification.evaluation import EvaluationPayload
 from evo_subens.families import decode_genome, make_family
 from evo_subens.tasks.classification.metrics import classification_metrics
 from evo_subens.tasks.classification.models import build_model
@@ -229,7 +230,7 @@ def test_same_config_same_results(local_run: evo_subens.RunResult, runs_dir: Pat
 def test_test_split_does_not_leak_into_selection(local_run: evo_subens.RunResult, runs_dir: Path, tiny_config,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Replacing the test split (other inputs, random labels) changes only metrics.json."""
-    real_load = evo_subens.core.runner.load_dataset
+    real_load = task_module.load_dataset
 
     def other_test_split(cfg):
         data = real_load(cfg)
@@ -238,7 +239,7 @@ def test_test_split_does_not_leak_into_selection(local_run: evo_subens.RunResult
                      torch.randint(0, data.num_classes, data.test.y.shape, generator=gen))
         return dataclasses.replace(data, test=test)
 
-    monkeypatch.setattr(evo_subens.core.runner, "load_dataset", other_test_split)
+    monkeypatch.setattr(task_module, "load_dataset", other_test_split)
     swapped = run_tiny(tiny_config, runs_dir, "swapped-test")
     pop_a, members_a, metrics_a = read_run(local_run.run_dir)
     pop_b, members_b, metrics_b = read_run(swapped.run_dir)
@@ -458,7 +459,7 @@ def test_metrics_hold_growth_curve_and_diversity(local_run: evo_subens.RunResult
 def test_greedy_selection_by_hand() -> None:
     """Caruana forward selection with replacement: A and B tie alone (NLL 0.399), A+B beats A+A and A+C
     (0.357), then A again (ties with B at 0.361, lower index wins): picks [A, B, A]."""
-    from evo_subens.core.search import greedy_selection
+    from evo_subens.tasks.classification.selection import greedy_selection
 
     labels = torch.tensor([0, 1])
     a = torch.tensor([[0.9, 0.1], [0.5, 0.5]])

@@ -13,7 +13,8 @@ from conftest import deep_merge, TINY
 
 from evo_subens.core.config import WorkersConfig, config_from_dict
 from evo_subens.tasks.classification.data import load_dataset
-from evo_subens.tasks.classification.evaluation import EvaluationPayload, parent_fingerprint
+from evo_subens.core.worker import parent_fingerprint
+from evo_subens.tasks.classification.evaluation import EvaluationPayload
 from evo_subens.families import make_family
 from evo_subens.tasks.classification.models import build_model
 from evo_subens.core.problem import make_problem

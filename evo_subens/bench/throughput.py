@@ -57,9 +57,11 @@ from evotorch.operators import GaussianMutation
 
 from ..core.config import ChildrenConfig, DataConfig, ModelConfig, WorkersConfig
 from ..tasks.classification.data import load_dataset
-from ..tasks.classification.evaluation import CandidateEvaluator, EvaluationPayload, parent_fingerprint, torch_threads, worker_device
+from ..core.worker import parent_fingerprint, torch_threads
+from ..tasks.classification.evaluation import CandidateEvaluator, EvaluationPayload
 from ..families import make_family
-from ..tasks.classification.models import build_model, state_copy
+from ..tasks.classification.models import build_model
+from ..nn import state_copy
 from ..core.problem import ACTOR_ENV, actor_options, keep_single_actor, make_problem
 
 BENCH_MODELS = {
@@ -133,7 +135,7 @@ class ForwardPassActor:
 
     def __init__(self, payload: EvaluationPayload):
         torch.set_num_threads(payload.threads)
-        self.evaluator = CandidateEvaluator(payload, worker_device(payload))
+        self.evaluator = CandidateEvaluator(payload, payload.device())
 
     def device(self) -> str:
         return str(self.evaluator.device)
@@ -225,7 +227,7 @@ class StockProblem(Problem):
         if self._evaluator is None:
             payload = ray.get(self._payload_ref)
             torch.set_num_threads(payload.threads)
-            self._evaluator = CandidateEvaluator(payload, worker_device(payload))
+            self._evaluator = CandidateEvaluator(payload, payload.device())
         evaluator = self._evaluator
         fitness = []
         with torch_threads(evaluator.payload.threads):

@@ -21,10 +21,10 @@ import torch
 from ..errors import RunDirError
 from .faults import crash_point
 from .rundir import atomic_write
+from .state import STAGES
 
 FORMAT = 1
 KEEP = 3
-STAGES = ("parent", "search", "members", "finetune", "accepted", "done")
 REQUIRED_KEYS = {"format", "seq", "stage", "config", "parent_id", "search", "members", "tuned", "rng"}
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, ConfigFileError
+from ..tasks import TASKS
 
 
 def option(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
@@ -242,6 +243,8 @@ class RunConfig:
     name: str | None = option(None, "run directory name under output_dir; null = '<config>-s<seed>-<time>'")
     seed: int = option(0, "seed of parent training and of the search", ge=0)
     output_dir: str = option("runs", "folder that holds run directories")
+    task: str = option("classification", "the kind of problem: what the data, the parent, a candidate's score and "
+                                         "the final metrics are", choices=tuple(TASKS))
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "dataset and splits"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "parent architecture"})
     parent: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "parent training (SGD)"})
@@ -302,7 +305,7 @@ class RunConfig:
         """The baseline methods' budget must cover their models, cycles and snapshots."""
         if self.method == "subnetworks":
             return
-        from .cost import baseline_budget  # cost needs the families, which import this module
+        from ..tasks.classification.cost import baseline_budget  # imports the families, which import this module
 
         base = self.baseline
         if self.model.parent_path is not None:

@@ -3,7 +3,7 @@
 EvoTorch manages the actors (creation, resources, splitting a batch into pieces); the payload reaches
 each actor once through Ray's object store (EvoTorch's shared attributes), and afterwards every task
 carries only genome strings. The in-process executor is the same Problem with no actors, so both run
-:class:`~evo_subens.tasks.classification.evaluation.CandidateEvaluator` on the same inputs.
+the task's :class:`~evo_subens.core.worker.Evaluator` on the same inputs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .cluster import (LOCAL_NODE, check_placeable, connect, current_node, make_p
 from .config import WorkersConfig
 from .divergence import is_diverged
 from ..errors import ConfigError
-from ..tasks.classification.evaluation import CandidateEvaluator, EvaluationPayload, RacingBound, torch_threads, worker_device
+from .worker import Evaluator, RacingBound, WorkerPayload, torch_threads
 from .faults import crash_point
 from .shared_payload import SharedPayload
 
@@ -70,7 +70,7 @@ class SubnetworkProblem(Problem):
     :data:`EVAL_COLUMNS`.
     """
 
-    def __init__(self, payload: EvaluationPayload, *, fitness: str, num_actors: int = 0,
+    def __init__(self, payload: WorkerPayload, *, fitness: str, num_actors: int = 0,
                  actor_config: dict | None = None, num_gpus_per_actor: float | None = None,
                  subbatch_size: int | None = None):
         # No solution stats: the search keeps its own elites, and EvoTorch's best-so-far tracking fails on a
@@ -80,12 +80,12 @@ class SubnetworkProblem(Problem):
                          num_gpus_per_actor=num_gpus_per_actor or None, subbatch_size=subbatch_size,
                          store_solution_stats=False)
         keep_single_actor(self, num_actors, num_gpus_per_actor)
-        self.payload: EvaluationPayload | None = payload
+        self.payload: WorkerPayload | None = payload
         # Actors fetch the payload by name from a holder the driver keeps for the problem's life: Ray can then
         # rebuild a lost actor from its (small) creation task and the actor fetches the payload again.
         self._shared_payload = SharedPayload(payload) if self._num_actors else None
         self.fitness_name = fitness
-        self._evaluator: CandidateEvaluator | None = None
+        self._evaluator: Evaluator | None = None
         self._nodes: dict[tuple[int, int], str] = {}  # (actor index, pid) -> Ray node id
         self.placement_group: PlacementGroup | None = None  # owned by the driver's problem, released on close
 
@@ -109,13 +109,13 @@ class SubnetworkProblem(Problem):
     def _nonserialized_attribs(self) -> list[str]:
         return super()._nonserialized_attribs + ["payload", "_evaluator", "_nodes", "placement_group"]
 
-    def _get_evaluator(self) -> CandidateEvaluator:
+    def _get_evaluator(self) -> Evaluator:
         if self._evaluator is None:
             if self.payload is None:
                 self.payload = self._shared_payload.get()
             if self.is_remote:
                 torch.set_num_threads(self.payload.threads)
-            self._evaluator = CandidateEvaluator(self.payload, worker_device(self.payload))
+            self._evaluator = self.payload.make_evaluator(self.payload.device())
         return self._evaluator
 
     def evaluation_device(self) -> str:
@@ -182,7 +182,7 @@ class SubnetworkProblem(Problem):
         return states
 
     def local_finetune(self, genome: str, seed: int, start: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """One member's fine-tuned weights (see :meth:`CandidateEvaluator.finetuned_state`); called on an
+        """One member's fine-tuned weights (see :meth:`~evo_subens.core.worker.Evaluator.finetuned_state`); called on an
         actor by the driver, or in-process."""
         evaluator = self._get_evaluator()
         with torch_threads(self.payload.threads):
@@ -256,7 +256,7 @@ def prepare_workers(workers: WorkersConfig, progress: Callable[[str], None] = pr
     _fit_to_cluster(workers, workers.num_actors or default_num_actors(workers))
 
 
-def make_problem(workers: WorkersConfig, payload: EvaluationPayload, *, fitness: str,
+def make_problem(workers: WorkersConfig, payload: WorkerPayload, *, fitness: str,
                  population: int) -> SubnetworkProblem:
     """The problem for ``workers.executor``: Ray actors as configured, or in-process evaluation."""
     if workers.executor == "local":

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 
 from ..ensemble import LoadedEnsemble, load_ensemble
 from ..errors import RunDirError
-from ..tasks.classification.evaluation import torch_threads
+from ..core.worker import torch_threads
 from .featvis import maximise_units, pick_units, starting_inputs, unit_activations
 from ..core.logs import load_population, read_run_config
 from ..tasks.classification.metrics import classification_metrics

@@ -36,13 +36,15 @@ from torch import nn
 
 from .calibration import temperature_scaled
 from ...core.config import RunConfig, TrainConfig
-from ...core.cost import baseline_budget, cost_record
+from .cost import baseline_budget, cost_record
 from .data import DatasetSplits, Split
 from ...errors import ConfigError
-from .metrics import classification_metrics, diversity, growth_curve, reliability
-from .models import build_model, count_parameters, state_copy
+from .models import build_model
+from ...nn import count_parameters, state_copy
 from ...core.progress import run_seconds, say
 from ...core.rundir import write_json, write_state
+from ...core.state import RunResult
+from .results import ensemble_test_metrics
 from .training import lr_factor, predict_members, predict_with_features, train
 
 Progress = Callable[[str], None]
@@ -279,18 +281,10 @@ BASELINES: dict[str, Callable[..., BaselineOutput]] = {
 
 def baseline_metrics(cfg: RunConfig, data: DatasetSplits, output: BaselineOutput) -> dict:
     """``metrics.json`` of a baseline run: the subnetwork run's keys where they mean something, plus cost."""
-    test_y = data.test.y
-    ensemble_probs = torch.stack(output.test_probs).mean(dim=0)
-    return {
-        "method": cfg.method,
-        "ensemble": classification_metrics(ensemble_probs, test_y),
-        "reliability": {"ensemble": reliability(ensemble_probs, test_y)},
-        "members": [dict(classification_metrics(p, test_y), member=i) for i, p in enumerate(output.test_probs)],
-        "growth": growth_curve(output.test_probs, test_y),
-        "diversity": diversity(output.test_probs, output.test_features),
-        "test_samples": len(test_y),
-        "cost": output.cost,
-    }
+    members = [{"member": i} for i in range(len(output.test_probs))]
+    return {"method": cfg.method,
+            **ensemble_test_metrics(output.test_probs, output.test_features, data.test.y, members),
+            "cost": output.cost}
 
 
 def _temperature(cfg: RunConfig, data: DatasetSplits, output: BaselineOutput) -> dict | None:
@@ -315,10 +309,8 @@ def _summary(cfg: RunConfig, metrics: dict) -> str:
 
 def run_baseline(cfg: RunConfig, run_dir: Path, data: DatasetSplits, progress: Progress = say):
     """Train and test the baseline ``cfg.method`` into ``run_dir`` (config.yaml already written): member
-    weights under members/, members.json, metrics.json. Returns a :class:`~evo_subens.core.runner.RunResult`
+    weights under members/, members.json, metrics.json. Returns a :class:`~evo_subens.core.state.RunResult`
     with an empty population (baselines have no search)."""
-    from ...core.runner import RunResult
-
     check_baseline(cfg, data)
     progress(f"[run] {run_dir}")
     progress(f"[data] {data.name}: train {len(data.train):,}  validation {len(data.validation):,}  "

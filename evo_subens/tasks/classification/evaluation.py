@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import hashlib
 import time
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,24 +18,14 @@ import torch.nn.functional as F
 from ...core.config import ChildrenConfig, FinetuneConfig, ModelConfig
 from .data import Split
 from ...families import make_family
-from .models import build_model, model_stages, state_copy
+from .models import build_model, model_stages
+from ...nn import state_copy
 from .training import train
-
-
-def parent_fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """Short content hash of a parent's weights: the ``parent`` id every genome carries."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous().reshape(-1)  # 0-dim buffers cannot be viewed as bytes
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(repr(tuple(tensor.shape)).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()[:16]
+from ...core.worker import CandidateScore, Evaluator, RacingBound, WorkerPayload
 
 
 @dataclass
-class EvaluationPayload:
+class EvaluationPayload(WorkerPayload):
     """Everything a worker needs, shipped once per worker (through Ray's object store)."""
 
     model: ModelConfig
@@ -58,54 +46,11 @@ class EvaluationPayload:
     autocast: str = "off"  # see WorkersConfig.autocast
     stack_candidates: int = 1  # see WorkersConfig.stack_candidates
 
-
-def worker_device(payload: EvaluationPayload) -> str:
-    """Where a worker evaluates: CUDA when GPUs were requested and this process sees one, else the CPU."""
-    return "cuda" if payload.use_gpu and torch.cuda.is_available() else "cpu"
+    def make_evaluator(self, device: str | torch.device = "cpu") -> "CandidateEvaluator":
+        return CandidateEvaluator(self, device)
 
 
-@dataclass(frozen=True)
-class CandidateScore:
-    """Validation metrics of one candidate and the seconds its evaluation took; a raced-out candidate
-    (stopped by a :class:`RacingBound`) has NaN metrics."""
-
-    accuracy: float
-    nll: float
-    seconds: float
-    raced: bool = False
-
-
-@dataclass(frozen=True)
-class RacingBound:
-    """Stops scoring a candidate once it provably cannot reach ``threshold`` on the whole validation split.
-
-    The bound is exact, not statistical: after ``seen`` of ``total`` samples, the final accuracy is at most
-    ``(correct + total - seen) / total`` and the final NLL at least ``loss_sum / total`` (every sample's
-    NLL is >= 0). A candidate is stopped only when that best case is strictly worse than ``threshold``.
-    """
-
-    fitness: str  # "accuracy" or "nll"
-    threshold: float
-
-    def hopeless(self, correct: int, loss_sum: float, seen: int, total: int) -> bool:
-        """Whether a candidate with these partial results cannot reach the threshold."""
-        if self.fitness == "accuracy":
-            return (correct + total - seen) / total < self.threshold
-        return loss_sum / total > self.threshold
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run a block with ``count`` intra-op threads, restoring the previous setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-class CandidateEvaluator:
+class CandidateEvaluator(Evaluator):
     """Holds the parent and the validation data on one device and scores genomes against them."""
 
     def __init__(self, payload: EvaluationPayload, device: str | torch.device = "cpu"):

@@ -38,7 +38,6 @@ __all__ = [
     "build_model",
     "load_parent_state",
     "classifier_parameter_names",
-    "count_parameters",
 ]
 
 # Width multipliers of the named LeNet sizes.
@@ -422,13 +421,3 @@ def model_stages(model: nn.Module) -> list[nn.Module] | None:
     if isinstance(model, nn.Sequential):
         return list(model)
     return None
-
-
-def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of ``model.state_dict()`` (safe to keep while the model changes)."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of scalar parameters (each shared parameter counted once)."""
-    return sum(p.numel() for p in model.parameters())

@@ -14,8 +14,8 @@ the parent's own test metrics) are not counted.
 
 from __future__ import annotations
 
-from .config import RunConfig
-from ..tasks.classification.data import DatasetSplits
+from ...core.config import RunConfig
+from .data import DatasetSplits
 
 
 def cost_record(train_epochs: int | float, train_sample_passes: int, eval_forward_passes: int) -> dict:
@@ -25,7 +25,7 @@ def cost_record(train_epochs: int | float, train_sample_passes: int, eval_forwar
 
 
 def _tuned_children(cfg: RunConfig, candidates: int) -> int:
-    from ..families import FAMILIES
+    from ...families import FAMILIES
 
     return candidates if FAMILIES[cfg.children.family].trains_children and cfg.children.tune.epochs else 0
 
@@ -53,7 +53,7 @@ def subnetwork_cost(cfg: RunConfig, data: DatasetSplits, *, candidates: int, sel
     candidate; other diagnostics (the selection rules' comparison, held-back checks, the parent's own
     metrics, temperature scaling) are not counted.
     """
-    from ..families.sparse import BAGGING_SHARE
+    from ...families.sparse import BAGGING_SHARE
 
     train_size, parent = len(data.train), (0 if cfg.model.parent_path else cfg.parent.epochs)
     tuned = _tuned_children(cfg, candidates)

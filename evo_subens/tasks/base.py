@@ -1,0 +1,123 @@
+"""The interface between the engine and a kind of problem.
+
+The engine (search, families, workers, run directory, checkpoints, population log) is the same for
+every problem; a :class:`Task` supplies what is not: the data, the parent and how it is trained, what a
+worker scores a candidate on, how candidates are chosen for and admitted to the ensemble, and what is
+measured at the end. Supervised classification is :class:`~evo_subens.tasks.classification.task.
+ClassificationTask`; a new kind of problem is a new subpackage of ``tasks/`` and a registry entry in
+``tasks/__init__.py``.
+
+The order the engine calls a task in::
+
+    task = make_task(cfg, progress)
+    task.load()                                    # data
+    model = task.new_model()                       # the parent's architecture (seeded by the engine)
+    task.train_parent(model)                       # or task.load_parent(path, model)
+    payload = task.worker_payload(model_state, parent_id)   # shipped once to every worker
+    ... search: workers score genomes with payload.make_evaluator() ...
+    check = task.holdout_check(lambda: best_state)  # per generation
+    chosen, comparison = task.select(records, count, prior, states_of)
+    joined = task.accept(kept_states, new_states)
+    metrics = task.results(parent, member_states, member_ids)
+    metrics["cost"] = task.cost(...); metrics["verdict"] = task.verdict(metrics)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:  # type hints only: importing the task interface stays cheap
+    from torch import nn
+
+    from ..core.config import RunConfig
+    from ..core.search import CandidateRecord
+    from ..core.state import RunResult
+    from ..core.worker import WorkerPayload
+
+Progress = Callable[[str], None]
+State = dict  # a model's state_dict
+StatesOf = Callable[[list["CandidateRecord"]], list[State]]
+
+
+class Task(ABC):
+    """A kind of problem the engine builds ensembles for. One instance serves one run, on the driver."""
+
+    name: str
+
+    def __init__(self, cfg: "RunConfig", progress: Progress):
+        self.cfg = cfg
+        self.progress = progress
+
+    # Data and parent ---------------------------------------------------------------------------------
+    @abstractmethod
+    def load(self) -> None:
+        """Load (or generate) the task's data: training, validation (decisions) and test (final metrics)."""
+
+    @abstractmethod
+    def describe_data(self) -> str:
+        """One progress line on the data this run uses."""
+
+    @abstractmethod
+    def new_model(self) -> "nn.Module":
+        """A freshly initialised parent architecture (the engine seeds torch before the parent's)."""
+
+    @abstractmethod
+    def load_parent(self, path: str | Path, model: "nn.Module") -> None:
+        """Load a parent's weights from ``path`` into ``model``, with a clear error when they do not fit."""
+
+    @abstractmethod
+    def train_parent(self, model: "nn.Module") -> None:
+        """Train the parent in place, printing progress."""
+
+    # Workers -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def worker_payload(self, parent_state: State, parent_id: str) -> "WorkerPayload":
+        """What every worker is given once: the parent, the selection data, family and tuning settings."""
+
+    # Decisions (validation data only) ----------------------------------------------------------------
+    @abstractmethod
+    def holdout_check(self, weights: Callable[[], State] | None) -> dict:
+        """Metrics of one candidate (``weights()`` gives its state_dict; None: it diverged) on held-back
+        validation data, as ``holdout_<metric>`` keys; None values when there is nothing to check."""
+
+    @abstractmethod
+    def select(self, records: list["CandidateRecord"], count: int, prior: list["CandidateRecord"],
+               states_of: StatesOf) -> tuple[list["CandidateRecord"], dict | None]:
+        """``count`` new candidates for the ensemble, distinct from ``prior``, best first; and how the
+        task's selection rules compared (None when there is nothing to compare)."""
+
+    @abstractmethod
+    def accept(self, kept: Sequence[State], new: Sequence[State]) -> list[int]:
+        """Which of ``new`` (indices, in the order they joined) join an ensemble already holding ``kept``."""
+
+    # Results -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def results(self, parent: "nn.Module", member_states: list[State], member_ids: list[int]) -> dict:
+        """Test (and validation) metrics of parent, members and ensemble: the body of ``metrics.json``.
+        The test data is touched here only, after every decision."""
+
+    @abstractmethod
+    def cost(self, *, candidates: int, selected: int, members: int) -> dict:
+        """What the run spent (training, evaluation), for ``metrics.json``."""
+
+    @abstractmethod
+    def verdict(self, metrics: dict) -> dict:
+        """The ensemble against its parent."""
+
+    @abstractmethod
+    def summary(self, metrics: dict, offered: int) -> list[str]:
+        """Lines printed at the end of a run (a table, the verdict, warnings)."""
+
+    def warnings(self, metrics: dict) -> list[str]:
+        """Loud lines, printed last, for a run whose ensemble disappoints; none by default."""
+        return []
+
+    def diagnostics(self, rows: list[dict]) -> list[str]:
+        """Extra lines on the population log's candidates (e.g. broken children); none by default."""
+        return []
+
+    def run_baseline(self, run_dir: Path) -> "RunResult":
+        """Run the config's ``method`` baseline into ``run_dir``; tasks without baselines refuse."""
+        raise NotImplementedError(f"the {self.name} task has no baselines")

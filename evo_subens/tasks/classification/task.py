@@ -1,0 +1,172 @@
+"""Supervised classification as a task: a classifier parent, scored by validation accuracy / NLL, members
+averaged in probability space.
+
+    >>> task = ClassificationTask(load_config("configs/default.yaml"), print)
+    >>> task.load(); model = task.new_model(); task.train_parent(model)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ...core.search import CandidateRecord, select_members
+from ...families import make_family
+from ..base import Task
+from .cost import subnetwork_cost
+from .data import Split, hold_out, load_dataset
+from .evaluation import EvaluationPayload
+from .metrics import classification_metrics
+from .models import build_model, load_parent_state
+from ...nn import count_parameters
+from .results import ensemble_test_metrics, summary_table, validation_metrics, verdict, warnings, with_parent
+from .selection import accept_members, greedy_selection
+from .training import predict_members, predict_probs, train
+from ...core.progress import Steps
+
+
+class ClassificationTask(Task):
+    """Images or signals with class labels: train / validation / test splits of one dataset."""
+
+    name = "classification"
+
+    def load(self) -> None:
+        self.progress(f"[data] loading {self.cfg.data.name}")
+        self.data = load_dataset(self.cfg.data)
+        # Decisions see the head of the validation split; the tail is held back to check them.
+        self.selection, self.holdout = hold_out(self.data.validation, self.cfg.ensemble.holdout)
+
+    def describe_data(self) -> str:
+        data = self.data
+        held = f" + {len(self.holdout):,} held back" if self.holdout is not None else ""
+        return (f"[data] {data.name}: train {len(data.train):,}  validation {len(self.selection):,}{held}  "
+                f"test {len(data.test):,}")
+
+    def new_model(self) -> nn.Module:
+        return build_model(self.cfg.model, self.data.input_shape, self.data.num_classes)
+
+    def load_parent(self, path: str | Path, model: nn.Module) -> None:
+        load_parent_state(path, model)
+
+    def train_parent(self, model: nn.Module) -> None:
+        cfg, data = self.cfg, self.data
+        self.progress(f"[parent] training {count_parameters(model):,} parameters for {cfg.parent.epochs} epochs "
+                      f"on {len(data.train):,} samples")
+
+        def report(epoch: int, loss: float, seconds: float) -> None:
+            val = classification_metrics(predict_probs(model, data.validation.x), data.validation.y)
+            model.train()
+            epochs.step(f"[parent] epoch {epoch + 1}/{cfg.parent.epochs}  loss {loss:.4f}  "
+                        f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  ({seconds:.1f}s)")
+
+        with Steps(self.progress, cfg.parent.epochs, "[parent]", "epochs") as epochs:
+            train(model, data.train, cfg.parent, seed=cfg.seed, on_epoch=report)
+
+    def worker_payload(self, parent_state: dict, parent_id: str) -> EvaluationPayload:
+        cfg, data = self.cfg, self.data
+        payload = EvaluationPayload(
+            model=cfg.model, input_shape=data.input_shape, num_classes=data.num_classes, parent_state=parent_state,
+            parent_id=parent_id, children=cfg.children, val_x=self.selection.x, val_y=self.selection.y,
+            batch_size=cfg.search.eval_batch_size, threads=cfg.workers.threads_per_actor,
+            use_gpu=cfg.workers.num_gpus_per_actor > 0, activation_cache_mb=cfg.workers.activation_cache_mb,
+            autocast=cfg.workers.autocast, stack_candidates=cfg.workers.stack_candidates,
+            finetune=cfg.finetune if cfg.finetune.epochs else None)
+        if make_family(cfg.children).trains_children or cfg.finetune.epochs:
+            payload.train_x, payload.train_y = data.train.x, data.train.y
+        return payload
+
+    def predict(self, states: Sequence[dict], x: torch.Tensor) -> list[torch.Tensor]:
+        """Each weight set's probabilities on ``x`` (no penultimate features: only diversity needs them)."""
+        return predict_members(self.new_model(), list(states), x, self.cfg.search.eval_batch_size, features=False)[0]
+
+    def holdout_check(self, weights) -> dict:
+        if self.holdout is None or weights is None:
+            return {"holdout_accuracy": None, "holdout_nll": None}
+        held = classification_metrics(self.predict([weights()], self.holdout.x)[0], self.holdout.y)
+        return {"holdout_accuracy": held["accuracy"], "holdout_nll": held["nll"]}
+
+    def select(self, records: list[CandidateRecord], count: int, prior: list[CandidateRecord],
+               states_of) -> tuple[list[CandidateRecord], dict | None]:
+        """Selection uses the validation split only (its selection part). The comparison of both rules (each
+        rule's ensemble, before fine-tuning, on validation and test) is made once both have chosen, so the
+        test split cannot influence either choice. A grown ensemble adds the best new candidates by
+        fitness."""
+        cfg, selection = self.cfg, self.selection
+        fitness = cfg.search.fitness
+        if prior:
+            return select_members(records, len(prior) + count, fitness, prior)[len(prior):], None
+        topk = select_members(records, count, fitness)
+        pool = select_members(records, cfg.ensemble.pool or 4 * count, fitness)
+        candidates = list({r.candidate: r for r in pool + topk}.values())
+        states = dict(zip((r.candidate for r in candidates), states_of(candidates)))
+
+        def outputs(chosen: list[CandidateRecord], split: Split) -> dict[int, torch.Tensor]:
+            """Probabilities on ``split`` of each distinct candidate in ``chosen``, each predicted once."""
+            distinct = list({r.candidate: r for r in chosen})
+            return dict(zip(distinct, self.predict([states[c] for c in distinct], split.x)))
+
+        validation = outputs(candidates, selection)
+        greedy = [pool[j] for j in greedy_selection([validation[r.candidate] for r in pool], selection.y, count)]
+        chosen = {"topk": topk, "greedy": greedy}
+        predicted = {"validation": (validation, selection),
+                     "test": (outputs(topk + greedy, self.data.test), self.data.test)}
+        comparison = {}
+        for rule, ensemble in chosen.items():
+            comparison[rule] = {"candidates": [r.candidate for r in ensemble]}
+            for name, (probs, split) in predicted.items():
+                ensemble_probs = torch.stack([probs[r.candidate] for r in ensemble]).mean(dim=0)
+                comparison[rule][name] = classification_metrics(ensemble_probs, split.y)
+        return chosen[cfg.ensemble.selection], comparison
+
+    def accept(self, kept: Sequence[dict], new: Sequence[dict]) -> list[int]:
+        if not self.cfg.ensemble.acceptance:
+            return list(range(len(new)))
+        x, y = self.selection.x, self.selection.y
+        return accept_members(self.predict(kept, x), self.predict(new, x), y)
+
+    def results(self, parent: nn.Module, member_states: list[dict], member_ids: list[int]) -> dict:
+        data, batch = self.data, self.cfg.search.eval_batch_size
+        test_x, test_y = data.test.x, data.test.y
+        member_probs, member_features = predict_members(self.new_model(), member_states, test_x, batch)
+        parent_probs = predict_probs(parent, test_x, batch)
+        ensemble = ensemble_test_metrics(member_probs, member_features, test_y,
+                                         [{"candidate": c} for c in member_ids])
+        metrics = with_parent(parent_probs, test_y, ensemble)
+        test_probs = {"parent": parent_probs, "ensemble": torch.stack(member_probs).mean(dim=0)}
+        validation = data.validation
+        metrics.update(validation_metrics(
+            validation, len(self.selection), self.holdout is not None,
+            predict_probs(parent, validation.x, batch), self.predict(member_states, validation.x), metrics,
+            test_probs, test_y))
+        return metrics
+
+    def cost(self, *, candidates: int, selected: int, members: int) -> dict:
+        return subnetwork_cost(self.cfg, self.data, candidates=candidates, selected=selected, members=members,
+                               validation=len(self.selection))
+
+    def verdict(self, metrics: dict) -> dict:
+        return verdict(metrics)
+
+    def summary(self, metrics: dict, offered: int) -> list[str]:
+        return [summary_table(metrics, offered)]
+
+    def warnings(self, metrics: dict) -> list[str]:
+        return warnings(metrics)
+
+    def diagnostics(self, rows: list[dict]) -> list[str]:
+        from ...core.divergence import summary_lines
+
+        return summary_lines(rows, self.data.num_classes)
+
+    def run_baseline(self, run_dir: Path):
+        from .baselines import run_baseline
+
+        return run_baseline(self.cfg, run_dir, self.data, self.progress)
+
+    def check_baseline(self) -> None:
+        from .baselines import check_baseline
+
+        check_baseline(self.cfg, self.data)

@@ -148,7 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build neural-network ensembles from one trained parent: evolve noisy child subnetworks, "
                     "evaluate them in parallel Ray actors, keep the best as an ensemble.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_commands(commands)
+    _add_bench_commands(commands)
+    return parser
 
+
+def _add_run_commands(commands: argparse._SubParsersAction) -> None:
+    """run, resume, grow, report, config."""
     run_parser = commands.add_parser(
         "run", help="train (or load) a parent, evolve children, build and test the ensemble",
         description="Run a config. Results go to <output_dir>/<name>/ (config.yaml, parent.pt, "
@@ -200,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_parser.add_argument("--fields", action="store_true", help="list every field, its doc and default")
     config_parser.set_defaults(handler=_cmd_config)
 
+
+def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
+    """bench throughput | prune-tune | stochastic | sparsity | quality."""
     bench_parser = commands.add_parser("bench", help="benchmarks (not tests): throughput, prune-tune, quality, "
                                                   "stochastic")
     bench_commands = bench_parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -277,7 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
     quality_parser.add_argument("--configs", default="configs/study/mnist1d,configs/study/digits",
                                 help="comma-separated folders of YAML configs, one config per method")
     quality_parser.set_defaults(handler=_cmd_bench_quality)
-    return parser
 
 
 def _interrupted(args: argparse.Namespace) -> str:

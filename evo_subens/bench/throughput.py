@@ -41,9 +41,7 @@ import logging
 import math
 import os
 import pickle
-import resource
 import statistics
-import threading
 import time
 from dataclasses import replace
 from typing import Callable
@@ -55,6 +53,7 @@ from evotorch import Problem, SolutionBatch
 from evotorch.algorithms import GeneticAlgorithm
 from evotorch.operators import GaussianMutation
 
+from .memory import DriverPeak, actors_peak_mb
 from ..core.config import ChildrenConfig, DataConfig, ModelConfig, WorkersConfig
 from ..tasks.classification.data import load_dataset
 from ..core.worker import parent_fingerprint, torch_threads
@@ -74,57 +73,6 @@ METHODS = ("limit", "engine", "engine, last two, no cache", "engine+cache", "sto
 CACHE_MB = 1024.0  # the configuration default of workers.activation_cache_mb
 SIGMA = 0.1
 SCALING_IMAGES = 500
-
-
-# --------------------------------------------------------------------------------------------------- memory
-
-def _rss_mb() -> float:
-    """This process's private resident memory now (Linux ``/proc``; elsewhere its lifetime peak).
-
-    Shared pages are left out: they are Ray's object store, which keeps pages the driver once wrote (a
-    bounded arena of Ray's, not the driver's), and would carry one method's transfers into the next's.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return (int(fields["RssAnon"].split()[0]) + int(fields["RssFile"].split()[0])) / 1024
-    except (OSError, KeyError):
-        return _peak_rss_mb()
-
-
-def _peak_rss_mb(_instance: object = None) -> float:
-    """Peak resident memory of the calling process; run on an actor through ``__ray_call__``."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-class DriverPeak:
-    """Samples the driver's resident memory in a background thread while the ``with`` block runs."""
-
-    def __init__(self, interval_s: float = 0.02):
-        self.interval_s = interval_s
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while True:
-            self.peak_mb = max(self.peak_mb, _rss_mb())
-            if self._stop.wait(self.interval_s):
-                return
-
-    def __enter__(self) -> "DriverPeak":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, _rss_mb())
-
-
-def _actors_peak_mb(actors: list) -> float:
-    """The largest peak resident memory among ``actors`` (any Ray actor handles)."""
-    return max(ray.get([a.__ray_call__.remote(_peak_rss_mb) for a in actors]))
 
 
 # -------------------------------------------------------------------------------------------------- methods
@@ -322,7 +270,7 @@ def _measure(factory: Callable[[], object], population: int, repeats: int) -> di
                 started = time.perf_counter()
                 method.step()
                 times.append(time.perf_counter() - started)
-        actor_mb = _actors_peak_mb(method.actors)
+        actor_mb = actors_peak_mb(method.actors)
         sent = method.bytes_per_candidate()
     finally:
         if method is not None:

@@ -28,6 +28,8 @@ from torch import nn
 
 from ...core.config import ModelConfig
 from ...errors import ConfigError, ParentFileError
+from ...nn import output_parameter_names as classifier_parameter_names  # a classifier's output layer
+from ...nn import state_copy
 
 __all__ = [
     "MODELS",
@@ -39,6 +41,7 @@ __all__ = [
     "load_parent_state",
     "classifier_parameter_names",
     "count_parameters",
+    "state_copy",
 ]
 
 # Width multipliers of the named LeNet sizes.
@@ -381,21 +384,6 @@ def load_parent_state(path: str | Path, model: nn.Module) -> None:
                               f"{type(model).__name__}: {exc}") from None
 
 
-def classifier_parameter_names(model: nn.Module) -> list[str]:
-    """Names (as in ``model.named_parameters()``) of the final classifier layer's parameters: those
-    of the last module, in ``named_modules()`` order, that directly owns parameters."""
-    # Map by identity so a parameter shared with an earlier module keeps the name
-    # named_parameters() gives it.
-    names = {id(p): name for name, p in model.named_parameters()}
-    last: nn.Module | None = None
-    for _, module in model.named_modules():
-        if any(True for _ in module.parameters(recurse=False)):
-            last = module
-    if last is None:
-        return []
-    return [names[id(p)] for p in last.parameters(recurse=False)]
-
-
 @contextlib.contextmanager
 def classifier_inputs(model: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
                       ) -> Iterator[list[torch.Tensor]]:
@@ -422,11 +410,6 @@ def model_stages(model: nn.Module) -> list[nn.Module] | None:
     if isinstance(model, nn.Sequential):
         return list(model)
     return None
-
-
-def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of ``model.state_dict()`` (safe to keep while the model changes)."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +19,8 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, ConfigFileError
-
-
-def option(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
-           gt: float | None = None, le: float | None = None) -> Any:
-    """A dataclass field with a doc string and range/choice constraints checked on load."""
-    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+from .options import build_section, option, parse_yaml
+from .options import field_docs as section_field_docs
 
 
 @dataclass
@@ -329,98 +319,9 @@ class RunConfig:
                                   base.members)
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.2); PyYAML's 1.1 rules make it a string."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-def parse_yaml(text: str) -> Any:
-    """Parse YAML text the way configs and overrides are read."""
-    return yaml.load(text, Loader=_YamlLoader)
-
-
-def _describe(hint: Any) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             list: "a list", dict: "a mapping", type(None): "null"}
-    args = typing.get_args(hint)
-    if args:
-        return " or ".join(_describe(a) for a in args)
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    """Check ``value`` against a field's type hint; ints are accepted where floats are expected."""
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        for arg in args:
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError:
-                continue
-        raise ConfigError(path, _describe(hint), value)
-    if hint is type(None):
-        if value is None:
-            return None
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):  # .inf would pass every range check; .nan fails them obscurely
-                raise ConfigError(path, "a finite number", value)
-            return float(value)
-    elif hint in (str, list, dict):
-        if isinstance(value, hint):
-            return value
-    raise ConfigError(path, _describe(hint), value)
-
-
-def _check_range(value: Any, meta: dict, path: str) -> None:
-    if value is None:
-        return
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(path, "one of " + ", ".join(repr(c) for c in meta["choices"]), value)
-    bounds = [(meta.get("gt"), "> {}", lambda v, b: v > b), (meta.get("ge"), ">= {}", lambda v, b: v >= b),
-              (meta.get("le"), "<= {}", lambda v, b: v <= b)]
-    failed = [fmt.format(b) for b, fmt, ok in bounds if b is not None and not ok(value, b)]
-    if failed:
-        wanted = " and ".join(fmt.format(b) for b, fmt, _ in bounds if b is not None)
-        raise ConfigError(path, f"a value {wanted}", value)
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(prefix or "<top level>", "a mapping of fields", data)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        path = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(path, "one of the known fields: " + ", ".join(fields), show_got=False)
-    kwargs = {}
-    for name, value in data.items():
-        path = f"{prefix}.{name}" if prefix else name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, path)
-        else:
-            value = _coerce(value, hint, path)
-            _check_range(value, fields[name].metadata, path)
-            kwargs[name] = value
-    return cls(**kwargs)
-
-
 def config_from_dict(data: dict) -> RunConfig:
     """Build and validate a :class:`RunConfig` from a nested mapping."""
-    cfg = _build(RunConfig, data or {}, "")
+    cfg = build_section(RunConfig, data or {})
     cfg.check()
     return cfg
 
@@ -483,13 +384,4 @@ def config_to_dict(cfg: Any) -> dict:
 
 def field_docs(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
     """(dotted name, doc, default) of every field, for ``evo-subens config``."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    instance = cls()
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows.extend(field_docs(hints[f.name], path + "."))
-        else:
-            rows.append((path, f.metadata.get("doc", ""), getattr(instance, f.name)))
-    return rows
+    return section_field_docs(cls, prefix)

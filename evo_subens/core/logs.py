@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow
 
-from .config import parse_yaml
+from .options import parse_yaml
 from ..errors import RunDirError
 from .rundir import POPULATION_SCHEMA
 

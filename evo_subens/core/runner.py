@@ -151,6 +151,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress:
     start_run_clock()
     run_dir = Path(run_dir)
     saved = read_run_config(run_dir)
+    check_resume_compatible(saved, apply_overrides(copy.deepcopy(saved), overrides or []), run_dir)
     cfg = config_from_dict(apply_overrides(copy.deepcopy(saved), overrides or []))
     # Compared with its defaults filled in: fields added since the run started keep their defaults, which
     # reproduce what the run did before they existed.
@@ -282,7 +283,7 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
                          **({} if state.get("grow") else {"members": [], "tuned": 0, "accepted": None}))
             _checkpoint(run_dir, cfg, state)
             rows = _population_rows(search.records, family, [], reference)
-            write_population(population_path, rows)
+            write_population(population_path, rows, family.log_columns)
             if first_step:
                 first_step = False
                 devices = problem.worker_devices()
@@ -293,7 +294,7 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
                     progress(f"[workers] actor-{incident['worker']} was lost (pid {incident['lost_pid']}) and "
                              f"restarted; its unfinished candidates were evaluated again")
             generations.step(_generation_line(search, cfg, seconds, checks[-1]))
-            report_divergence(rows, search.generation - 1, cfg.children, run_dir, progress)
+            report_divergence(rows, search.generation - 1, family, run_dir, progress)
             if search.stopped:
                 progress(f"[search] stopped after generation {search.generation}: {cfg.search.patience} "
                          f"generation(s) without a better best candidate (search.patience)")
@@ -366,7 +367,7 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
 
     # Stage 6: the ensemble on the test split, touched only here, after every selection decision.
     write_population(population_path, _population_rows(search.records, family, [m.candidate for m in members],
-                                                       reference))
+                                                       reference), family.log_columns)
     write_json(run_dir / "members.json", [
         {"candidate": m.candidate, "genome": m.genome, "weights": member_files[i], "val_accuracy": m.val_accuracy,
          "val_nll": m.val_nll} for i, m in zip(positions, members)])
@@ -386,7 +387,7 @@ def _execute(cfg: RunConfig, run_dir: Path, data: DatasetSplits, parent: torch.n
     _checkpoint(run_dir, cfg, dict(state, stage="done", grow=None))
     progress(_summary_table(metrics, len(chosen)))
     final_rows = _population_rows(search.records, family, [m.candidate for m in members], reference)
-    for line in summary_lines([r for r in final_rows if r["generation"] >= 0], data.num_classes):
+    for line in summary_lines([r for r in final_rows if r["generation"] >= 0], data.num_classes, family):
         progress(line)
     for line in _warnings(metrics):
         progress(line)

@@ -21,7 +21,7 @@ from ...core.config import ChildrenConfig, FinetuneConfig, ModelConfig
 from .data import Split
 from ...families import make_family
 from .models import build_model, model_stages, state_copy
-from .training import train
+from .training import SplitTrainer, train
 
 
 def parent_fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -115,8 +115,8 @@ class CandidateEvaluator:
         self.model.load_state_dict(payload.parent_state)
         self.model.to(self.device).eval()
         self.family = make_family(payload.children)
-        train_data = Split(payload.train_x, payload.train_y) if payload.train_x is not None else None
-        self.materialiser = self.family.bind(self.model, train_data)
+        trainer = SplitTrainer(Split(payload.train_x, payload.train_y)) if payload.train_x is not None else None
+        self.materialiser = self.family.bind(self.model, trainer)
         self.val_x = payload.val_x.to(self.device)
         self.val_y = payload.val_y.to(self.device)
         # Trained children are expensive to rebuild: keep the weights of those scored here until fetched.

@@ -62,7 +62,8 @@ def test_matched_budget_follows_the_subnetwork_method(make_config) -> None:
     assert baseline_budget(baseline(make_config, "single")) == 2  # noisy: the parent's epochs
     finetuned = make_config({"method": "single", "finetune": {"epochs": 1}})
     assert baseline_budget(finetuned) == 2 + 1 * 3  # + finetune epochs x ensemble.size
-    sparse = make_config({"method": "single", "children": {"family": "sparse", "tune": {"epochs": 1}}})
+    sparse = config_from_dict(dict(tiny_dict("/tmp/unused", {"method": "single"}),
+                                   children={"family": "sparse", "tune": {"epochs": 1}}))
     assert baseline_budget(sparse) == 2 + 1 * 8 * 2  # + tune epochs x population x generations
     assert baseline_budget(baseline(make_config, "single", budget_epochs=7)) == 7
 

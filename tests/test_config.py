@@ -11,6 +11,7 @@ import yaml
 from evo_subens import cli
 from evo_subens.core.config import RunConfig, config_from_dict, config_to_dict, field_docs, load_config
 from evo_subens.errors import ConfigError, ConfigFileError
+from evo_subens.families import FAMILIES
 
 DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -210,21 +211,30 @@ def test_cli_errors_found_while_building_leave_no_run_directory(
 
 
 def test_every_field_has_a_doc() -> None:
-    """field_docs covers every leaf field of the resolved config, each with a non-empty doc."""
-    docs = {name: doc for name, doc, _ in field_docs()}
-    assert set(docs) == set(_leaves(config_to_dict(RunConfig())))
-    empty = [name for name, doc in docs.items() if not doc.strip()]
+    """field_docs covers every leaf field of the resolved config of every family, each with a non-empty doc;
+    a family's fields say which family they belong to."""
+    docs = field_docs()
+    names = {name for name, _, _ in docs}
+    leaves = set()
+    for family in FAMILIES:
+        family_leaves = set(_leaves(config_to_dict(load_config(None, [f"children.family={family}"]))))
+        tagged = {name for name, doc, _ in docs if doc.startswith(f"[{family}] ")}
+        assert {name for name in family_leaves if name.startswith("children.")} - {"children.family"} == tagged
+        leaves |= family_leaves
+    assert names == leaves
+    empty = [name for name, doc, _ in docs if not doc.strip()]
     assert not empty, f"fields without a doc: {empty}"
 
 
 def test_config_fields_command_lists_every_field(capsys: pytest.CaptureFixture) -> None:
-    """`evo-subens config --fields` prints one line per field with its doc and default."""
+    """`evo-subens config --fields` prints one line per field (per family for the children's) with its doc
+    and default."""
     assert cli.main(["config", "--fields"]) == 0
     lines = capsys.readouterr().out.splitlines()
     for name, doc, default in field_docs():
-        matching = [line for line in lines if line.split()[0] == name]
-        assert len(matching) == 1, name
-        assert doc in matching[0] and repr(default) in matching[0]
+        matching = [line for line in lines if line.split()[0] == name and doc in line]
+        assert len(matching) == 1, (name, doc)
+        assert repr(default) in matching[0]
 
 
 def test_config_command_prints_resolved_config(capsys: pytest.CaptureFixture) -> None:

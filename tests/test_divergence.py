@@ -18,6 +18,7 @@ from evo_subens.core.logs import ADDED_COLUMNS
 from evo_subens.core.rundir import write_population
 from evo_subens.core.runner import run
 from evo_subens.core.search import CandidateRecord
+from evo_subens.families.noisy import NoisyFamily
 
 from conftest import tiny_dict
 
@@ -103,7 +104,7 @@ def test_logs_and_checkpoints_from_before_the_flag_still_load(tmp_path: Path) ->
     assert CandidateRecord(**row).diverged is False  # a checkpoint's records, written without the field
     full = dict(row, seed=1, mask_seed=2, density=0.1, sigma=0.1, depth=1, is_member=True, worker="local",
                 diverged=False)
-    write_population(tmp_path / "population.parquet", [full])
+    write_population(tmp_path / "population.parquet", [full], NoisyFamily.log_columns)
     old = pd.read_parquet(tmp_path / "population.parquet").drop(columns=["diverged"])
     old.to_parquet(tmp_path / "population.parquet", index=False)
     assert "diverged" in ADDED_COLUMNS

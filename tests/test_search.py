@@ -29,7 +29,8 @@ from evo_subens.families import decode_genome, make_family
 from evo_subens.tasks.classification.metrics import classification_metrics
 from evo_subens.tasks.classification.models import build_model
 from evo_subens.core.problem import LOCAL_WORKER, make_problem
-from evo_subens.core.rundir import POPULATION_SCHEMA
+from evo_subens.core.rundir import population_schema
+from evo_subens.families import make_family
 from evo_subens.core.search import CandidateRecord, select_members
 
 QUIET = {"progress": lambda line: None}
@@ -100,8 +101,9 @@ def test_population_log_rows_and_schema(local_run: evo_subens.RunResult) -> None
     assert population["candidate"].tolist() == list(range(n))
     assert population.groupby("generation").size().to_dict() == {
         g: cfg.search.population for g in range(cfg.search.generations)}
-    assert list(population.columns) == list(POPULATION_SCHEMA)
-    assert {c: str(t) for c, t in population.dtypes.items()} == POPULATION_SCHEMA
+    schema = population_schema(make_family(cfg.children).log_columns)
+    assert list(population.columns) == list(schema)
+    assert {c: str(t) for c, t in population.dtypes.items()} == schema
     assert (population["worker"] == "local").all()
     assert population["fitness"].equals(population["val_accuracy"])  # fitness: accuracy
     assert population["val_accuracy"].between(0, 1).all() and (population["val_nll"] > 0).all()

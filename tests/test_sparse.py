@@ -14,6 +14,7 @@ import torch
 import evo_subens
 from evo_subens.core.config import ChildrenConfig, TuneConfig, config_from_dict
 from evo_subens.tasks.classification.data import Split
+from evo_subens.tasks.classification.training import SplitTrainer
 from evo_subens.errors import ConfigError
 from evo_subens.families import decode_genome, make_family
 from evo_subens.families.sparse import unit_masks
@@ -108,7 +109,7 @@ def test_pruned_weights_stay_zero_after_tuning(optimizer: str) -> None:
     model = _model()
     gen = torch.Generator().manual_seed(0)
     data = Split(torch.randn(200, *SHAPE, generator=gen), torch.randint(0, 10, (200,), generator=gen))
-    materialiser = make_family(cfg).bind(model, data)
+    materialiser = make_family(cfg).bind(model, SplitTrainer(data))
     parent = {k: v.clone() for k, v in model.state_dict().items()}
     genome = _genomes(cfg, 1)[0]
     masks = materialiser.masks(decode_genome(genome)["mask"])
@@ -138,7 +139,8 @@ torch.save(_masks(cfg, [{genome!r}])[0], {str(tmp_path / 'm.pt')!r})
 
 
 def test_config_checks() -> None:
-    base = deep_merge(TINY, {"output_dir": "/tmp/unused", "children": {"family": "sparse", "mask": "antirandom"}})
+    base = deep_merge(dict(TINY, children={}), {"output_dir": "/tmp/unused",
+                                                "children": {"family": "sparse", "mask": "antirandom"}})
     with pytest.raises(ConfigError) as info:
         config_from_dict(deep_merge(base, {"children": {"sparsity": 0.3}}))
     assert info.value.field == "children.sparsity"
@@ -150,9 +152,10 @@ def test_config_checks() -> None:
     assert info.value.field == "children.partition_overlap"
 
 
-SPARSE_RUN = deep_merge(TINY, {"children": {"family": "sparse", "mask": "partition", "tune": {"epochs": 1}},
-                               "search": {"population": 4, "generations": 1, "elites": 2},
-                               "ensemble": {"size": 4}})
+SPARSE_RUN = deep_merge(dict(TINY, children={}),
+                        {"children": {"family": "sparse", "mask": "partition", "tune": {"epochs": 1}},
+                         "search": {"population": 4, "generations": 1, "elites": 2},
+                         "ensemble": {"size": 4}})
 
 
 def _run(tmp_path: Path, name: str, extra: dict | None = None) -> evo_subens.RunResult:

@@ -19,7 +19,7 @@ from evo_subens.errors import ConfigError
 from evo_subens.families import decode_genome, make_family
 from evo_subens.families.stochastic import SCHEDULES, inclusion_probabilities
 from evo_subens.tasks.classification.models import build_model
-from evo_subens.tasks.classification.training import train
+from evo_subens.tasks.classification.training import SplitTrainer, train
 
 from conftest import TINY, deep_merge
 
@@ -161,7 +161,7 @@ def test_pruned_weights_are_zero_after_annealing_and_stay_zero(optimizer: str) -
     cfg = _children(mask="random", sparsity=0.9, anneal_fraction=0.5, tune=tune)
     model = _model()
     parent = {k: v.clone() for k, v in model.state_dict().items()}
-    materialiser = make_family(cfg).bind(model, _data())
+    materialiser = make_family(cfg).bind(model, SplitTrainer(_data()))
     genome = _genome(cfg)
     spec = decode_genome(genome)["mask"]
     masks = materialiser.masks(spec)
@@ -195,18 +195,19 @@ def test_zero_annealing_fraction_is_one_shot_pruning() -> None:
     children = {}
     for family in ("sparse", "stochastic"):
         model = _model()
-        cfg = _children(family, mask="random", sparsity=0.8, anneal_fraction=0.0, tune=tune)
-        with make_family(cfg).bind(model, _data()).materialised(_genome(cfg)):
+        anneal = {"anneal_fraction": 0.0} if family == "stochastic" else {}
+        cfg = _children(family, mask="random", sparsity=0.8, tune=tune, **anneal)
+        with make_family(cfg).bind(model, SplitTrainer(_data())).materialised(_genome(cfg)):
             children[family] = {k: v.clone() for k, v in model.state_dict().items()}
     assert all(torch.equal(children["sparse"][k], children["stochastic"][k]) for k in children["sparse"])
     model = _model()
     cfg = _children(mask="random", sparsity=0.8, anneal_fraction=0.5, tune=tune)
-    with make_family(cfg).bind(model, _data()).materialised(_genome(cfg)):
+    with make_family(cfg).bind(model, SplitTrainer(_data())).materialised(_genome(cfg)):
         assert not torch.equal(model.state_dict()["features.0.weight"], children["sparse"]["features.0.weight"])
 
 
 def test_config_checks() -> None:
-    base = deep_merge(TINY, {"output_dir": "/tmp/unused", "children": {"family": "stochastic"}})
+    base = deep_merge(dict(TINY, children={}), {"output_dir": "/tmp/unused", "children": {"family": "stochastic"}})
     cfg = config_from_dict(deep_merge(base, {"children": {"anneal_schedule": "exponential"}}))
     assert cfg.children.family == "stochastic" and cfg.children.tune.epochs == 1
     bad = [({"children": {"tune": {"epochs": 0}}}, "children.tune.epochs"),
@@ -221,10 +222,11 @@ def test_config_checks() -> None:
         assert info.value.field == field
 
 
-RUN = deep_merge(TINY, {"children": {"family": "stochastic", "mask": "random", "sparsity": 0.6,
-                                     "anneal_schedule": "linear", "tune": {"epochs": 1, "lr": 0.05}},
-                        "search": {"population": 4, "generations": 1, "elites": 2},
-                        "ensemble": {"size": 3}})
+RUN = deep_merge(dict(TINY, children={}),
+                 {"children": {"family": "stochastic", "mask": "random", "sparsity": 0.6, "anneal_schedule": "linear",
+                               "tune": {"epochs": 1, "lr": 0.05}},
+                  "search": {"population": 4, "generations": 1, "elites": 2},
+                  "ensemble": {"size": 3}})
 
 
 def _run(tmp_path: Path, name: str, extra: dict | None = None) -> evo_subens.RunResult:
@@ -237,7 +239,9 @@ def test_stochastic_run_end_to_end(ray_session, tmp_path: Path) -> None:
     masked; they are not the one-shot (sparse) children with the same masks."""
     local = _run(tmp_path, "local")
     remote = _run(tmp_path, "ray", {"workers": {"executor": "ray", "num_actors": 2}})
-    sparse = _run(tmp_path, "sparse", {"children": {"family": "sparse"}})
+    sparse_children = {k: v for k, v in RUN["children"].items() if not k.startswith("anneal_")}
+    sparse = evo_subens.run(dict(RUN, children=dict(sparse_children, family="sparse"), output_dir=str(tmp_path),
+                                 name="sparse"), progress=lambda line: None)
     assert local.metrics == remote.metrics
     assert local.population.loc[local.population["generation"] >= 0, "density"].eq(0.4).all()
     members = json.loads((local.run_dir / "members.json").read_text())

@@ -15,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from ..core.config import config_to_dict, load_config
+from ..core.config import TuneConfig, config_to_dict, load_config
 from ..core.runner import run
 
 TOLERANCE = 0.005  # accuracy a tuned child may lose against its parent at a sparsity the model affords
@@ -34,9 +34,11 @@ def sparsity_table(config: str, *, sparsities: list[float], members: int = 4, tu
         cfg.update(name=f"{Path(config).stem}-{sparsity:g}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}", seed=seed,
                    output_dir=output_dir)
         cfg["model"]["parent_path"] = parent_path
-        cfg["children"].update(family="sparse", mask="random", sparsity=sparsity, structure="connection",
-                               scope="global")
-        cfg["children"]["tune"].update(epochs=tune_epochs, lr=tune_lr, lr_schedule="onecycle")
+        # The sparse family's section: the config's own if it is one, else its defaults (and the config's layers).
+        tune = dict(base["children"].get("tune") or config_to_dict(TuneConfig()),
+                    epochs=tune_epochs, lr=tune_lr, lr_schedule="onecycle")
+        cfg["children"] = {"family": "sparse", "layers": base["children"].get("layers", ["*"]), "mask": "random",
+                           "sparsity": sparsity, "structure": "connection", "scope": "global", "tune": tune}
         cfg["search"].update(population=members, generations=1, elites=1, patience=0)
         cfg["finetune"]["epochs"] = 0
         cfg["ensemble"].update(size=members, acceptance=False, holdout=0.0, selection="topk")

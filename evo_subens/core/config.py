@@ -11,10 +11,6 @@ bad value is rejected before any work starts with a message that names the field
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,15 +19,8 @@ import yaml
 
 from ..errors import ConfigError, ConfigFileError
 from ..tasks import TASKS
-
-
-def option(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
-           gt: float | None = None, le: float | None = None) -> Any:
-    """A dataclass field with a doc string and range/choice constraints checked on load."""
-    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+from .options import build_section, option, parse_yaml
+from .options import field_docs as section_field_docs
 
 
 @dataclass
@@ -56,13 +45,19 @@ class ModelConfig:
     parent_path: str | None = option(None, "state_dict file of a trained parent; null = train one")
 
 
+# Learning-rate schedules a config may name (evo_subens.tasks.classification.training.lr_factor implements them).
+LR_SCHEDULES = ("constant", "cosine", "onecycle", "step")
+# Share of the training split a child tunes on with children.tune.bagging.
+BAGGING_SHARE = 0.9
+
+
 @dataclass
 class TrainConfig:
     epochs: int = option(10, "passes over the training split", ge=0)
     batch_size: int = option(128, "minibatch size", ge=1)
     lr: float = option(0.1, "peak learning rate", gt=0)
     lr_schedule: str = option("cosine", "learning-rate schedule, stepped per batch",
-                              choices=("constant", "cosine", "onecycle", "step"))
+                              choices=LR_SCHEDULES)
     optimizer: str = option("sgd", "sgd (momentum, nesterov, weight_decay apply) or adam (weight_decay "
                                    "applies)", choices=("sgd", "adam"))
     momentum: float = option(0.9, "SGD momentum", ge=0, le=1)
@@ -77,58 +72,79 @@ class FinetuneConfig(TrainConfig):
     lr: float = option(0.05, "peak learning rate", gt=0)
     lr_schedule: str = option("onecycle", "learning-rate schedule, stepped per batch; onecycle: warm-up over "
                                           "10% from lr/100 to lr, then cosine to ~1e-7 lr",
-                              choices=("constant", "cosine", "onecycle", "step"))
+                              choices=LR_SCHEDULES)
 
 
 @dataclass
 class TuneConfig(TrainConfig):
-    epochs: int = option(1, "epochs each sparse child is tuned (mask fixed) before it is scored", ge=0)
+    epochs: int = option(1, "epochs each child is tuned before it is scored", ge=0)
     lr: float = option(0.1, "peak learning rate", gt=0)
     lr_schedule: str = option("onecycle", "constant, or onecycle: warm-up over 10% from lr/100 to lr, then "
                                           "cosine to ~1e-7 lr (Prune and Tune)",
-                              choices=("constant", "cosine", "onecycle", "step"))
+                              choices=LR_SCHEDULES)
     bagging: bool = option(False, "each child tunes on its own random 90% of the training split")
+
+
+DEFAULT_FAMILY = "noisy"
+
+
+def family_section(name: Any, path: str = "children") -> type[ChildrenConfig]:
+    """The config section (a :class:`ChildrenConfig` subclass) of the registered child family ``name``;
+    :class:`ConfigError` on ``<path>.family`` when no family has that name."""
+    from ..families import family_class  # here, not at the top: the family modules import this one
+
+    return family_class(name, field=f"{path}.family").config
 
 
 @dataclass
 class ChildrenConfig:
-    family: str = option("noisy", "how children are derived from a parent: noisy (Gaussian mutations), "
-                                  "sparse (pruning masks, tuned) or stochastic (masks annealed while tuned)",
-                         choices=("noisy", "sparse", "stochastic"))
-    density: float = option(0.05, "fraction of the eligible parameters each mutation perturbs "
-                                  "(1.0 = dense noise)", gt=0, le=1)
-    sigma: float = option(0.1, "noise standard deviation (absolute, or a multiple of each layer's "
-                               "weight std when sigma_mode is relative)", ge=0)
-    sigma_mode: str = option("relative", "scale of sigma", choices=("absolute", "relative"))
-    subspace: str = option("dynamic", "static: one mask per generation; dynamic: a fresh mask per child",
-                           choices=("static", "dynamic"))
-    layers: list = option(["*"], "glob patterns over parameter names (e.g. 'features.*', '*.weight') "
-                                 "selecting the eligible parameters")
-    include_classifier: bool = option(True, "noisy: whether the final classifier layer may be perturbed "
-                                            "(sparse never prunes it)")
-    density_grid: list = option([], "noisy sweep: densities crossed with sigma_grid, children cycling through "
-                                    "the pairs (the mutation window); [] = density only")
-    sigma_grid: list = option([], "noisy sweep: sigmas crossed with density_grid; [] = sigma only")
-    mask: str = option("random", "sparse: random masks, antirandom pairs (M, 1-M at sparsity 0.5), or "
-                                 "partition (each generation's children share out the parent)",
-                       choices=("random", "antirandom", "partition"))
-    sparsity: float = option(0.5, "sparse (random): fraction of the prunable units removed; partition: "
-                                  "derived as 1 - partition_overlap / search.population", ge=0, le=0.999)
-    structure: str = option("connection", "sparse: prune single weights (connection) or whole output "
-                                          "units of Linear/Conv layers (neuron)", choices=("connection", "neuron"))
-    scope: str = option("global", "sparse: draw masks over all prunable units at once (global) or per "
-                                  "layer at the same sparsity (layerwise)", choices=("global", "layerwise"))
-    partition_overlap: int = option(1, "sparse partition: every prunable unit is kept by exactly this many "
-                                       "of a generation's children", ge=1)
-    anneal_schedule: str = option("cosine", "stochastic: how inclusion probabilities move from anneal_start "
-                                            "to the target mask (1 kept, 0 pruned)",
-                                  choices=("linear", "cosine", "exponential"))
-    anneal_start: float = option(0.5, "stochastic: inclusion probability of every prunable unit, kept or "
-                                      "pruned, at the first tuning step", ge=0, le=1)
-    anneal_fraction: float = option(0.5, "stochastic: share of the tuning steps over which probabilities are "
-                                         "annealed; afterwards the mask is exactly the target", ge=0, le=1)
-    tune: TuneConfig = field(default_factory=TuneConfig, metadata={"doc": "tuning of sparse and stochastic "
-                                                                          "children"})
+    """The ``children`` section: ``family`` names a registered child family, whose module declares a
+    subclass of this one with the family's own fields, checks and docs. In YAML the section stays flat
+    (``family`` plus that family's fields); ``ChildrenConfig(family=..., **fields)`` builds the family's
+    subclass, so ``ChildrenConfig(density=0.1)`` is the default family's section."""
+
+    family: str = option(DEFAULT_FAMILY, "how children are derived from a parent, one of the registered families")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> ChildrenConfig:
+        if cls is ChildrenConfig:
+            cls = family_section(args[0] if args else kwargs.get("family", DEFAULT_FAMILY))
+        return super().__new__(cls)
+
+    @classmethod
+    def select_section(cls, data: dict, path: str) -> type[ChildrenConfig]:
+        """The section of ``data["family"]``; a field of another family is an error that names it."""
+        family = data.get("family", DEFAULT_FAMILY)
+        section = family_section(family, path)
+        own = {f.name for f in dataclasses.fields(section)}
+        for name in data:
+            if name in own:
+                continue
+            owners = [label for label, other in cls.section_variants()
+                      if name in {f.name for f in dataclasses.fields(other)}]
+            if owners:
+                kind = "family" if len(owners) == 1 else "families"
+                raise ConfigError(f"{path}.{name}", f"a field of the {family} family ({path}.family is "
+                                                    f"{family!r}); {name} belongs to the "
+                                                    f"{' and '.join(owners)} {kind}", show_got=False)
+        return section
+
+    @classmethod
+    def section_variants(cls) -> list[tuple[str, type[ChildrenConfig]]]:
+        """(name, section) of every registered family."""
+        from ..families import FAMILIES
+
+        return [(name, family_section(name)) for name in FAMILIES]
+
+    def check(self, run: RunConfig) -> None:
+        """Checks across fields, including other sections of ``run`` (single fields are checked while
+        loading). A family's section extends this with its own checks."""
+        if type(self) is not family_section(self.family):
+            raise ConfigError("children.family", f"the family of {type(self).__name__}", self.family)
+
+    def tuning(self) -> TuneConfig | None:
+        """How each child is trained before it is scored (families that train children); None: not at all.
+        The run's cost and the baselines' matched budget count these epochs."""
+        return None
 
 
 @dataclass
@@ -271,32 +287,7 @@ class RunConfig:
                               self.search.elites)
         if self.model.architecture is not None and ":" not in self.model.architecture:
             raise ConfigError("model.architecture", "'module:Class'", self.model.architecture)
-        if not self.children.layers or not all(isinstance(p, str) for p in self.children.layers):
-            raise ConfigError("children.layers", "a non-empty list of glob patterns (strings)",
-                              self.children.layers)
-        children = self.children
-        masked = children.family in ("sparse", "stochastic")
-        if masked and children.mask == "antirandom":
-            if children.sparsity != 0.5:
-                raise ConfigError("children.sparsity", "0.5 for antirandom masks (M and 1 - M)", children.sparsity)
-            if self.search.population % 2:
-                raise ConfigError("search.population", "an even number for antirandom pairs",
-                                  self.search.population)
-        if masked and children.mask == "partition" and \
-                children.partition_overlap >= self.search.population:
-            raise ConfigError("children.partition_overlap", f"less than search.population = "
-                                                             f"{self.search.population}", children.partition_overlap)
-        if children.family == "stochastic" and children.tune.epochs == 0:
-            raise ConfigError("children.tune.epochs", "at least 1 for stochastic children (annealing happens "
-                                                      "while tuning)", children.tune.epochs)
-        grids = {"density_grid": ("numbers in (0, 1]", lambda g: 0 < g <= 1),
-                 "sigma_grid": ("finite numbers >= 0", lambda g: 0 <= g < math.inf)}
-        for name, (wanted, valid) in grids.items():
-            grid = getattr(children, name)
-            if not all(isinstance(g, (int, float)) and not isinstance(g, bool) and valid(g) for g in grid):
-                raise ConfigError(f"children.{name}", f"a list of {wanted}", grid)
-            if grid and children.family != "noisy":
-                raise ConfigError(f"children.{name}", "[] unless children.family is noisy", grid)
+        self.children.check(self)
         v = self.data.validation_size
         if v >= 1 and v != int(v):
             raise ConfigError("data.validation_size", "a fraction in (0, 1) or a whole number of samples", v)
@@ -305,7 +296,7 @@ class RunConfig:
         """The baseline methods' budget must cover their models, cycles and snapshots."""
         if self.method == "subnetworks":
             return
-        from ..tasks.classification.cost import baseline_budget  # imports the families, which import this module
+        from ..tasks.classification.cost import baseline_budget  # here, not at the top: cost imports this module
 
         base = self.baseline
         if self.model.parent_path is not None:
@@ -332,98 +323,9 @@ class RunConfig:
                                   base.members)
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.2); PyYAML's 1.1 rules make it a string."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-def parse_yaml(text: str) -> Any:
-    """Parse YAML text the way configs and overrides are read."""
-    return yaml.load(text, Loader=_YamlLoader)
-
-
-def _describe(hint: Any) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             list: "a list", dict: "a mapping", type(None): "null"}
-    args = typing.get_args(hint)
-    if args:
-        return " or ".join(_describe(a) for a in args)
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    """Check ``value`` against a field's type hint; ints are accepted where floats are expected."""
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        for arg in args:
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError:
-                continue
-        raise ConfigError(path, _describe(hint), value)
-    if hint is type(None):
-        if value is None:
-            return None
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):  # .inf would pass every range check; .nan fails them obscurely
-                raise ConfigError(path, "a finite number", value)
-            return float(value)
-    elif hint in (str, list, dict):
-        if isinstance(value, hint):
-            return value
-    raise ConfigError(path, _describe(hint), value)
-
-
-def _check_range(value: Any, meta: dict, path: str) -> None:
-    if value is None:
-        return
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(path, "one of " + ", ".join(repr(c) for c in meta["choices"]), value)
-    bounds = [(meta.get("gt"), "> {}", lambda v, b: v > b), (meta.get("ge"), ">= {}", lambda v, b: v >= b),
-              (meta.get("le"), "<= {}", lambda v, b: v <= b)]
-    failed = [fmt.format(b) for b, fmt, ok in bounds if b is not None and not ok(value, b)]
-    if failed:
-        wanted = " and ".join(fmt.format(b) for b, fmt, _ in bounds if b is not None)
-        raise ConfigError(path, f"a value {wanted}", value)
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(prefix or "<top level>", "a mapping of fields", data)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        path = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(path, "one of the known fields: " + ", ".join(fields), show_got=False)
-    kwargs = {}
-    for name, value in data.items():
-        path = f"{prefix}.{name}" if prefix else name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, path)
-        else:
-            value = _coerce(value, hint, path)
-            _check_range(value, fields[name].metadata, path)
-            kwargs[name] = value
-    return cls(**kwargs)
-
-
 def config_from_dict(data: dict) -> RunConfig:
     """Build and validate a :class:`RunConfig` from a nested mapping."""
-    cfg = _build(RunConfig, data or {}, "")
+    cfg = build_section(RunConfig, data or {})
     cfg.check()
     return cfg
 
@@ -485,14 +387,6 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def field_docs(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(dotted name, doc, default) of every field, for ``evo-subens config``."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    instance = cls()
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows.extend(field_docs(hints[f.name], path + "."))
-        else:
-            rows.append((path, f.metadata.get("doc", ""), getattr(instance, f.name)))
-    return rows
+    """(dotted name, doc, default) of every field, for ``evo-subens config --fields``: every family's
+    fields, each doc prefixed with its family (``[sparse] ...``)."""
+    return section_field_docs(cls, prefix)

@@ -9,14 +9,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
 import pyarrow
 
-from .config import parse_yaml
-from ..errors import RunDirError
-from .rundir import POPULATION_SCHEMA
+from .config import DEFAULT_FAMILY, ChildrenConfig, family_section
+from .options import parse_yaml
+from ..errors import RunDirError, UserError
+from .rundir import POPULATION_SCHEMA, population_schema
 
 # Population-log columns added after the first release, with the value older logs mean by them.
 ADDED_COLUMNS = {"node": "", "raced": False, "diverged": False}
@@ -54,6 +56,27 @@ def read_run_config(run_dir: str | Path) -> dict:
     for (section, name), value in LEGACY_VALUES.items():
         if isinstance(data.get(section), dict) and name not in data[section]:
             data[section][name] = value
+    drop_other_families_fields(data)
+    return data
+
+
+def drop_other_families_fields(data: dict) -> dict:
+    """Drop from a saved config's ``children`` the fields of families other than its own, in place.
+
+    Run directories written while every family shared one flat ``children`` section hold every family's
+    fields (22 of them); only the run's own family read its fields, the others had no effect. The
+    section of a family now holds its own fields only, so those are all a saved config keeps.
+    """
+    children = data.get("children")
+    if not isinstance(children, dict):
+        return data
+    try:
+        own = {f.name for f in dataclasses.fields(family_section(children.get("family", DEFAULT_FAMILY)))}
+    except UserError:
+        return data  # an unknown family: building the config names it
+    others = {f.name for _, section in ChildrenConfig.section_variants() for f in dataclasses.fields(section)}
+    for name in [name for name in children if name not in own and name in others]:
+        del children[name]
     return data
 
 
@@ -80,11 +103,27 @@ def check_resume_compatible(saved: dict, new: dict, run_dir: Path) -> None:
                           f"Resume may change search.generations and workers.*")
 
 
+def _logged_family(run_dir: Path) -> type | None:
+    """The :class:`~evo_subens.families.Family` class of the run in ``run_dir``; None when its config does
+    not say (no or an unreadable config.yaml, a family not registered in this process)."""
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    from ..families import family_class  # here, not at the top: the families import the config
+
+    try:
+        children = read_run_config(run_dir).get("children") or {}
+        return family_class(children.get("family", DEFAULT_FAMILY))
+    except (UserError, AttributeError):
+        return None
+
+
 def load_population(run_dir: str | Path) -> pd.DataFrame:
     """The population log of a run: one row per evaluated candidate.
 
-    Columns and dtypes are :data:`evo_subens.core.rundir.POPULATION_SCHEMA`; ``eval_seconds``, ``worker`` and
-    ``node`` record where and how fast a candidate ran, everything else is a function of the config.
+    Columns and dtypes are :func:`evo_subens.core.rundir.population_schema` of the run's family (its log
+    columns after ``parent``); ``eval_seconds``, ``worker`` and ``node`` record where and how fast a
+    candidate ran, everything else is a function of the config. Logs of a family whose columns changed
+    are read with today's names (``Family.legacy_log_columns``).
     """
     path = Path(run_dir) / "population.parquet"
     if not path.is_file():
@@ -96,10 +135,17 @@ def load_population(run_dir: str | Path) -> pd.DataFrame:
     for column, value in ADDED_COLUMNS.items():  # logs written before the column existed
         if column not in frame.columns:
             frame[column] = pd.Series([value] * len(frame), dtype=POPULATION_SCHEMA[column])
-    missing = set(POPULATION_SCHEMA) - set(frame.columns)
+    family = _logged_family(Path(run_dir))
+    schema = POPULATION_SCHEMA
+    if family is not None:
+        renamed = {old: new for old, new in family.legacy_log_columns.items()
+                   if old in frame.columns and new not in frame.columns}
+        frame = frame.rename(columns=renamed)
+        schema = population_schema(family.log_columns)
+    missing = set(schema) - set(frame.columns)
     if missing:
         raise RunDirError(f"population log {path} lacks columns {sorted(missing)}")
-    return frame
+    return frame[list(schema)] if family is not None else frame
 
 
 def load_runs(runs_dir: str | Path = "runs") -> pd.DataFrame:

@@ -143,7 +143,7 @@ class Pipeline:
             state.members, state.tuned, state.accepted = [], 0, None
         self._checkpoint()
         rows = self._population_rows([])
-        write_population(self.run_dir / "population.parquet", rows)
+        write_population(self.run_dir / "population.parquet", rows, self.family.log_columns)
         if self._first_generation:
             self._first_generation = False
             devices = self.problem.worker_devices()
@@ -154,7 +154,7 @@ class Pipeline:
                 self.progress(f"[workers] actor-{incident['worker']} was lost (pid {incident['lost_pid']}) and "
                               f"restarted; its unfinished candidates were evaluated again")
         self.generations.step(self._generation_line(seconds, state.checks[-1]))
-        report_divergence(rows, search.generation - 1, cfg.children, self.run_dir, self.progress)
+        report_divergence(rows, search.generation - 1, self.family, self.run_dir, self.progress)
         if search.stopped:
             self.progress(f"[search] stopped after generation {search.generation}: {cfg.search.patience} "
                           f"generation(s) without a better best candidate (search.patience)")
@@ -263,7 +263,8 @@ class Pipeline:
         chosen = self._chosen()
         positions = state.ensemble
         members = [chosen[i] for i in positions]
-        write_population(self.run_dir / "population.parquet", self._population_rows([m.candidate for m in members]))
+        write_population(self.run_dir / "population.parquet", self._population_rows([m.candidate for m in members]),
+                         self.family.log_columns)
         write_json(self.run_dir / "members.json", [
             {"candidate": m.candidate, "genome": m.genome, "weights": _member_file(i) if self._stored() else None,
              "val_accuracy": m.val_accuracy, "val_nll": m.val_nll} for i, m in zip(positions, members)])

@@ -4,7 +4,7 @@ Layout::
 
     config.yaml          resolved config (every field, defaults included)
     parent.pt            parent state_dict (loads with ``torch.load(..., weights_only=True)``)
-    population.parquet   one row per evaluated candidate (see POPULATION_SCHEMA)
+    population.parquet   one row per evaluated candidate (see population_schema)
     members.json         member genomes in selection order (+ weight files of fine-tuned members)
     members/<i>.pt       state_dict of fine-tuned member i (only when finetune.epochs > 0)
     metrics.json         test metrics: parent, members, ensemble
@@ -30,16 +30,12 @@ import yaml
 from .config import RunConfig, config_to_dict
 from ..errors import ConfigError, RunDirError
 
-# Column -> pandas dtype of population.parquet. Stable names: analyses and later tools rely on them.
+# Column -> pandas dtype of population.parquet, the columns every run has: the child family's own columns
+# (Family.log_columns) come after "parent". Stable names: analyses and later tools rely on them.
 POPULATION_SCHEMA: dict[str, str] = {
     "generation": "int64",      # generation the candidate was evaluated in (0-based)
     "candidate": "int64",       # run-wide candidate id, in evaluation order
     "parent": "int64",          # candidate id of the genome it extends; -1 = the trained parent
-    "seed": "int64",            # noisy: noise seed of the candidate's own (last) mutation; sparse/stochastic: mask seed
-    "mask_seed": "int64",       # noisy: mask seed of that mutation; sparse/stochastic: partition index / pair side
-    "density": "float64",       # noisy: share of eligible parameters perturbed; sparse/stochastic: share kept
-    "sigma": "float64",         # noisy: noise scale of that mutation; sparse/stochastic: 0
-    "depth": "int64",           # noisy: mutations from the trained parent; sparse/stochastic: 1
     "fitness": "float64",       # the selection metric (val_accuracy or val_nll)
     "val_accuracy": "float64",
     "val_nll": "float64",
@@ -52,6 +48,21 @@ POPULATION_SCHEMA: dict[str, str] = {
     "diverged": "bool",         # its validation metrics were NaN or infinite (logged as NaN): never elite/member
     "genome": "string",         # the full genome (JSON), materialises the candidate exactly
 }
+_FAMILY_COLUMNS_AFTER = "parent"
+
+
+def population_schema(family_columns: dict[str, str]) -> dict[str, str]:
+    """Columns and dtypes of a population log: :data:`POPULATION_SCHEMA` with the child family's columns
+    (name -> dtype, e.g. ``NoisyFamily.log_columns``) after ``parent``."""
+    clash = set(family_columns) & set(POPULATION_SCHEMA)
+    if clash:
+        raise ValueError(f"family log columns {sorted(clash)} clash with the population log's own columns")
+    schema: dict[str, str] = {}
+    for column, dtype in POPULATION_SCHEMA.items():
+        schema[column] = dtype
+        if column == _FAMILY_COLUMNS_AFTER:
+            schema.update(family_columns)
+    return schema
 
 
 def _fsync_dir(path: Path) -> None:
@@ -101,15 +112,16 @@ def write_state(path: Path, state: dict[str, torch.Tensor]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def population_frame(rows: list[dict]) -> pd.DataFrame:
-    """The population log as a DataFrame with :data:`POPULATION_SCHEMA`'s columns and dtypes."""
-    frame = pd.DataFrame(rows, columns=list(POPULATION_SCHEMA))
-    return frame.astype(POPULATION_SCHEMA)
+def population_frame(rows: list[dict], family_columns: dict[str, str]) -> pd.DataFrame:
+    """The population log as a DataFrame with :func:`population_schema`'s columns and dtypes."""
+    schema = population_schema(family_columns)
+    frame = pd.DataFrame(rows, columns=list(schema))
+    return frame.astype(schema)
 
 
-def write_population(path: Path, rows: list[dict]) -> None:
-    """Atomically write the population log as Parquet."""
-    frame = population_frame(rows)
+def write_population(path: Path, rows: list[dict], family_columns: dict[str, str]) -> None:
+    """Atomically write the population log as Parquet (``family_columns``: the family's log columns)."""
+    frame = population_frame(rows, family_columns)
     atomic_write(path, lambda f: frame.to_parquet(f, index=False))
 
 

@@ -82,6 +82,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress:
     start_run_clock()
     run_dir = Path(run_dir)
     saved = read_run_config(run_dir)
+    check_resume_compatible(saved, apply_overrides(copy.deepcopy(saved), overrides or []), run_dir)
     cfg = config_from_dict(apply_overrides(copy.deepcopy(saved), overrides or []))
     # Compared with its defaults filled in: fields added since the run started keep their defaults, which
     # reproduce what the run did before they existed.

@@ -1,8 +1,14 @@
 """The interface every child family implements.
 
-A family turns parent genomes into child genomes (on the driver, from the search's RNG) and turns a
-genome into weights (in a worker, on a model that holds the parent's weights). Genomes are compact
-JSON strings so they cross process boundaries in a few bytes and sit in the population log as is.
+A family is one module: its config section (a :class:`~evo_subens.core.config.ChildrenConfig` subclass
+with its fields, docs and checks), its population-log columns, and a :class:`Family` subclass that turns
+parent genomes into child genomes (on the driver, from the search's RNG) and a genome into weights (in a
+worker, on a model that holds the parent's weights). Registering it
+(:func:`evo_subens.families.register_family`) makes ``children.family`` accept its name. Genomes are
+compact JSON strings so they cross process boundaries in a few bytes and sit in the population log as is.
+
+Families know nothing of the task: a family that trains its children is given a :class:`ChildTrainer`
+by the task (classification: SGD on the training split).
 """
 
 from __future__ import annotations
@@ -10,12 +16,18 @@ from __future__ import annotations
 import contextlib
 import json
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 from torch import nn
 
-from ..core.config import ChildrenConfig
+from ..core.config import ChildrenConfig, TrainConfig
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
 
 Undo = Callable[[], None]
 
@@ -28,6 +40,42 @@ def encode_genome(genome: dict) -> str:
 def decode_genome(text: str) -> dict:
     """Inverse of :func:`encode_genome`."""
     return json.loads(text)
+
+
+def check_patterns(path: str, patterns: Any) -> None:
+    """A section's parameter-name patterns must be a non-empty list of glob strings."""
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(path, "a non-empty list of glob patterns (strings)", patterns)
+
+
+class ChildTrainer(Protocol):
+    """Trains a child in place on the task's training data; given to families that train children.
+
+    ``len(trainer)`` is the number of training samples. ``train`` runs ``cfg.epochs`` epochs from a batch
+    order seeded with ``seed``; ``parameter_filter(model)`` runs after every optimiser step (a fixed mask
+    re-applied), ``forward(model, x, step)`` replaces ``model(x)`` for the training outputs (a mask sampled
+    per step), ``subset`` (indices of training samples) restricts training to those samples. ``steps``
+    is the number of optimiser steps ``train`` takes on ``samples`` samples.
+    """
+
+    def __len__(self) -> int: ...
+
+    def train(self, model: nn.Module, cfg: TrainConfig, *, seed: int,
+              parameter_filter: Callable[[nn.Module], None] | None = None,
+              forward: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] | None = None,
+              subset: np.ndarray | None = None) -> None: ...
+
+    def steps(self, cfg: TrainConfig, samples: int) -> int: ...
+
+
+@dataclass
+class ReportSection:
+    """A family's own part of a run's report: a ``## title`` with markdown lines and plots (file name ->
+    matplotlib Figure, saved beside report.md and shown under the text)."""
+
+    title: str
+    lines: list[str]
+    plots: dict[str, Any] = field(default_factory=dict)
 
 
 class Materialiser(ABC):
@@ -50,10 +98,15 @@ class Materialiser(ABC):
 class Family(ABC):
     """How children are derived from a parent. Adding a family is one module and one registry entry."""
 
-    name: str
+    name: ClassVar[str]  # its registry name, and the default of its section's ``family``
+    config: ClassVar[type[ChildrenConfig]]  # its config section
+    # Its population-log columns (name -> pandas dtype), in order; :meth:`describe` fills exactly these.
+    log_columns: ClassVar[dict[str, str]]
+    # Columns older logs wrote under another name (old name -> column); other old columns are dropped.
+    legacy_log_columns: ClassVar[dict[str, str]] = {}
     # Scoring a child trains it (sparse tuning): workers then get the training split, and a child's
     # weights are no longer cheap to rebuild from its genome, so members' weights are stored.
-    trains_children: bool = False
+    trains_children: ClassVar[bool] = False
 
     def __init__(self, cfg: ChildrenConfig):
         self.cfg = cfg
@@ -70,9 +123,13 @@ class Family(ABC):
         (the search's step-size adaptation; families whose children have no step size ignore it)."""
 
     @abstractmethod
-    def bind(self, model: nn.Module, train_data: Any = None) -> Materialiser:
-        """A materialiser for ``model``, which must hold the root parent's weights; ``train_data`` (a
-        :class:`~evo_subens.tasks.classification.data.Split`) is given to families that train children."""
+    def bind(self, model: nn.Module, trainer: ChildTrainer | None = None) -> Materialiser:
+        """A materialiser for ``model``, which must hold the root parent's weights; ``trainer`` is given to
+        families that train children (without one, their children are materialised untrained)."""
+
+    @abstractmethod
+    def describe(self, genome: str) -> dict[str, Any]:
+        """The genome's values of :attr:`log_columns`, for its row of the population log."""
 
     def mutated_parameters(self, model: nn.Module) -> list[str] | None:
         """Names of the only parameters children can differ from the parent in, when the family knows
@@ -91,6 +148,21 @@ class Family(ABC):
         """Inverse of :meth:`pack`."""
         return packed
 
-    @abstractmethod
-    def describe(self, genome: str) -> dict[str, Any]:
-        """Flat, typed fields of a genome for the population log (e.g. seed, density, sigma)."""
+    # ---- what runs and reports say about the family's children
+
+    def summary(self) -> str:
+        """The family's settings in a few words, for the report's first line."""
+        return ", ".join(f"{name} {value}" for name, value in vars(self.cfg).items() if name != "family")
+
+    def settings(self, row: Mapping[str, Any]) -> str:
+        """The settings a logged candidate (a population-log row) was made with, e.g. ``density 0.1 x
+        sigma 0.5``: messages about diverged children group them by it. Empty: nothing to name."""
+        return ""
+
+    def divergence_advice(self) -> str:
+        """What to change when children diverge (NaN or infinite metrics), e.g. ``a smaller children.sigma``."""
+        return "gentler children settings"
+
+    def report_sections(self, population: pd.DataFrame) -> list[ReportSection]:
+        """Sections of the run's report only this family has (e.g. a plot over its own log columns)."""
+        return []

@@ -9,28 +9,68 @@ steps from the root parent::
 
 Masks come from NumPy's ``Generator.choice`` and noise from a CPU ``torch.Generator``, both seeded by
 the genome, so a genome gives the same weights in any process (bit for bit on the same device type).
+
+Config (``children:`` with ``family: noisy``): :class:`NoisyConfig`. Population-log columns: the
+candidate's own (last) mutation step, ``seed`` (noise seed), ``mask_seed``, ``density``, ``sigma``, and
+``depth``, the mutations from the trained parent.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Sequence
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..core.config import ChildrenConfig
+from ..core.config import ChildrenConfig, RunConfig
+from ..core.options import option
 from ..errors import ConfigError
-from ..tasks.classification.models import classifier_parameter_names
-from .base import Family, Materialiser, Undo, decode_genome, encode_genome
+from ..nn import output_parameter_names
+from .base import ChildTrainer, Family, Materialiser, ReportSection, Undo, check_patterns, decode_genome, encode_genome
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SEED_BOUND = 2**62  # seeds stay exact in JSON, int64 Parquet columns and torch.Generator
 
 
+@dataclass
+class NoisyConfig(ChildrenConfig):
+    """``children`` of the noisy family."""
+
+    family: str = "noisy"
+    density: float = option(0.05, "fraction of the eligible parameters each mutation perturbs "
+                                  "(1.0 = dense noise)", gt=0, le=1)
+    sigma: float = option(0.1, "noise standard deviation (absolute, or a multiple of each layer's "
+                               "weight std when sigma_mode is relative)", ge=0)
+    sigma_mode: str = option("relative", "scale of sigma", choices=("absolute", "relative"))
+    subspace: str = option("dynamic", "static: one mask per generation; dynamic: a fresh mask per child",
+                           choices=("static", "dynamic"))
+    layers: list = option(["*"], "glob patterns over parameter names (e.g. 'features.*', '*.weight') "
+                                 "selecting the eligible parameters")
+    include_classifier: bool = option(True, "whether the output (classifier) layer may be perturbed")
+    density_grid: list = option([], "sweep: densities crossed with sigma_grid, children cycling through the "
+                                    "pairs (the mutation window); [] = density only")
+    sigma_grid: list = option([], "sweep: sigmas crossed with density_grid; [] = sigma only")
+
+    def check(self, run: RunConfig) -> None:
+        super().check(run)
+        check_patterns("children.layers", self.layers)
+        grids = {"density_grid": ("numbers in (0, 1]", lambda g: 0 < g <= 1),
+                 "sigma_grid": ("finite numbers >= 0", lambda g: 0 <= g < math.inf)}
+        for name, (wanted, valid) in grids.items():
+            grid = getattr(self, name)
+            if not all(isinstance(g, (int, float)) and not isinstance(g, bool) and valid(g) for g in grid):
+                raise ConfigError(f"children.{name}", f"a list of {wanted}", grid)
+
+
 def eligible_parameter_names(model: nn.Module, patterns: Sequence[str], include_classifier: bool) -> list[str]:
     """Names of the parameters that mutations may touch, in ``named_parameters`` order."""
-    excluded = set() if include_classifier else set(classifier_parameter_names(model))
+    excluded = set() if include_classifier else set(output_parameter_names(model))
     names = [name for name, _ in model.named_parameters()
              if name not in excluded and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
     if not names:
@@ -122,8 +162,16 @@ class NoisyFamily(Family):
     """Children are sparse (or dense) Gaussian mutations of their parent genome."""
 
     name = "noisy"
+    config = NoisyConfig
+    log_columns = {
+        "seed": "int64",       # noise seed of the candidate's own (last) mutation; -1: the trained parent
+        "mask_seed": "int64",  # mask seed of that mutation
+        "density": "float64",  # share of the eligible parameters it perturbed
+        "sigma": "float64",    # its noise scale
+        "depth": "int64",      # mutations from the trained parent
+    }
 
-    def __init__(self, cfg: ChildrenConfig):
+    def __init__(self, cfg: NoisyConfig):
         super().__init__(cfg)
         self.space = {"layers": list(cfg.layers), "include_classifier": cfg.include_classifier,
                       "sigma_mode": cfg.sigma_mode}
@@ -159,7 +207,7 @@ class NoisyFamily(Family):
     def mutated_parameters(self, model: nn.Module) -> list[str]:
         return eligible_parameter_names(model, self.space["layers"], self.space["include_classifier"])
 
-    def bind(self, model: nn.Module, train_data: Any = None) -> NoisyMaterialiser:
+    def bind(self, model: nn.Module, trainer: ChildTrainer | None = None) -> NoisyMaterialiser:
         return NoisyMaterialiser(model, self.space)
 
     def describe(self, genome: str) -> dict[str, Any]:
@@ -169,3 +217,38 @@ class NoisyFamily(Family):
         mask_seed, noise_seed, density, sigma = steps[-1]
         return {"seed": noise_seed, "mask_seed": mask_seed, "density": float(density), "sigma": float(sigma),
                 "depth": len(steps)}
+
+    def summary(self) -> str:
+        densities = self.cfg.density_grid or [self.cfg.density]
+        sigmas = self.cfg.sigma_grid or [self.cfg.sigma]
+        return (f"density {', '.join(map(str, densities))}, sigma {', '.join(map(str, sigmas))} "
+                f"({self.cfg.sigma_mode})")
+
+    def settings(self, row: Mapping[str, Any]) -> str:
+        return f"density {row['density']:g} x sigma {row['sigma']:g}"
+
+    def divergence_advice(self) -> str:
+        return f"a smaller children.sigma (sigma_mode {self.cfg.sigma_mode})"
+
+    def report_sections(self, population: pd.DataFrame) -> list[ReportSection]:
+        """The mutation window, when generation 0 swept several sigmas: its mean validation accuracy
+        against sigma, one line per density."""
+        first = population[population["generation"] == 0]
+        if first["sigma"].nunique() < 2:
+            return []
+        window = first.groupby(["density", "sigma"])["val_accuracy"].mean().reset_index()
+        from matplotlib.figure import Figure  # only reports draw
+
+        figure = Figure(figsize=(6.4, 4.0))
+        axes = figure.subplots()
+        for density, rows in window.groupby("density"):
+            axes.plot(rows["sigma"], rows["val_accuracy"], "o-", label=f"density {density:g}")
+        if (window["sigma"] > 0).all():
+            axes.set_xscale("log")
+        axes.set_title("Mutation window: validation accuracy vs noise")
+        axes.set_xlabel("sigma")
+        axes.set_ylabel("validation accuracy")
+        axes.legend()
+        text = ("Validation accuracy of generation-0 children against sigma, one line per density (mean over the "
+                "children of each setting).")
+        return [ReportSection("Mutation window", [text], {"mutation_window.png": figure})]

@@ -10,30 +10,73 @@ layers at once (``global``) or per layer (``layerwise``). The final classifier i
   by exactly ``partition_overlap`` (k) of them (k = 1: disjoint 1/N shares covering the parent).
 
 A genome names the mask (``seed`` + pair side or partition index), so any process rebuilds it. Scoring a
-child tunes it first (``children.tune``); pruned weights stay exactly zero, the mask is re-applied after
-every optimiser step. Children always derive from the trained parent (a mask of a mask would only prune
-more), so later generations draw fresh masks.
+child tunes it first (``children.tune``, with the task's :class:`~evo_subens.families.base.ChildTrainer`);
+pruned weights stay exactly zero, the mask is re-applied after every optimiser step. Children always
+derive from the trained parent (a mask of a mask would only prune more), so later generations draw fresh
+masks.
+
+Config (``children:`` with ``family: sparse``): :class:`SparseConfig`. Population-log columns: ``seed``
+(the mask's seed, shared by a generation's partition children and by an anti-random pair), ``part`` (the
+partition index, or the pair side 0 = M, 1 = 1 - M; 0 for random masks) and ``density`` (the share of
+prunable units kept). Logs written before these columns kept ``part`` in ``mask_seed``.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..core.config import ChildrenConfig, TuneConfig
+from ..core.config import BAGGING_SHARE, ChildrenConfig, RunConfig, TuneConfig
+from ..core.options import option
 from ..errors import ConfigError
-from ..tasks.classification.models import classifier_parameter_names
-from ..tasks.classification.training import train
-from .base import Family, Materialiser, Undo, decode_genome, encode_genome
+from ..nn import output_parameter_names
+from .base import ChildTrainer, Family, Materialiser, Undo, check_patterns, decode_genome, encode_genome
 from .noisy import SEED_BOUND
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-BAGGING_SHARE = 0.9
+
+
+@dataclass
+class SparseConfig(ChildrenConfig):
+    """``children`` of the sparse family."""
+
+    family: str = "sparse"
+    layers: list = option(["*"], "glob patterns over parameter names (e.g. 'features.*') selecting the Linear/Conv "
+                                 "weights masks may prune (never the output layer's)")
+    mask: str = option("random", "random masks, antirandom pairs (M, 1-M at sparsity 0.5), or partition (each "
+                                 "generation's children share out the parent)",
+                       choices=("random", "antirandom", "partition"))
+    sparsity: float = option(0.5, "random: fraction of the prunable units removed; partition: derived as "
+                                  "1 - partition_overlap / search.population", ge=0, le=0.999)
+    structure: str = option("connection", "prune single weights (connection) or whole output units of "
+                                          "Linear/Conv layers (neuron)", choices=("connection", "neuron"))
+    scope: str = option("global", "draw masks over all prunable units at once (global) or per layer at the "
+                                  "same sparsity (layerwise)", choices=("global", "layerwise"))
+    partition_overlap: int = option(1, "partition: every prunable unit is kept by exactly this many of a "
+                                       "generation's children", ge=1)
+    tune: TuneConfig = field(default_factory=TuneConfig, metadata={"doc": "tuning of each child, its mask "
+                                                                          "fixed, before it is scored"})
+
+    def check(self, run: RunConfig) -> None:
+        super().check(run)
+        check_patterns("children.layers", self.layers)
+        population = run.search.population
+        if self.mask == "antirandom":
+            if self.sparsity != 0.5:
+                raise ConfigError("children.sparsity", "0.5 for antirandom masks (M and 1 - M)", self.sparsity)
+            if population % 2:
+                raise ConfigError("search.population", "an even number for antirandom pairs", population)
+        if self.mask == "partition" and self.partition_overlap >= population:
+            raise ConfigError("children.partition_overlap", f"less than search.population = {population}",
+                              self.partition_overlap)
+
+    def tuning(self) -> TuneConfig:
+        return self.tune
 
 
 @dataclass(frozen=True)
@@ -47,7 +90,7 @@ class PrunableLayer:
 
 def prunable_layers(model: nn.Module, patterns: Sequence[str]) -> list[PrunableLayer]:
     """The layers masks may prune: Linear/Conv layers matching ``patterns``, never the classifier."""
-    classifier = set(classifier_parameter_names(model))
+    classifier = set(output_parameter_names(model))
     layers = []
     for name, module in model.named_modules():
         weight = f"{name}.weight" if name else "weight"
@@ -99,11 +142,12 @@ class SparseMaterialiser(Materialiser):
 
     family = "sparse"  # the genome family this materialiser accepts
 
-    def __init__(self, model: nn.Module, space: dict[str, Any], tune: TuneConfig, train_data=None):
+    def __init__(self, model: nn.Module, space: dict[str, Any], tune: TuneConfig,
+                 trainer: ChildTrainer | None = None):
         self.model = model
         self.space = space
         self.tune = tune
-        self.train_data = train_data
+        self.trainer = trainer
         self.layers = prunable_layers(model, space["layers"])
         self.parent = {k: v.detach().clone() for k, v in model.state_dict().items()}  # on the model's device
 
@@ -157,32 +201,40 @@ class SparseMaterialiser(Materialiser):
         if spec["mask"] is None:
             return undo
         apply_mask = self._zeroing(self.masks(spec["mask"]))
-        if self.tune.epochs > 0 and self.train_data is not None:
+        if self.tune.epochs > 0 and self.trainer is not None:
             seed = tune_seed(spec["mask"])
-            data = self.train_data
+            subset = None
             if self.tune.bagging:
+                samples = len(self.trainer)
                 rng = np.random.default_rng([seed, 2])
-                subset = np.sort(rng.choice(len(data), round(BAGGING_SHARE * len(data)), replace=False))
-                index = torch.from_numpy(subset)
-                data = type(data)(data.x[index], data.y[index])
+                subset = np.sort(rng.choice(samples, round(BAGGING_SHARE * samples), replace=False))
             torch.manual_seed(seed)
-            self.tune_child(spec["mask"], data, seed, apply_mask)
+            self.tune_child(spec["mask"], subset, seed, apply_mask)
         apply_mask(self.model)  # the child scored and stored is the parent under its final, fixed mask
         return undo
 
-    def tune_child(self, mask: dict, data, seed: int, apply_mask: Callable[[nn.Module], None]) -> None:
-        """Tune the child in place: pruned from the start, the mask re-applied after every optimiser step."""
+    def tune_child(self, mask: dict, subset: np.ndarray | None, seed: int,
+                   apply_mask: Callable[[nn.Module], None]) -> None:
+        """Tune the child in place (on the training samples ``subset``, None: all of them): pruned from the
+        start, the mask re-applied after every optimiser step."""
         apply_mask(self.model)
-        train(self.model, data, self.tune, seed=seed, parameter_filter=apply_mask)
+        self.trainer.train(self.model, self.tune, seed=seed, parameter_filter=apply_mask, subset=subset)
 
 
 class SparseFamily(Family):
     """Pruned children of the trained parent, tuned with their masks fixed."""
 
     name = "sparse"
+    config = SparseConfig
+    log_columns = {
+        "seed": "int64",       # the mask's seed; -1: the trained parent
+        "part": "int64",       # partition index, or anti-random pair side (0: M, 1: 1 - M); 0 for random masks
+        "density": "float64",  # share of the prunable units kept
+    }
+    legacy_log_columns = {"mask_seed": "part"}
     trains_children = True
 
-    def __init__(self, cfg: ChildrenConfig):
+    def __init__(self, cfg: SparseConfig):
         super().__init__(cfg)
         self.space = {"layers": list(cfg.layers), "structure": cfg.structure, "scope": cfg.scope}
 
@@ -203,8 +255,8 @@ class SparseFamily(Family):
         root = decode_genome(self.root(decode_genome(parents[0])["parent"]))
         return [(-1, encode_genome(dict(root, mask=self._spec(i, count, seeds)))) for i in range(count)]
 
-    def bind(self, model: nn.Module, train_data=None) -> SparseMaterialiser:
-        return SparseMaterialiser(model, self.space, self.cfg.tune, train_data)
+    def bind(self, model: nn.Module, trainer: ChildTrainer | None = None) -> SparseMaterialiser:
+        return SparseMaterialiser(model, self.space, self.cfg.tune, trainer)
 
     def constraint(self, genome: str, materialiser: SparseMaterialiser) -> Callable[[nn.Module], None]:
         return materialiser.constraint(genome)
@@ -212,13 +264,22 @@ class SparseFamily(Family):
     def describe(self, genome: str) -> dict[str, Any]:
         mask = decode_genome(genome)["mask"]
         if mask is None:
-            return {"seed": -1, "mask_seed": -1, "density": 1.0, "sigma": 0.0, "depth": 0}
+            return {"seed": -1, "part": -1, "density": 1.0}
         if mask["kind"] == "partition":
             kept = mask["overlap"] / mask["parts"]
         else:
             kept = 0.5 if mask["kind"] == "antirandom" else 1 - mask["sparsity"]
-        index = mask.get("index", int(mask.get("complement", False)))
-        return {"seed": mask["seed"], "mask_seed": index, "density": kept, "sigma": 0.0, "depth": 1}
+        part = mask.get("index", int(mask.get("complement", False)))
+        return {"seed": mask["seed"], "part": part, "density": kept}
+
+    def summary(self) -> str:
+        return f"mask {self.cfg.mask}, sparsity {self.cfg.sparsity}, tuned {self.cfg.tune.epochs} epoch(s)"
+
+    def settings(self, row: Mapping[str, Any]) -> str:
+        return f"density {row['density']:g}"
+
+    def divergence_advice(self) -> str:
+        return "a smaller children.tune.lr"
 
     def pack(self, state: dict[str, torch.Tensor], genome: str, materialiser: SparseMaterialiser) -> dict:
         """A compact copy of a member's weights: only the kept entries of pruned parameters."""

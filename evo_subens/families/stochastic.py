@@ -20,11 +20,15 @@ the first sampled subnetworks.
 Sampling is one ``torch.rand`` over the flat vector of all prunable units per step, from a generator
 seeded with (the child's tuning seed, the step), so the mask of a step is a function of the genome and
 the step alone, in any process. The annealing settings travel in the genome's ``space``.
+
+Config (``children:`` with ``family: stochastic``): :class:`StochasticConfig`, the sparse family's
+fields plus the annealing ones. Population-log columns: the sparse family's.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -32,28 +36,54 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..core.config import ChildrenConfig
-from ..tasks.classification.training import train, training_steps
+from ..core.config import RunConfig
+from ..core.options import option
+from ..errors import ConfigError
 from .noisy import SEED_BOUND
-from .sparse import SparseFamily, SparseMaterialiser, unit_masks
+from .base import ChildTrainer
+from .sparse import SparseConfig, SparseFamily, SparseMaterialiser, unit_masks
 
-SCHEDULES = ("linear", "cosine", "exponential")
 EXPONENTIAL_RATE = 5.0  # e^-5 ~ 0.7%: the exponential schedule covers ~2/3 of the way in the first fifth
+
+
+def _exponential(u: float) -> float:
+    floor = math.exp(-EXPONENTIAL_RATE)
+    return (math.exp(-EXPONENTIAL_RATE * u) - floor) / (1.0 - floor)
+
+
+# Distance from the target mask at progress u in [0, 1): the schedules children.anneal_schedule names.
+SCHEDULES: dict[str, Callable[[float], float]] = {
+    "linear": lambda u: 1.0 - u,
+    "cosine": lambda u: 0.5 * (1.0 + math.cos(math.pi * u)),
+    "exponential": _exponential,
+}
+
+
+@dataclass
+class StochasticConfig(SparseConfig):
+    """``children`` of the stochastic family: the sparse family's target masks, annealed while tuned."""
+
+    family: str = "stochastic"
+    anneal_schedule: str = option("cosine", "how inclusion probabilities move from anneal_start to the target "
+                                            "mask (1 kept, 0 pruned)", choices=tuple(SCHEDULES))
+    anneal_start: float = option(0.5, "inclusion probability of every prunable unit, kept or pruned, at the "
+                                      "first tuning step", ge=0, le=1)
+    anneal_fraction: float = option(0.5, "share of the tuning steps over which probabilities are annealed; "
+                                         "afterwards the mask is exactly the target", ge=0, le=1)
+
+    def check(self, run: RunConfig) -> None:
+        super().check(run)
+        if self.tune.epochs == 0:
+            raise ConfigError("children.tune.epochs", "at least 1 for stochastic children (annealing happens "
+                                                      "while tuning)", self.tune.epochs)
 
 
 def distance(schedule: str, progress: float) -> float:
     """Distance from the target mask, 1 at ``progress`` 0 and exactly 0 at ``progress`` >= 1."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown anneal schedule {schedule!r}")
     u = min(max(progress, 0.0), 1.0)
-    if u >= 1.0:
-        return 0.0
-    if schedule == "linear":
-        return 1.0 - u
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * u))
-    if schedule == "exponential":
-        floor = math.exp(-EXPONENTIAL_RATE)
-        return (math.exp(-EXPONENTIAL_RATE * u) - floor) / (1.0 - floor)
-    raise ValueError(f"unknown anneal schedule {schedule!r}")
+    return 0.0 if u >= 1.0 else SCHEDULES[schedule](u)
 
 
 def inclusion_probabilities(schedule: str, start: float, progress: float) -> tuple[float, float]:
@@ -70,8 +100,8 @@ def anneal_steps(fraction: float, total_steps: int) -> int:
 class MaskAnnealer:
     """Per-step Bernoulli masks of one child, annealed towards its target mask.
 
-    ``forward`` and ``after_step`` plug into :func:`evo_subens.tasks.classification.training.train`: during the annealing
-    window ``forward`` runs the model with its prunable parameters multiplied by a freshly sampled mask
+    ``forward`` and ``after_step`` plug into :meth:`~evo_subens.families.base.ChildTrainer.train`: during
+    the annealing window ``forward`` runs the model with its prunable parameters multiplied by a freshly sampled mask
     (gradients reach only the sampled-in entries through the loss); afterwards it zeroes the pruned
     weights once and runs the model as is, and ``after_step`` re-zeroes them after every optimiser step.
     """
@@ -149,10 +179,13 @@ class StochasticMaterialiser(SparseMaterialiser):
                             steps=anneal_steps(anneal["fraction"], total_steps),
                             seed=int(np.random.default_rng([seed, 4]).integers(SEED_BOUND)))
 
-    def tune_child(self, mask: dict, data, seed: int, apply_mask: Callable[[nn.Module], None]) -> None:
+    def tune_child(self, mask: dict, subset: np.ndarray | None, seed: int,
+                   apply_mask: Callable[[nn.Module], None]) -> None:
         """Tune the child in place with annealed masks; pruned weights end exactly zero."""
-        annealer = self.annealer(mask, seed, training_steps(self.tune, len(data)))
-        train(self.model, data, self.tune, seed=seed, forward=annealer.forward, parameter_filter=annealer.after_step)
+        samples = len(self.trainer) if subset is None else len(subset)
+        annealer = self.annealer(mask, seed, self.trainer.steps(self.tune, samples))
+        self.trainer.train(self.model, self.tune, seed=seed, forward=annealer.forward,
+                           parameter_filter=annealer.after_step, subset=subset)
         apply_mask(self.model)  # annealing may have run to the last step (fraction 1)
 
 
@@ -160,11 +193,17 @@ class StochasticFamily(SparseFamily):
     """Children with sparse target masks, annealed from stochastic to fixed while they are tuned."""
 
     name = "stochastic"
+    config = StochasticConfig
 
-    def __init__(self, cfg: ChildrenConfig):
+    def __init__(self, cfg: StochasticConfig):
         super().__init__(cfg)
         self.space = dict(self.space, anneal={"schedule": cfg.anneal_schedule, "start": cfg.anneal_start,
                                               "fraction": cfg.anneal_fraction})
 
-    def bind(self, model: nn.Module, train_data=None) -> StochasticMaterialiser:
-        return StochasticMaterialiser(model, self.space, self.cfg.tune, train_data)
+    def bind(self, model: nn.Module, trainer: ChildTrainer | None = None) -> StochasticMaterialiser:
+        return StochasticMaterialiser(model, self.space, self.cfg.tune, trainer)
+
+    def summary(self) -> str:
+        cfg = self.cfg
+        return (f"{super().summary()}, annealed ({cfg.anneal_schedule}) from {cfg.anneal_start} over "
+                f"{cfg.anneal_fraction:.0%} of tuning")

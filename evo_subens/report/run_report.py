@@ -3,10 +3,10 @@
 For one run: test metrics of parent, best member and ensemble (with cost where recorded), the two
 ensemble-selection rules side by side, fitness per generation, accuracy and NLL against ensemble size,
 member diversity heatmaps, a reliability diagram (parent vs ensemble), a feature-visualisation grid
-(the same randomly chosen penultimate units in the parent and every member) and, when the run swept
-``children.density_grid`` x ``children.sigma_grid``, the mutation window (validation accuracy vs sigma
-per density). For a folder: a report per run and one table over all of them, runs that differ only in
-their seed grouped as mean +- standard error.
+(the same randomly chosen penultimate units in the parent and every member) and the sections only the
+run's child family has (``Family.report_sections``, e.g. a plot over its own population-log columns).
+For a folder: a report per run and one table over all of them, runs that differ only in their seed
+grouped as mean +- standard error.
 
     >>> from evo_subens.report.run_report import write_report
     >>> write_report("runs/default-s0-20261126-033727")   # -> runs/default-s0-.../report.md
@@ -26,9 +26,11 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from ..core.config import config_from_dict
 from ..ensemble import LoadedEnsemble, load_ensemble
 from ..errors import RunDirError
 from ..core.worker import torch_threads
+from ..families import Family, make_family
 from .featvis import maximise_units, pick_units, starting_inputs, unit_activations
 from ..core.logs import load_population, read_run_config
 from ..tasks.classification.metrics import classification_metrics
@@ -88,7 +90,9 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
     metrics = read_metrics(run_dir)
     population = load_population(run_dir) if (run_dir / "population.parquet").is_file() else None
     ensemble = load_ensemble(run_dir) if features or population is not None else None
-    lines = [f"# {run_dir.name}", "", _describe_config(config, metrics), ""]
+    method = metrics.get("method") or config.get("method") or "subnetworks"
+    family = make_family(config_from_dict(config).children) if method == "subnetworks" else None
+    lines = [f"# {run_dir.name}", "", _describe_config(config, metrics, family), ""]
     lines += ["## Test split", "", *_metrics_table(metrics), ""]
     if metrics.get("cost"):
         lines += ["Cost: " + ", ".join(f"{k.replace('_', ' ')} {v:,g}" for k, v in metrics["cost"].items()), ""]
@@ -101,12 +105,11 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
         _fitness_plot(population, config["search"]["fitness"], parent_fitness, run_dir / "fitness.png")
         lines += ["## Search", "", (f"Validation {config['search']['fitness']} of each generation's candidates "
                   "(the dashed line is the parent)."), "", "![fitness per generation](fitness.png)", ""]
-        window = _mutation_window(population)
-        if window is not None:
-            _window_plot(window, run_dir / "mutation_window.png")
-            lines += ["## Mutation window", "", ("Validation accuracy of generation-0 children against sigma, one "
-                      "line per density (mean over the children of each setting)."), "",
-                      "![mutation window](mutation_window.png)", ""]
+        for section in family.report_sections(population) if family is not None else []:
+            lines += [f"## {section.title}", "", *section.lines, ""]
+            for name, figure in section.plots.items():
+                _save(figure, run_dir / name)
+                lines += [f"![{section.title.lower()}]({name})", ""]
     if metrics.get("growth"):
         _growth_plot(metrics, run_dir / "growth.png")
         lines += ["## Ensemble size", "", "Test metrics of the ensemble of the first k members, in selection order.",
@@ -131,21 +134,13 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
     return report
 
 
-def _describe_config(config: dict, metrics: dict) -> str:
-    data, model, children = config["data"], config["model"], config["children"]
+def _describe_config(config: dict, metrics: dict, family: Family | None) -> str:
+    data, model = config["data"], config["model"]
     method = metrics.get("method") or config.get("method") or "subnetworks"
     parts = [f"Dataset **{data['name']}**, model **{model.get('architecture') or model['name']}**, seed {config['seed']}"]
-    if method in ("subnetworks", None):
-        family = children["family"]
-        if family == "noisy":
-            densities = children.get("density_grid") or [children["density"]]
-            sigmas = children.get("sigma_grid") or [children["sigma"]]
-            detail = (f"density {', '.join(map(str, densities))}, sigma {', '.join(map(str, sigmas))} "
-                      f"({children['sigma_mode']})")
-        else:
-            detail = f"mask {children['mask']}, sparsity {children['sparsity']}, tuned {children['tune']['epochs']} epoch(s)"
+    if family is not None:
         search = config["search"]
-        parts.append(f"**{family}** children ({detail}); {search['population']} candidates x "
+        parts.append(f"**{family.name}** children ({family.summary()}); {search['population']} candidates x "
                      f"{search['generations']} generations, fitness val {search['fitness']}; ensemble of "
                      f"{len(metrics.get('members', []))} ({config['ensemble']['selection']} selection)")
     else:
@@ -248,28 +243,6 @@ def _fitness_plot(population: pd.DataFrame, fitness: str, parent: float | None, 
     axes.set_xlabel("generation")
     axes.set_ylabel(f"validation {label}")
     axes.set_xticks(list(best.index))
-    axes.legend()
-    _save(figure, path)
-
-
-def _mutation_window(population: pd.DataFrame) -> pd.DataFrame | None:
-    """Mean validation accuracy per (density, sigma) of generation 0, when it swept several sigmas."""
-    first = population[population["generation"] == 0]
-    if first["sigma"].nunique() < 2:
-        return None
-    return first.groupby(["density", "sigma"])["val_accuracy"].mean().reset_index()
-
-
-def _window_plot(window: pd.DataFrame, path: Path) -> None:
-    figure = Figure(figsize=(6.4, 4.0))
-    axes = figure.subplots()
-    for density, rows in window.groupby("density"):
-        axes.plot(rows["sigma"], rows["val_accuracy"], "o-", label=f"density {density:g}")
-    if (window["sigma"] > 0).all():
-        axes.set_xscale("log")
-    axes.set_title("Mutation window: validation accuracy vs noise")
-    axes.set_xlabel("sigma")
-    axes.set_ylabel("validation accuracy")
     axes.legend()
     _save(figure, path)
 

@@ -14,7 +14,7 @@ the parent's own test metrics) are not counted.
 
 from __future__ import annotations
 
-from ...core.config import RunConfig
+from ...core.config import BAGGING_SHARE, RunConfig
 from .data import DatasetSplits
 
 
@@ -24,18 +24,17 @@ def cost_record(train_epochs: int | float, train_sample_passes: int, eval_forwar
             "eval_forward_passes": int(eval_forward_passes)}
 
 
-def _tuned_children(cfg: RunConfig, candidates: int) -> int:
-    from ...families import FAMILIES
-
-    return candidates if FAMILIES[cfg.children.family].trains_children and cfg.children.tune.epochs else 0
+def _tune_epochs(cfg: RunConfig) -> int:
+    """Epochs each child is tuned before it is scored (0: children are not trained)."""
+    tune = cfg.children.tuning()
+    return tune.epochs if tune is not None else 0
 
 
 def subnetwork_budget_epochs(cfg: RunConfig) -> int:
     """Training epochs of the subnetwork method under ``cfg``: parent, tuned children, fine-tuned members."""
     candidates = cfg.search.population * cfg.search.generations
     parent = 0 if cfg.model.parent_path else cfg.parent.epochs
-    return (parent + cfg.children.tune.epochs * _tuned_children(cfg, candidates)
-            + cfg.finetune.epochs * cfg.ensemble.size)
+    return parent + _tune_epochs(cfg) * candidates + cfg.finetune.epochs * cfg.ensemble.size
 
 
 def baseline_budget(cfg: RunConfig) -> int:
@@ -53,14 +52,12 @@ def subnetwork_cost(cfg: RunConfig, data: DatasetSplits, *, candidates: int, sel
     candidate; other diagnostics (the selection rules' comparison, held-back checks, the parent's own
     metrics, temperature scaling) are not counted.
     """
-    from ...families.sparse import BAGGING_SHARE
-
     train_size, parent = len(data.train), (0 if cfg.model.parent_path else cfg.parent.epochs)
-    tuned = _tuned_children(cfg, candidates)
-    tune_share = round(BAGGING_SHARE * train_size) if cfg.children.tune.bagging else train_size
-    epochs = parent + cfg.children.tune.epochs * tuned + cfg.finetune.epochs * selected
-    passes = ((parent + cfg.finetune.epochs * selected) * train_size
-              + cfg.children.tune.epochs * tuned * tune_share)
+    tune = cfg.children.tuning()
+    tune_epochs = _tune_epochs(cfg)
+    tune_share = round(BAGGING_SHARE * train_size) if tune is not None and tune.bagging else train_size
+    epochs = parent + tune_epochs * candidates + cfg.finetune.epochs * selected
+    passes = (parent + cfg.finetune.epochs * selected) * train_size + tune_epochs * candidates * tune_share
     scored = candidates + (selected if cfg.ensemble.acceptance else 0)
     if cfg.ensemble.selection == "greedy":
         scored += min(cfg.ensemble.pool or 4 * cfg.ensemble.size, candidates)

@@ -20,7 +20,7 @@ from .data import Split
 from ...families import make_family
 from .models import build_model, model_stages
 from ...nn import state_copy
-from .training import train
+from .training import SplitTrainer, train
 from ...core.worker import CandidateScore, Evaluator, RacingBound, WorkerPayload
 
 
@@ -60,8 +60,8 @@ class CandidateEvaluator(Evaluator):
         self.model.load_state_dict(payload.parent_state)
         self.model.to(self.device).eval()
         self.family = make_family(payload.children)
-        train_data = Split(payload.train_x, payload.train_y) if payload.train_x is not None else None
-        self.materialiser = self.family.bind(self.model, train_data)
+        trainer = SplitTrainer(Split(payload.train_x, payload.train_y)) if payload.train_x is not None else None
+        self.materialiser = self.family.bind(self.model, trainer)
         self.val_x = payload.val_x.to(self.device)
         self.val_y = payload.val_y.to(self.device)
         # Trained children are expensive to rebuild: keep the weights of those scored here until fetched.

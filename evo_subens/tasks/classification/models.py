@@ -28,6 +28,7 @@ from torch import nn
 
 from ...core.config import ModelConfig
 from ...errors import ConfigError, ParentFileError
+from ...nn import output_parameter_names as classifier_parameter_names  # a classifier's output layer
 
 __all__ = [
     "MODELS",
@@ -378,21 +379,6 @@ def load_parent_state(path: str | Path, model: nn.Module) -> None:
     except RuntimeError as exc:  # custom modules may reject what the key/shape check let through
         raise ParentFileError(f"parent weights file {path} does not fit the architecture "
                               f"{type(model).__name__}: {exc}") from None
-
-
-def classifier_parameter_names(model: nn.Module) -> list[str]:
-    """Names (as in ``model.named_parameters()``) of the final classifier layer's parameters: those
-    of the last module, in ``named_modules()`` order, that directly owns parameters."""
-    # Map by identity so a parameter shared with an earlier module keeps the name
-    # named_parameters() gives it.
-    names = {id(p): name for name, p in model.named_parameters()}
-    last: nn.Module | None = None
-    for _, module in model.named_modules():
-        if any(True for _ in module.parameters(recurse=False)):
-            last = module
-    if last is None:
-        return []
-    return [names[id(p)] for p in last.parameters(recurse=False)]
 
 
 @contextlib.contextmanager

@@ -159,7 +159,7 @@ class ClassificationTask(Task):
     def diagnostics(self, rows: list[dict]) -> list[str]:
         from ...core.divergence import summary_lines
 
-        return summary_lines(rows, self.data.num_classes)
+        return summary_lines(rows, self.data.num_classes, make_family(self.cfg.children))
 
     def run_baseline(self, run_dir: Path):
         from .baselines import run_baseline

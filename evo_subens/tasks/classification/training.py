@@ -1,4 +1,4 @@
-"""SGD training (parent and member fine-tuning) and batched prediction."""
+"""SGD training (parent, children and member fine-tuning) and batched prediction."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,6 +104,31 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int,
         if on_epoch is not None:
             on_epoch(epoch, loss_sum / n, time.perf_counter() - started)
     model.eval()
+
+
+class SplitTrainer:
+    """The classification task's :class:`~evo_subens.families.base.ChildTrainer`: :func:`train` on a
+    training split (families that train children tune them with it)."""
+
+    def __init__(self, data: Split):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def train(self, model: nn.Module, cfg: TrainConfig, *, seed: int,
+              parameter_filter: Callable[[nn.Module], None] | None = None,
+              forward: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] | None = None,
+              subset: np.ndarray | None = None) -> None:
+        """:func:`train` on the split, or on its samples ``subset`` (indices)."""
+        data = self.data
+        if subset is not None:
+            index = torch.from_numpy(np.asarray(subset))
+            data = Split(data.x[index], data.y[index])
+        train(model, data, cfg, seed=seed, parameter_filter=parameter_filter, forward=forward)
+
+    def steps(self, cfg: TrainConfig, samples: int) -> int:
+        return training_steps(cfg, samples)
 
 
 @torch.inference_mode()

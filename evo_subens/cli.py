@@ -40,7 +40,8 @@ ADDRESS_HELP = ("Ray cluster to join (head node host:port); the same as workers.
 
 def _cmd_run(args: argparse.Namespace) -> int:
     overrides = _with_address(args)
-    load_config(args.config, overrides)  # a config error stops here, before seconds of imports
+    say(f"[run] {args.config}: checking the config")  # checking imports torch (the families): seconds
+    load_config(args.config, overrides)  # a config error stops here, before more seconds of imports
     say(f"[run] {args.config}: config valid; loading the engine")
     from .core.runner import run
 

@@ -36,7 +36,7 @@ def test_piped_run_prints_each_step_when_it_happens(tmp_path: Path, tiny_yaml_te
     assert proc.returncode == 0, proc.stderr.read()[-3000:]
     lines = [line for _, line in arrivals]
     assert not any("\r" in line or " left" in line for line in lines)
-    assert lines[0] == "[run] tiny.yaml: config valid; loading the engine"
+    assert lines[:2] == ["[run] tiny.yaml: checking the config", "[run] tiny.yaml: config valid; loading the engine"]
     assert arrivals[-1][0] - arrivals[0][0] > 1.0  # the first line did not wait for the end
     for prefix in ("[data] loading digits", "[parent] epoch 3/3", "[search] generation 2/2", "[members] choosing",
                    "[test] parent, 3 members"):

@@ -130,6 +130,8 @@ class ClassificationTask(Task):
     def results(self, parent: nn.Module, member_states: list[dict], member_ids: list[int]) -> dict:
         data, batch = self.data, self.cfg.search.eval_batch_size
         test_x, test_y = data.test.x, data.test.y
+        self.progress(f"[test] parent, {len(member_states)} members and their ensemble on {len(test_y):,} test "
+                      f"samples")
         member_probs, member_features = predict_members(self.new_model(), member_states, test_x, batch)
         parent_probs = predict_probs(parent, test_x, batch)
         ensemble = ensemble_test_metrics(member_probs, member_features, test_y,

@@ -16,7 +16,7 @@ from evo_subens.tasks.classification import baselines
 from evo_subens.tasks.classification.baselines import BASELINES, bagging_subsets, check_baseline, fge_epochs
 from evo_subens.bench.quality import format_table, quality
 from evo_subens.core.config import METHODS, config_from_dict, load_config
-from evo_subens.tasks.classification.cost import baseline_budget, subnetwork_budget_epochs
+from evo_subens.core.config import baseline_budget, subnetwork_budget_epochs
 from evo_subens.tasks.classification.data import load_dataset
 from evo_subens.errors import ConfigError, UserError
 from evo_subens.core.runner import grow, resume, run

@@ -296,8 +296,6 @@ class RunConfig:
         """The baseline methods' budget must cover their models, cycles and snapshots."""
         if self.method == "subnetworks":
             return
-        from ..tasks.classification.cost import baseline_budget  # here, not at the top: cost imports this module
-
         base = self.baseline
         if self.model.parent_path is not None:
             raise ConfigError("model.parent_path", f"null for method {self.method} (baselines train their "
@@ -390,3 +388,22 @@ def field_docs(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, 
     """(dotted name, doc, default) of every field, for ``evo-subens config --fields``: every family's
     fields, each doc prefixed with its family (``[sparse] ...``)."""
     return section_field_docs(cls, prefix)
+
+
+def tune_epochs(cfg: RunConfig) -> int:
+    """Epochs each child is tuned before it is scored (0: children are not trained)."""
+    tune = cfg.children.tuning()
+    return tune.epochs if tune is not None else 0
+
+
+def subnetwork_budget_epochs(cfg: RunConfig) -> int:
+    """Training epochs of the subnetwork method under ``cfg``: parent, tuned children, fine-tuned members."""
+    candidates = cfg.search.population * cfg.search.generations
+    parent = 0 if cfg.model.parent_path else cfg.parent.epochs
+    return parent + tune_epochs(cfg) * candidates + cfg.finetune.epochs * cfg.ensemble.size
+
+
+def baseline_budget(cfg: RunConfig) -> int:
+    """Epochs a baseline may spend: ``baseline.budget_epochs``, or (0) the subnetwork method's budget under
+    the same config."""
+    return cfg.baseline.budget_epochs or subnetwork_budget_epochs(cfg)

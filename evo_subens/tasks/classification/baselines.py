@@ -36,7 +36,8 @@ from torch import nn
 
 from .calibration import temperature_scaled
 from ...core.config import RunConfig, TrainConfig
-from .cost import baseline_budget, cost_record
+from ...core.config import baseline_budget
+from .cost import cost_record
 from .data import DatasetSplits, Split
 from ...errors import ConfigError
 from .models import build_model

@@ -14,7 +14,7 @@ the parent's own test metrics) are not counted.
 
 from __future__ import annotations
 
-from ...core.config import BAGGING_SHARE, RunConfig
+from ...core.config import BAGGING_SHARE, RunConfig, tune_epochs
 from .data import DatasetSplits
 
 
@@ -22,25 +22,6 @@ def cost_record(train_epochs: int | float, train_sample_passes: int, eval_forwar
     """The cost record written to ``metrics.json``."""
     return {"train_epochs": train_epochs, "train_sample_passes": int(train_sample_passes),
             "eval_forward_passes": int(eval_forward_passes)}
-
-
-def _tune_epochs(cfg: RunConfig) -> int:
-    """Epochs each child is tuned before it is scored (0: children are not trained)."""
-    tune = cfg.children.tuning()
-    return tune.epochs if tune is not None else 0
-
-
-def subnetwork_budget_epochs(cfg: RunConfig) -> int:
-    """Training epochs of the subnetwork method under ``cfg``: parent, tuned children, fine-tuned members."""
-    candidates = cfg.search.population * cfg.search.generations
-    parent = 0 if cfg.model.parent_path else cfg.parent.epochs
-    return parent + _tune_epochs(cfg) * candidates + cfg.finetune.epochs * cfg.ensemble.size
-
-
-def baseline_budget(cfg: RunConfig) -> int:
-    """Epochs a baseline may spend: ``baseline.budget_epochs``, or (0) the subnetwork method's budget under
-    the same config."""
-    return cfg.baseline.budget_epochs or subnetwork_budget_epochs(cfg)
 
 
 def subnetwork_cost(cfg: RunConfig, data: DatasetSplits, *, candidates: int, selected: int, members: int,
@@ -54,10 +35,10 @@ def subnetwork_cost(cfg: RunConfig, data: DatasetSplits, *, candidates: int, sel
     """
     train_size, parent = len(data.train), (0 if cfg.model.parent_path else cfg.parent.epochs)
     tune = cfg.children.tuning()
-    tune_epochs = _tune_epochs(cfg)
+    epochs_each = tune_epochs(cfg)
     tune_share = round(BAGGING_SHARE * train_size) if tune is not None and tune.bagging else train_size
-    epochs = parent + tune_epochs * candidates + cfg.finetune.epochs * selected
-    passes = (parent + cfg.finetune.epochs * selected) * train_size + tune_epochs * candidates * tune_share
+    epochs = parent + epochs_each * candidates + cfg.finetune.epochs * selected
+    passes = (parent + cfg.finetune.epochs * selected) * train_size + epochs_each * candidates * tune_share
     scored = candidates + (selected if cfg.ensemble.acceptance else 0)
     if cfg.ensemble.selection == "greedy":
         scored += min(cfg.ensemble.pool or 4 * cfg.ensemble.size, candidates)

@@ -58,13 +58,13 @@ def test_address_precedence(monkeypatch) -> None:
 
 
 def test_unreachable_address_is_a_config_error() -> None:
-    """Ray retries a dead address forever; the package refuses it at once, naming the field."""
+    """Ray retries a dead address forever; the package refuses it at once, naming the field: on the
+    refused connection itself, not after waiting for a timeout."""
     port = _free_port()
-    started = time.perf_counter()
     with pytest.raises(ConfigError) as info:
         check_reachable(f"127.0.0.1:{port}", "workers.address")
     assert info.value.field == "workers.address"
-    assert time.perf_counter() - started < 10
+    assert f"nothing answered at 127.0.0.1:{port}: Connection refused" in str(info.value)
 
 
 def test_cli_with_unreachable_address_stops_before_any_work(capsys, monkeypatch, tmp_path: Path) -> None:

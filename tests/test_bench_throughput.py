@@ -11,8 +11,9 @@ from evo_subens.bench.throughput import METHODS, throughput
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
-pytestmark = pytest.mark.skipif(not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists(),
-                                reason=f"Fashion-MNIST IDX files not found under {FASHION_MNIST}")
+pytestmark = [pytest.mark.skipif(not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists(),
+                                 reason=f"Fashion-MNIST IDX files not found under {FASHION_MNIST}"),
+              pytest.mark.ray, pytest.mark.slow]
 
 
 def test_every_method_runs_and_engine_ships_genomes_not_weights(ray_session):

@@ -119,6 +119,7 @@ def _payload(tiny_config, tmp_path: Path):
     return payload_and_genomes(tiny_config(tmp_path), 4)
 
 
+@pytest.mark.ray
 def test_unplaceable_custom_resource_is_refused(ray_session, tiny_config, tmp_path: Path) -> None:
     """Actors asking for a resource no node has would wait forever; refused naming workers.resources."""
     payload, _ = _payload(tiny_config, tmp_path)
@@ -132,6 +133,8 @@ def test_unplaceable_custom_resource_is_refused(ray_session, tiny_config, tmp_pa
     assert info.value.field == "workers.num_actors"
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_placement_group_actors_report_their_node(ray_session, tiny_config, tmp_path: Path) -> None:
     """placement: pack puts the actors in a placement group; each candidate names its node; closing the
     problem gives the group back."""
@@ -255,6 +258,9 @@ CLUSTER_RUN = {"workers": {"executor": "ray", "num_actors": 2, "placement": "spr
                "search": {"population": 4, "generations": 1}}
 
 
+@pytest.mark.cluster
+@pytest.mark.ray
+@pytest.mark.slow
 def test_search_runs_on_both_nodes(cluster: Cluster, cli_command, tmp_path: Path) -> None:
     """A search against the cluster (token authentication on) evaluates candidates on both nodes."""
     wrong = tmp_path / "wrong_token"
@@ -276,6 +282,9 @@ def test_search_runs_on_both_nodes(cluster: Cluster, cli_command, tmp_path: Path
     assert population["worker"].nunique() == 2
 
 
+@pytest.mark.cluster
+@pytest.mark.ray
+@pytest.mark.slow
 def test_job_submit_recipe(cluster: Cluster, tmp_path: Path) -> None:
     """The README's recipe: `ray job submit` with configs/ray/runtime_env.yaml ships this checkout; the
     job's driver (on the head node) writes the run directory to an absolute output_dir."""

@@ -67,6 +67,8 @@ def test_stopped_candidates_really_could_not_rank(plain_and_raced):
         assert not math.isnan(full.loc[row.candidate].val_nll)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_actors_race_like_the_local_executor(plain_and_raced, ray_session, tmp_path):
     _, local = plain_and_raced
     remote = _run(tmp_path, "raced-ray", True, "ray")

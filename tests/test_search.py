@@ -314,6 +314,8 @@ def payload_and_genomes(cfg: RunConfig, count: int) -> tuple[EvaluationPayload, 
     return payload, [g for _, g in family.propose([family.root(payload.parent_id)], count, rng)]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_ray_and_local_problems_agree(ray_session, tiny_config, tmp_path: Path) -> None:
     """The same genomes score identically in 2 Ray actors and in-process; workers are reported."""
     payload, genomes = payload_and_genomes(tiny_config(tmp_path), 6)
@@ -337,6 +339,8 @@ def test_ray_and_local_problems_agree(ray_session, tiny_config, tmp_path: Path) 
     assert len(set(local_evals[:, 1])) > 1, "children should not all score the same"
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_full_run_with_ray(ray_session, local_run: evo_subens.RunResult, runs_dir: Path, tiny_config) -> None:
     """The default executor runs end to end in Ray actors and finds the same candidates as in-process."""
     result = run_tiny(tiny_config, runs_dir, "ray", {"workers": {"executor": "ray"}})
@@ -384,6 +388,8 @@ def test_finetune_writes_member_weights(tiny_config, tmp_path: Path) -> None:
 # --- Ray resources (kept last: on failure it leaves killed, never-scheduled actors behind) -------------
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_gpu_request_without_gpus_does_not_hang(ray_session, tiny_config, tmp_path: Path) -> None:
     """workers.num_gpus_per_actor > 0 on a Ray cluster without GPUs (documented: actors use CUDA 'when a
     GPU is present') must either evaluate on CPU or be rejected up front, not wait forever for GPUs."""
@@ -417,6 +423,7 @@ def test_gpu_request_without_gpus_does_not_hang(ray_session, tiny_config, tmp_pa
         problem.close()
 
 
+@pytest.mark.ray
 def test_more_actors_than_cluster_cpus_is_refused(ray_session, tiny_config, tmp_path: Path) -> None:
     """Actors that could never be placed are a config error naming workers.num_actors, not a hang."""
     payload, _ = payload_and_genomes(tiny_config(tmp_path), 2)
@@ -426,6 +433,8 @@ def test_more_actors_than_cluster_cpus_is_refused(ray_session, tiny_config, tmp_
     assert info.value.field == "workers.num_actors"
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_single_actor_still_evaluates_in_ray(ray_session, tiny_config, tmp_path: Path) -> None:
     """num_actors=1 keeps one Ray actor (EvoTorch alone would evaluate in the driver)."""
     payload, genomes = payload_and_genomes(tiny_config(tmp_path), 3)

@@ -184,6 +184,8 @@ def test_sparse_run_stores_members_compactly(tmp_path: Path) -> None:
     assert candidates["density"].eq(0.25).all()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_ray_and_local_sparse_runs_agree(ray_session, tmp_path: Path) -> None:
     """Tuned children fetched from Ray actors equal those tuned in-process (same metrics and weights)."""
     local = _run(tmp_path, "local")

@@ -232,6 +232,8 @@ def _run(tmp_path: Path, name: str, extra: dict | None = None) -> evo_subens.Run
     return evo_subens.run(config, progress=lambda line: None)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_stochastic_run_end_to_end(ray_session, tmp_path: Path) -> None:
     """A tiny run in-process and in Ray actors: same members and metrics; members are stored packed and
     masked; they are not the one-shot (sparse) children with the same masks."""

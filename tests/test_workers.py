@@ -18,7 +18,7 @@ from evo_subens.families import make_family
 from evo_subens.core.problem import make_problem
 from evo_subens.core.search import SubnetworkSearch
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def hold_first_evaluation(gate: str):

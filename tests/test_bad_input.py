@@ -108,6 +108,7 @@ def test_paths_of_the_wrong_kind_say_what_they_are(folder: Path, capsys: pytest.
         assert needle in err and "does not exist" not in err, err
 
 
+@pytest.mark.slow
 def test_report_on_broken_metrics(tmp_path: Path, cli_command: list[str]) -> None:
     result = run(tiny_dict(tmp_path, {"name": "r"}), progress=lambda line: None)
     (result.run_dir / "metrics.json").write_text('{"parent": {"accuracy": 0.9')  # cut short
@@ -122,6 +123,7 @@ def test_user_class_that_raises_names_model_architecture() -> None:
     assert err.value.field == "model.architecture" and "width 6 needs a GPU here" in str(err.value)
 
 
+@pytest.mark.slow
 def test_overrides_and_options_in_any_order(folder: Path, cli_command: list[str]) -> None:
     """`run C --address H:P seed=1` parses; the address is used (refused here: nothing listens on it)."""
     proc = _cli(cli_command, ["run", "tiny.yaml", "--address", "127.0.0.1:9", "seed=1", "workers.executor=ray", "name=order"], folder)
@@ -133,6 +135,7 @@ def test_overrides_and_options_in_any_order(folder: Path, cli_command: list[str]
         cli.parse_args(cli.build_parser(), ["grow", "r", "--members", "1", "x=1"])  # grow takes no overrides
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_where_the_run_stopped(folder: Path, cli_command: list[str]) -> None:
     """SIGINT to the run's process group (what a terminal's Ctrl-C does) during the search: exit 130,
     one line with the generation reached and the resume command, which then finishes the run (told to

@@ -156,6 +156,7 @@ def test_placement_group_actors_report_their_node(ray_session, tiny_config, tmp_
     assert placement_group_table(group)["state"] == "REMOVED"
 
 
+@pytest.mark.slow
 def test_in_process_candidates_are_on_node_local(make_config) -> None:
     result = evo_subens.run(make_config({"search": {"generations": 1}}), progress=lambda line: None)
     assert (result.population["node"] == LOCAL_NODE).all()

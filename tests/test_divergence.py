@@ -51,11 +51,13 @@ def half_local(tmp_path_factory: pytest.TempPathFactory):
     return result, lines
 
 
+@pytest.mark.slow
 def test_some_children_diverge_and_the_run_finishes_with_finite_members(half_local) -> None:
     _check_half_diverged(*half_local)
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_actors_flag_diverged_children_like_the_local_executor(ray_session, half_local, tmp_path: Path) -> None:
     lines: list[str] = []
     extra = dict(HALF_DIVERGED, name="half-ray", workers={"executor": "ray", "num_actors": 2})
@@ -66,6 +68,7 @@ def test_actors_flag_diverged_children_like_the_local_executor(ray_session, half
     assert result.member_genomes == local.member_genomes
 
 
+@pytest.mark.slow
 def test_all_children_diverging_stops_with_a_clear_error(tmp_path: Path, tiny_yaml_text: str,
                                                          cli_command: list[str], capsys: pytest.CaptureFixture) -> None:
     """`children.sigma=1e30` (absolute): exit 2, one line naming the setting, no traceback; the run
@@ -87,6 +90,7 @@ def test_all_children_diverging_stops_with_a_clear_error(tmp_path: Path, tiny_ya
     assert "generation 2 diverged" in capsys.readouterr().err  # it went on from the checkpoint of generation 1
 
 
+@pytest.mark.slow
 def test_huge_but_finite_noise_warns_about_members(tmp_path: Path) -> None:
     """sigma 1e3 (relative): children are finite but useless; the summary says so."""
     lines: list[str] = []

@@ -21,6 +21,7 @@ from evo_subens.core.progress import Steps, process_age, say
 ARGS = ["tiny.yaml", "workers.executor=local", "parent.epochs=3"]
 
 
+@pytest.mark.slow
 def test_piped_run_prints_each_step_when_it_happens(tmp_path: Path, tiny_yaml_text: str,
                                                      cli_command: list[str]) -> None:
     """No bar characters when piped; lines arrive while the run works (flushed, not at exit); every stage
@@ -68,6 +69,7 @@ def _read_pty(fd: int, proc: subprocess.Popen, timeout: float) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_terminal_run_shows_bars_with_time_left(tmp_path: Path, tiny_yaml_text: str,
                                                 cli_command: list[str]) -> None:
     """On a terminal the parent's epochs and the generations get a bar with the time left; the step lines

@@ -120,6 +120,7 @@ KILL_POINTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_at", [p for p, _ in KILL_POINTS], ids=[d for _, d in KILL_POINTS])
 def test_killed_and_resumed_run_equals_uninterrupted(crash_setup, killed_copy, cli_command, crash_at: str) -> None:
     """SIGKILL at the point, resume: same population log, members (and their weights) and metrics."""
@@ -130,6 +131,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(crash_setup, killed_copy, c
     _assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_killed_repeatedly(crash_setup, killed_copy, cli_command) -> None:
     """Killed three times at different points, resumed each time: still the uninterrupted result."""
     config, reference = crash_setup
@@ -142,6 +144,7 @@ def test_killed_repeatedly(crash_setup, killed_copy, cli_command) -> None:
     _assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_killed_before_any_checkpoint_restarts_cleanly(crash_setup, killed_copy, cli_command) -> None:
     """Killed during the very first checkpoint write (no checkpoint yet): resume starts over."""
     config, reference = crash_setup
@@ -151,6 +154,7 @@ def test_killed_before_any_checkpoint_restarts_cleanly(crash_setup, killed_copy,
     _assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_population_log_keeps_finished_generations(killed_copy) -> None:
     """A run killed after generation 2 keeps generations 1-2 in population.parquet, readable by pandas."""
     run_dir = killed_copy("search.after_generation:2", "killed-log")
@@ -164,6 +168,7 @@ def _digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_corrupted_latest_checkpoint_falls_back(crash_setup, killed_copy, cli_command) -> None:
     """A truncated newest checkpoint is reported and the previous one is used; the result is unchanged."""
     config, reference = crash_setup
@@ -176,6 +181,7 @@ def test_corrupted_latest_checkpoint_falls_back(crash_setup, killed_copy, cli_co
     _assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_no_usable_checkpoint_is_an_error_and_touches_nothing(killed_copy, cli_command) -> None:
     """Every checkpoint corrupted: exit 2 naming the folder, no file changed."""
     run_dir = killed_copy("search.after_generation:1", "all-corrupt")
@@ -194,6 +200,7 @@ def test_missing_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert f"run directory {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, field", [("seed=7", "seed"), ("data.name=mnist1d", "data.name"),
                                              ("children.sigma=0.1", "children.sigma"),
                                              ("model.kwargs={hidden: [8]}", "model.kwargs")])
@@ -208,6 +215,7 @@ def test_incompatible_resume_is_refused(crash_setup, override: str, field: str,
     assert _digest(reference) == before
 
 
+@pytest.mark.slow
 def test_extending_a_finished_search_equals_a_longer_run(tmp_path: Path) -> None:
     """Run 2 generations, resume with search.generations=3: the same as running 3 from the start."""
     quiet = {"progress": lambda line: None}
@@ -219,6 +227,7 @@ def test_extending_a_finished_search_equals_a_longer_run(tmp_path: Path) -> None
     assert yaml.safe_load((short.run_dir / "config.yaml").read_text())["search"]["generations"] == 3
 
 
+@pytest.mark.slow
 def test_resume_may_change_workers(tmp_path: Path) -> None:
     """workers.* are compatible changes (here: in-process -> 2 threads) and change no result."""
     quiet = {"progress": lambda line: None}
@@ -230,6 +239,7 @@ def test_resume_may_change_workers(tmp_path: Path) -> None:
     assert reference[1:] == again[1:]
 
 
+@pytest.mark.slow
 def test_runs_written_before_newer_fields_still_resume_and_load(tmp_path: Path) -> None:
     """A run directory from before config fields and log columns were added: resume fills the defaults
     (which reproduce the old behaviour) and the population log loads with the old meaning of the columns."""
@@ -256,6 +266,7 @@ def test_runs_written_before_newer_fields_still_resume_and_load(tmp_path: Path) 
     assert reference[1:] == again[1:]
 
 
+@pytest.mark.slow
 def test_replaced_parent_file_is_refused(tmp_path: Path) -> None:
     """A parent.pt that is not the checkpoint's parent is refused by name, not silently used."""
     quiet = {"progress": lambda line: None}
@@ -267,6 +278,7 @@ def test_replaced_parent_file_is_refused(tmp_path: Path) -> None:
         evo_subens.resume(result.run_dir, **quiet)
 
 
+@pytest.mark.slow
 def test_truncated_population_log(tmp_path: Path) -> None:
     """load_population on a truncated Parquet file names the file."""
     result = evo_subens.run(dict(TINY, output_dir=str(tmp_path), name="t"), progress=lambda line: None)
@@ -276,6 +288,7 @@ def test_truncated_population_log(tmp_path: Path) -> None:
         evo_subens.load_population(result.run_dir)
 
 
+@pytest.mark.slow
 def test_grow_adds_members_without_redoing(tmp_path: Path) -> None:
     """grow keeps the members, evolves one more generation and adds the best new distinct candidates."""
     quiet = {"progress": lambda line: None}
@@ -298,6 +311,7 @@ def test_grow_adds_members_without_redoing(tmp_path: Path) -> None:
     assert config["ensemble"]["size"] == 5 and config["search"]["generations"] == 3
 
 
+@pytest.mark.slow
 def test_load_runs_flattens_configs(tmp_path: Path) -> None:
     """load_runs concatenates every run's log with its config as columns, ready for groupby."""
     quiet = {"progress": lambda line: None}
@@ -310,6 +324,7 @@ def test_load_runs_flattens_configs(tmp_path: Path) -> None:
     assert (runs["search.population"] == 8).all()
 
 
+@pytest.mark.slow
 def test_killed_grow_resumes_to_the_same_ensemble(crash_setup, cli_command) -> None:
     """grow killed after its new generation, then resumed: the same members and metrics as a grow that
     ran through (the current members are kept in both)."""
@@ -336,6 +351,7 @@ def test_killed_ray_run_resumes_to_the_same_result(crash_setup, cli_command) -> 
     _assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_parent_file_that_does_not_fit(crash_setup, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A parent state_dict for another architecture: exit 2 naming the file, no run directory made (the
     command's code, run in this process: an uncaught error would fail the test)."""

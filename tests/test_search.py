@@ -216,6 +216,7 @@ def _comparable(population: pd.DataFrame) -> pd.DataFrame:
     return population.drop(columns=TIMING_COLUMNS)
 
 
+@pytest.mark.slow
 def test_same_config_same_results(local_run: evo_subens.RunResult, runs_dir: Path, tiny_config) -> None:
     """The same config run again (another name) gives an identical population log and metrics."""
     again = run_tiny(tiny_config, runs_dir, "again")
@@ -226,6 +227,7 @@ def test_same_config_same_results(local_run: evo_subens.RunResult, runs_dir: Pat
     assert metrics_a == metrics_b
 
 
+@pytest.mark.slow
 def test_test_split_does_not_leak_into_selection(local_run: evo_subens.RunResult, runs_dir: Path, tiny_config,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Replacing the test split (other inputs, random labels) changes only metrics.json."""
@@ -289,6 +291,7 @@ class BatchNormMLP(nn.Module):
         return self.classifier(self.features(x))
 
 
+@pytest.mark.slow
 def test_run_with_batchnorm_architecture(tiny_config, tmp_path: Path) -> None:
     """A model.architecture with BatchNorm (0-dim num_batches_tracked buffers) runs end to end."""
     result = run_tiny(tiny_config, tmp_path, "bn", {"model": {"architecture": f"{__name__}:BatchNormMLP",
@@ -357,6 +360,7 @@ def test_full_run_with_ray(ray_session, local_run: evo_subens.RunResult, runs_di
 # --- fine-tuning ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_finetune_writes_member_weights(tiny_config, tmp_path: Path) -> None:
     """finetune.epochs=1 writes members/<i>.pt (listed in members.json), tuned away from the untuned
     child, and the test metrics are those of the tuned weights."""
@@ -477,6 +481,7 @@ def test_greedy_selection_by_hand() -> None:
     assert greedy_selection([c, a], labels, 1) == [1]
 
 
+@pytest.mark.slow
 def test_greedy_run_picks_from_the_pool(tiny_config, tmp_path: Path) -> None:
     """ensemble.selection=greedy: members come from the best `pool` candidates by fitness, the greedy
     picks minimise validation NLL step by step, and the test metrics are those of the picks."""

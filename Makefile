@@ -46,8 +46,11 @@ system-packages:
 run: $(STAMP) system-packages
 	$(BIN)/evo-subens run $(CONFIG) seed=$(SEED)
 
+# The suite in TEST_WORKERS processes (pytest-xdist), each running whole modules (a module's shared
+# runs are made once); TEST_WORKERS=0: in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP) system-packages
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 test-fast: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q -m "not slow and not ray and not cluster"

@@ -88,7 +88,7 @@ def test_run_refuses_bad_places_and_classes(folder: Path, args: list[str], needl
     (os.urandom(64) + b"\xff\xfe", ["is not a text (UTF-8) file", "expected YAML"]),
     (b"- 1\n- 2\n", ["holds a list", "expected a mapping of sections"]),
     (b"just words\n", ["holds a string", "expected a mapping of sections"]),
-])
+], ids=["binary", "list", "string"])  # ids, not the random bytes: every xdist process collects the same tests
 def test_config_files_that_are_not_configs(folder: Path, cli_command: list[str], content: bytes,
                                            needles: list[str]) -> None:
     (folder / "bad.yaml").write_bytes(content)

@@ -105,7 +105,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance (2 CPUs) for the whole session; ``ensure_ray`` then reuses it."""
+    """One local Ray instance (2 CPUs) for the whole session (under pytest-xdist: for each process that
+    runs a test needing it); ``ensure_ray`` then reuses it."""
     import ray
 
     started = False

@@ -1,5 +1,6 @@
 # `make run`: set up .venv (and system packages) and run the default job (`make run SEED=1`: another
-# seed).  `make test`: run the test suite.
+# seed).  `make test`: run the test suite (what CI runs).  `make test-fast`: the tests marked neither
+# slow, ray nor cluster (markers in pyproject.toml), in under a minute.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,7 +18,7 @@ FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 APT_GET ?= apt-get
 AS_ROOT ?= $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
-.PHONY: run test bench clean-venv system-packages
+.PHONY: run test test-fast bench clean-venv system-packages
 
 $(STAMP): pyproject.toml
 	@# A torch already in $(PY) (e.g. a CUDA build on a GPU machine) is kept: the venv sees it.
@@ -45,8 +46,14 @@ system-packages:
 run: $(STAMP) system-packages
 	$(BIN)/evo-subens run $(CONFIG) seed=$(SEED)
 
+# The suite in TEST_WORKERS processes (pytest-xdist), each running whole modules (a module's shared
+# runs are made once); TEST_WORKERS=0: in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP) system-packages
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+
+test-fast: $(STAMP) system-packages
+	$(BIN)/python -m pytest -q -m "not slow and not ray and not cluster"
 
 bench: $(STAMP)
 	$(BIN)/evo-subens bench throughput

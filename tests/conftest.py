@@ -84,9 +84,29 @@ def cli_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "evo_subens.cli"]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that asks for the session's Ray is a `ray` test even where its mark was forgotten, so that
+    `make test-fast` (-m "not ray ...") never starts Ray.
+
+    Under pytest-xdist (`make test`: -n 2 --dist loadscope, each process runs whole modules, so a
+    module's shared runs are made once) the modules holding more slow tests go first, so that the
+    longest do not start last."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()) and item.get_closest_marker("ray") is None:
+            item.add_marker(pytest.mark.ray)
+    if getattr(config, "workerinput", None) is None:  # not an xdist worker: the order as written
+        return
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    slow = {name: sum(item.get_closest_marker("slow") is not None for item in tests) for name, tests in modules.items()}
+    items[:] = [item for name in sorted(modules, key=lambda name: -slow[name]) for item in modules[name]]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance (2 CPUs) for the whole session; ``ensure_ray`` then reuses it."""
+    """One local Ray instance (2 CPUs) for the whole session (under pytest-xdist: for each process that
+    runs a test needing it); ``ensure_ray`` then reuses it."""
     import ray
 
     started = False

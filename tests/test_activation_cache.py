@@ -61,7 +61,7 @@ def _evaluator(layers: list[str], cache_mb: float, name: str = "cnn2d",
     return CandidateEvaluator(payload), genomes
 
 
-@pytest.mark.parametrize("name", ["cnn2d", "mlp"])
+@pytest.mark.parametrize("name", [pytest.param("cnn2d", marks=pytest.mark.slow), "mlp"])
 def test_cached_scores_equal_full_forward_scores(name):
     late = ["head.*", "classifier.*"] if name == "cnn2d" else ["classifier.*"]
     cached, genomes = _evaluator(late, 64.0, name)
@@ -86,6 +86,7 @@ def test_families_that_train_children_never_cache():
     assert sparse.mutated_parameters(evaluator.model) is None
 
 
+@pytest.mark.slow
 def test_autocast_scores_close_to_fp32_and_cache_still_exact():
     late = ["head.*", "classifier.*"]
     exact, genomes = _evaluator(late, 0.0)
@@ -97,6 +98,7 @@ def test_autocast_scores_close_to_fp32_and_cache_still_exact():
         assert (b.accuracy, b.nll) == (c.accuracy, c.nll)
 
 
+@pytest.mark.slow
 def test_stacked_candidates_score_like_single_passes():
     late = ["head.*", "classifier.*"]
     single, genomes = _evaluator(late, 64.0)
@@ -109,6 +111,7 @@ def test_stacked_candidates_score_like_single_passes():
     assert stacked.score_current() == single.score_current()  # every candidate was undone
 
 
+@pytest.mark.slow
 def test_stacking_falls_back_without_a_cache():
     full, genomes = _evaluator(["*"], 64.0)
     full.payload.stack_candidates = 4
@@ -116,6 +119,7 @@ def test_stacking_falls_back_without_a_cache():
         [(s.accuracy, s.nll) for s in (full.evaluate(g) for g in genomes[:4])]
 
 
+@pytest.mark.slow
 def test_a_run_with_stacking_selects_the_same_members(tmp_path):
     from evo_subens.core.runner import run
 

@@ -133,6 +133,7 @@ def test_modules_stay_small() -> None:
     assert max(sizes.values()) <= 500, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("statement", [
     "import evo_subens.tasks.classification.metrics",
     "from evo_subens.core.config import load_config; load_config('configs/default.yaml')",

@@ -68,6 +68,7 @@ def test_matched_budget_follows_the_subnetwork_method(make_config) -> None:
     assert baseline_budget(baseline(make_config, "single", budget_epochs=7)) == 7
 
 
+@pytest.mark.slow
 def test_deep_ensemble_splits_the_budget(make_config, data) -> None:
     cfg = baseline(make_config, "deep_ensemble", budget_epochs=7, members=3)
     out = BASELINES["deep_ensemble"](cfg, data, 0)
@@ -79,6 +80,7 @@ def test_deep_ensemble_splits_the_budget(make_config, data) -> None:
     assert not any(torch.equal(first, s["classifier.weight"]) for s in out.states[1:])  # independent inits
 
 
+@pytest.mark.slow
 def test_bagging_members_see_different_subsets(make_config, data) -> None:
     subsets = bagging_subsets(100, 0.9, 3, seed=0)
     assert all(len(s) == 90 and len(np.unique(s)) == 90 for s in subsets)
@@ -93,6 +95,7 @@ def test_bagging_members_see_different_subsets(make_config, data) -> None:
                         "eval_forward_passes": 2 * len(data.test)}
 
 
+@pytest.mark.slow
 def test_snapshots_one_per_cosine_cycle(make_config, data, monkeypatch) -> None:
     seen = []
 
@@ -113,6 +116,7 @@ def test_snapshots_one_per_cosine_cycle(make_config, data, monkeypatch) -> None:
     assert not torch.equal(out.states[0]["classifier.weight"], out.states[2]["classifier.weight"])
 
 
+@pytest.mark.slow
 def test_fge_pretrains_then_snapshots_at_the_lr_minima(make_config, data, monkeypatch) -> None:
     seen = []
 
@@ -136,6 +140,7 @@ def test_fge_pretrains_then_snapshots_at_the_lr_minima(make_config, data, monkey
     assert cyclic[2 * spe] == 1.0  # the second cycle starts again at fge_lr_max
 
 
+@pytest.mark.slow
 def test_mc_dropout_passes_differ_but_the_average_is_seeded(make_config, data) -> None:
     cfg = make_config({"method": "mc_dropout", "model": {"kwargs": {"hidden": [32], "dropout": 0.3}},
                        "baseline": {"budget_epochs": 2, "mc_samples": 4}})
@@ -166,6 +171,7 @@ def test_mc_dropout_needs_a_dropout_layer(make_config, data) -> None:
 
 # --- run directories ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_baseline_run_directory_matches_a_subnetwork_run(make_config, tmp_path: Path) -> None:
     sub = run(make_config(), progress=lambda line: None)
     cfg = make_config({"method": "deep_ensemble", "baseline": {"members": 2}})
@@ -228,6 +234,7 @@ def test_study_configs_compare_every_method_at_one_budget(folder: str) -> None:
             assert baseline_budget(cfg) == multiple * subnetwork_budget_epochs(noisy), name
 
 
+@pytest.mark.slow
 def test_quality_runs_each_config_per_seed_and_tabulates(tmp_path: Path, capsys) -> None:
     folder = tmp_path / "bench"
     folder.mkdir()

@@ -34,6 +34,7 @@ def test_help_explains_overrides(argv: list[str], capsys: pytest.CaptureFixture)
     assert "key=value" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_tiny_run_prints_summary(cli_run) -> None:
     """A tiny run exits 0, prints the parent / best member / ensemble table and where the results are."""
     cwd, _, proc = cli_run
@@ -50,6 +51,7 @@ def test_tiny_run_prints_summary(cli_run) -> None:
         assert (cwd / run_dir / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_same_name_twice_is_refused(cli_run, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture) -> None:
     """Re-running into an existing run directory exits 2, names it, and leaves its files untouched."""

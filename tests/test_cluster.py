@@ -58,13 +58,13 @@ def test_address_precedence(monkeypatch) -> None:
 
 
 def test_unreachable_address_is_a_config_error() -> None:
-    """Ray retries a dead address forever; the package refuses it at once, naming the field."""
+    """Ray retries a dead address forever; the package refuses it at once, naming the field: on the
+    refused connection itself, not after waiting for a timeout."""
     port = _free_port()
-    started = time.perf_counter()
     with pytest.raises(ConfigError) as info:
         check_reachable(f"127.0.0.1:{port}", "workers.address")
     assert info.value.field == "workers.address"
-    assert time.perf_counter() - started < 10
+    assert f"nothing answered at 127.0.0.1:{port}: Connection refused" in str(info.value)
 
 
 def test_cli_with_unreachable_address_stops_before_any_work(capsys, monkeypatch, tmp_path: Path) -> None:
@@ -119,6 +119,7 @@ def _payload(tiny_config, tmp_path: Path):
     return payload_and_genomes(tiny_config(tmp_path), 4)
 
 
+@pytest.mark.ray
 def test_unplaceable_custom_resource_is_refused(ray_session, tiny_config, tmp_path: Path) -> None:
     """Actors asking for a resource no node has would wait forever; refused naming workers.resources."""
     payload, _ = _payload(tiny_config, tmp_path)
@@ -132,6 +133,8 @@ def test_unplaceable_custom_resource_is_refused(ray_session, tiny_config, tmp_pa
     assert info.value.field == "workers.num_actors"
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_placement_group_actors_report_their_node(ray_session, tiny_config, tmp_path: Path) -> None:
     """placement: pack puts the actors in a placement group; each candidate names its node; closing the
     problem gives the group back."""
@@ -153,6 +156,7 @@ def test_placement_group_actors_report_their_node(ray_session, tiny_config, tmp_
     assert placement_group_table(group)["state"] == "REMOVED"
 
 
+@pytest.mark.slow
 def test_in_process_candidates_are_on_node_local(make_config) -> None:
     result = evo_subens.run(make_config({"search": {"generations": 1}}), progress=lambda line: None)
     assert (result.population["node"] == LOCAL_NODE).all()
@@ -255,6 +259,9 @@ CLUSTER_RUN = {"workers": {"executor": "ray", "num_actors": 2, "placement": "spr
                "search": {"population": 4, "generations": 1}}
 
 
+@pytest.mark.cluster
+@pytest.mark.ray
+@pytest.mark.slow
 def test_search_runs_on_both_nodes(cluster: Cluster, cli_command, tmp_path: Path) -> None:
     """A search against the cluster (token authentication on) evaluates candidates on both nodes."""
     wrong = tmp_path / "wrong_token"
@@ -276,6 +283,9 @@ def test_search_runs_on_both_nodes(cluster: Cluster, cli_command, tmp_path: Path
     assert population["worker"].nunique() == 2
 
 
+@pytest.mark.cluster
+@pytest.mark.ray
+@pytest.mark.slow
 def test_job_submit_recipe(cluster: Cluster, tmp_path: Path) -> None:
     """The README's recipe: `ray job submit` with configs/ray/runtime_env.yaml ships this checkout; the
     job's driver (on the head node) writes the run directory to an absolute output_dir."""

@@ -124,6 +124,7 @@ def test_digits_pixels_in_unit_range() -> None:
     assert float(data.train.x.min()) == 0.0 and float(data.train.x.max()) == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path(FASHION_MNIST_ROOT).is_dir(), reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_files() -> None:
     data = load_dataset(DataConfig(name="fashion-mnist", validation_size=5000))
@@ -174,7 +175,7 @@ def test_splits_disjoint_and_cover_pool(name: str) -> None:
         assert everything == Counter(row.tobytes() for row in full)
 
 
-@pytest.mark.parametrize("name", ["mnist1d", "digits", "fashion-mnist"])
+@pytest.mark.parametrize("name", [pytest.param("mnist1d", marks=pytest.mark.slow), "digits", "fashion-mnist"])
 def test_splits_deterministic_per_seed(name: str, fashion_root: Path) -> None:
     def load(seed: int) -> DatasetSplits:
         if name == "mnist1d":

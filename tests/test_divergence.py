@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from evo_subens import load_population
+from evo_subens import cli, load_population
 from evo_subens.core.config import load_config
 from evo_subens.errors import ConfigError
 from evo_subens.core.logs import ADDED_COLUMNS
@@ -44,24 +44,34 @@ def _check_half_diverged(result, lines: list[str]) -> None:
     assert sum("candidates of generation" in line and "diverged" in line for line in lines) == 2
 
 
-def test_some_children_diverge_and_the_run_finishes_with_finite_members(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def half_local(tmp_path_factory: pytest.TempPathFactory):
+    """The half-diverging run in-process, and its progress lines (shared: the Ray run is compared with it)."""
     lines: list[str] = []
-    result = run(tiny_dict(tmp_path, dict(HALF_DIVERGED, name="half")), progress=lines.append)
-    _check_half_diverged(result, lines)
+    result = run(tiny_dict(tmp_path_factory.mktemp("half"), dict(HALF_DIVERGED, name="half")), progress=lines.append)
+    return result, lines
 
 
-def test_actors_flag_diverged_children_like_the_local_executor(ray_session, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_some_children_diverge_and_the_run_finishes_with_finite_members(half_local) -> None:
+    _check_half_diverged(*half_local)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_actors_flag_diverged_children_like_the_local_executor(ray_session, half_local, tmp_path: Path) -> None:
     lines: list[str] = []
     extra = dict(HALF_DIVERGED, name="half-ray", workers={"executor": "ray", "num_actors": 2})
     result = run(tiny_dict(tmp_path, extra), progress=lines.append)
     _check_half_diverged(result, lines)
-    local = run(tiny_dict(tmp_path, dict(HALF_DIVERGED, name="half-local")), progress=lambda line: None)
+    local, _ = half_local
     assert result.population.diverged.tolist() == local.population.diverged.tolist()
     assert result.member_genomes == local.member_genomes
 
 
+@pytest.mark.slow
 def test_all_children_diverging_stops_with_a_clear_error(tmp_path: Path, tiny_yaml_text: str,
-                                                         cli_command: list[str]) -> None:
+                                                         cli_command: list[str], capsys: pytest.CaptureFixture) -> None:
     """`children.sigma=1e30` (absolute): exit 2, one line naming the setting, no traceback; the run
     directory keeps the log and checkpoints, and resume reads it and stops with the same error."""
     (tmp_path / "tiny.yaml").write_text(tiny_yaml_text)
@@ -77,12 +87,11 @@ def test_all_children_diverging_stops_with_a_clear_error(tmp_path: Path, tiny_ya
     pop = pop[pop.generation >= 0]
     assert pop.diverged.all() and len(pop) == 8 and pop.val_nll.isna().all()
     assert list((run_dir / "checkpoints").glob("ckpt-*.pt"))
-    resumed = subprocess.run([*cli_command, "resume", str(run_dir)], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr
-    assert "generation 2 diverged" in resumed.stderr  # it went on from the checkpoint of generation 1
+    assert cli.main(["resume", str(run_dir)]) == 2  # the command's code, in this process
+    assert "generation 2 diverged" in capsys.readouterr().err  # it went on from the checkpoint of generation 1
 
 
+@pytest.mark.slow
 def test_huge_but_finite_noise_warns_about_members(tmp_path: Path) -> None:
     """sigma 1e3 (relative): children are finite but useless; the summary says so."""
     lines: list[str] = []

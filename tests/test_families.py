@@ -119,6 +119,7 @@ def test_a_family_from_outside_the_package_has_its_config_section(scaled) -> Non
     assert "density belongs to the noisy family" in str(info.value)
 
 
+@pytest.mark.slow
 def test_a_family_from_outside_the_package_runs_a_search(scaled, tmp_path: Path) -> None:
     result = evo_subens.run(dict(SCALED_RUN, output_dir=str(tmp_path), name="scaled"), progress=lambda line: None)
     population = result.population
@@ -176,6 +177,7 @@ def test_every_shipped_config_loads() -> None:
         assert load_config(path).children.family in FAMILIES, path
 
 
+@pytest.mark.slow
 def test_checking_a_config_imports_no_ray_evotorch_or_task() -> None:
     """Config checks import the family modules (torch), never Ray, EvoTorch or a task; families never
     import a task."""
@@ -223,6 +225,7 @@ def test_saved_configs_with_every_familys_fields_still_load(tmp_path: Path, fami
                                 tmp_path)
 
 
+@pytest.mark.slow
 def test_an_old_run_directory_resumes_with_the_same_results(tmp_path: Path) -> None:
     """A run directory whose config.yaml has every family's fields: resume reads it and refuses changes."""
     quiet = {"progress": lambda line: None}

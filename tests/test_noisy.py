@@ -114,6 +114,7 @@ with family.bind(model).materialised(spec["genome"]):
 """
 
 
+@pytest.mark.slow
 def test_same_genome_in_another_process(tmp_path: Path) -> None:
     """A genome materialised in a separate Python process gives bitwise-identical weights."""
     children = {"density": 0.1, "sigma": 0.5, "sigma_mode": "relative", "layers": ["*"],

@@ -43,6 +43,7 @@ def plain_and_raced(tmp_path_factory):
     return _run(folder, "plain", False, "local"), _run(folder, "raced", True, "local")
 
 
+@pytest.mark.slow
 def test_racing_keeps_elites_members_and_metrics(plain_and_raced):
     plain, raced = plain_and_raced
     stopped = raced.population[raced.population.raced]
@@ -57,6 +58,7 @@ def test_racing_keeps_elites_members_and_metrics(plain_and_raced):
     assert scored.val_nll.tolist() == reference.val_nll.tolist()
 
 
+@pytest.mark.slow
 def test_stopped_candidates_really_could_not_rank(plain_and_raced):
     plain, raced = plain_and_raced
     full = plain.population.set_index("candidate")
@@ -67,6 +69,8 @@ def test_stopped_candidates_really_could_not_rank(plain_and_raced):
         assert not math.isnan(full.loc[row.candidate].val_nll)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_actors_race_like_the_local_executor(plain_and_raced, ray_session, tmp_path):
     _, local = plain_and_raced
     remote = _run(tmp_path, "raced-ray", True, "ray")

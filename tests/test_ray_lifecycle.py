@@ -13,6 +13,7 @@ import pytest
 
 from evo_subens.core.reaper import descendants
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # each test's CLI process starts a Ray of its own
 
 
 def _alive(recorded: dict[int, int]) -> dict[int, str]:
@@ -36,7 +37,7 @@ def test_sigkilled_driver_leaves_no_ray_process(tmp_path: Path, tiny_yaml_text: 
     printed neither its token warning nor its error about actor arguments in the object store."""
     (tmp_path / "tiny.yaml").write_text(tiny_yaml_text)
     args = ["run", "tiny.yaml", "name=killed", "workers.executor=ray", "workers.num_actors=2",
-            "search.generations=200", "search.population=64"]
+            "search.generations=200", "search.population=8"]  # 200: the search is still running when killed
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen([*cli_command, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -40,6 +40,7 @@ def _images(report: Path) -> list[Path]:
     return [report.parent / line.split("(")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
 
 
+@pytest.mark.slow
 def test_report_writes_markdown_and_readable_pngs(runs):
     report = write_report(runs / "sweep-s0", progress=lambda line: None)
     text = report.read_text()
@@ -55,6 +56,7 @@ def test_report_writes_markdown_and_readable_pngs(runs):
         assert height > 200 and width > 300
 
 
+@pytest.mark.slow
 def test_mutation_window_only_for_sweeps(runs):
     report = write_report(runs / "plain-s0", features=False, progress=lambda line: None)
     text = report.read_text()
@@ -63,6 +65,7 @@ def test_mutation_window_only_for_sweeps(runs):
     assert "greedy (used)" in text
 
 
+@pytest.mark.slow
 def test_folder_report_groups_runs_and_links_each(runs):
     report = write_report(runs, features=False, progress=lambda line: None)
     text = report.read_text()
@@ -71,6 +74,7 @@ def test_folder_report_groups_runs_and_links_each(runs):
     assert "(sweep-s0/report.md)" in text and (runs / "plain-s0" / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_report_on_a_baseline_run(runs):
     report = write_report(runs / "snapshot-s0", progress=lambda line: None)
     text = report.read_text()
@@ -85,6 +89,7 @@ def test_report_rejects_a_folder_without_runs(tmp_path):
         write_report(tmp_path / "missing", progress=lambda line: None)
 
 
+@pytest.mark.slow
 def test_sweep_children_cycle_through_the_grid(runs):
     population = pd.read_parquet(runs / "sweep-s0" / "population.parquet")
     population = population[population["generation"] >= 0]  # without the parent's reference row
@@ -106,6 +111,7 @@ def test_bad_sweep_grids_name_the_field(tmp_path, extra, field):
         config_from_dict(config)
 
 
+@pytest.mark.slow
 def test_selection_comparison_matches_the_chosen_ensemble(runs):
     for name, rule in (("sweep-s0", "topk"), ("plain-s0", "greedy")):
         metrics = json.loads((runs / name / "metrics.json").read_text())
@@ -115,6 +121,7 @@ def test_selection_comparison_matches_the_chosen_ensemble(runs):
         assert metrics["selection"][rule]["test"] == pytest.approx(metrics["ensemble"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_loaded_ensemble_reproduces_the_test_metrics(runs):
     ensemble = load_ensemble(runs / "plain-s0")
     metrics = json.loads((runs / "plain-s0" / "metrics.json").read_text())
@@ -124,6 +131,7 @@ def test_loaded_ensemble_reproduces_the_test_metrics(runs):
     assert len(ensemble.members) == len(metrics["members"])
 
 
+@pytest.mark.slow
 def test_feature_visualisation_drives_its_units_up(runs):
     ensemble = load_ensemble(runs / "plain-s0")
     model, x = ensemble.parent, ensemble.data.train.x

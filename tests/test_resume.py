@@ -21,6 +21,7 @@ import torch
 import yaml
 
 import evo_subens
+from evo_subens import cli
 from evo_subens.errors import RunDirError
 
 from conftest import TINY, deep_merge
@@ -91,6 +92,25 @@ def crash_setup(tmp_path_factory, cli_command) -> tuple[Path, Path]:
     return config, folder / "runs" / "reference"
 
 
+@pytest.fixture(scope="module")
+def killed_copy(crash_setup, cli_command):
+    """Factory ``killed_copy(crash_at, name)``: a fresh copy, named ``name``, of a run of the crash config
+    killed at ``crash_at``. Each point is killed once per module; tests that start from the same kill get
+    their own copy to resume, corrupt or kill again."""
+    config, _ = crash_setup
+    killed: dict[str, Path] = {}
+
+    def make(crash_at: str, name: str) -> Path:
+        if crash_at not in killed:
+            slug = crash_at.replace(":", "-").replace(".", "-")
+            killed[crash_at] = _killed_run(cli_command, config, "shared-killed-" + slug, crash_at)
+        copy = config.parent / "runs" / name
+        shutil.copytree(killed[crash_at], copy)
+        return copy
+
+    return make
+
+
 # (crash point, what the kill interrupts)
 KILL_POINTS = [
     ("search.mid_generation:2", "inside generation 2, half its candidates evaluated"),
@@ -100,20 +120,22 @@ KILL_POINTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_at", [p for p, _ in KILL_POINTS], ids=[d for _, d in KILL_POINTS])
-def test_killed_and_resumed_run_equals_uninterrupted(crash_setup, cli_command, crash_at: str) -> None:
+def test_killed_and_resumed_run_equals_uninterrupted(crash_setup, killed_copy, cli_command, crash_at: str) -> None:
     """SIGKILL at the point, resume: same population log, members (and their weights) and metrics."""
     config, reference = crash_setup
-    run_dir = _killed_run(cli_command, config, "killed-" + crash_at.replace(":", "-").replace(".", "-"), crash_at)
+    run_dir = killed_copy(crash_at, "killed-" + crash_at.replace(":", "-").replace(".", "-"))
     assert not (run_dir / "metrics.json").exists()
     assert "[resume] from ckpt-" in _resumed(cli_command, run_dir).stdout
     _assert_same_run(run_dir, reference)
 
 
-def test_killed_repeatedly(crash_setup, cli_command) -> None:
+@pytest.mark.slow
+def test_killed_repeatedly(crash_setup, killed_copy, cli_command) -> None:
     """Killed three times at different points, resumed each time: still the uninterrupted result."""
     config, reference = crash_setup
-    run_dir = _killed_run(cli_command, config, "killed-thrice", "search.after_generation:1")
+    run_dir = killed_copy("search.after_generation:1", "killed-thrice")
     second = _cli(cli_command, ["resume", str(run_dir)], crash_at="checkpoint.write:2")
     assert second.returncode == -signal.SIGKILL
     third = _cli(cli_command, ["resume", str(run_dir)], crash_at="finetune.after_member:2")
@@ -122,19 +144,20 @@ def test_killed_repeatedly(crash_setup, cli_command) -> None:
     _assert_same_run(run_dir, reference)
 
 
-def test_killed_before_any_checkpoint_restarts_cleanly(crash_setup, cli_command) -> None:
+@pytest.mark.slow
+def test_killed_before_any_checkpoint_restarts_cleanly(crash_setup, killed_copy, cli_command) -> None:
     """Killed during the very first checkpoint write (no checkpoint yet): resume starts over."""
     config, reference = crash_setup
-    run_dir = _killed_run(cli_command, config, "killed-first", "checkpoint.write:1")
+    run_dir = killed_copy("checkpoint.write:1", "killed-first")
     assert not list((run_dir / "checkpoints").glob("ckpt-*.pt"))
     _resumed(cli_command, run_dir)
     _assert_same_run(run_dir, reference)
 
 
-def test_population_log_keeps_finished_generations(crash_setup, cli_command) -> None:
+@pytest.mark.slow
+def test_population_log_keeps_finished_generations(killed_copy) -> None:
     """A run killed after generation 2 keeps generations 1-2 in population.parquet, readable by pandas."""
-    config, reference = crash_setup
-    run_dir = _killed_run(cli_command, config, "killed-log", "search.after_generation:2")
+    run_dir = killed_copy("search.after_generation:2", "killed-log")
     population = evo_subens.load_population(run_dir)
     assert sorted(population["generation"].unique()) == [-1, 0, 1]  # -1: the parent's reference row
     assert len(population) == 1 + 2 * CRASH_CONFIG["search"]["population"]
@@ -145,10 +168,11 @@ def _digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_corrupted_latest_checkpoint_falls_back(crash_setup, cli_command) -> None:
+@pytest.mark.slow
+def test_corrupted_latest_checkpoint_falls_back(crash_setup, killed_copy, cli_command) -> None:
     """A truncated newest checkpoint is reported and the previous one is used; the result is unchanged."""
     config, reference = crash_setup
-    run_dir = _killed_run(cli_command, config, "corrupt-latest", "search.after_generation:2")
+    run_dir = killed_copy("search.after_generation:2", "corrupt-latest")
     newest = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1]
     newest.write_bytes(newest.read_bytes()[:100])
     resumed = _resumed(cli_command, run_dir)
@@ -157,10 +181,10 @@ def test_corrupted_latest_checkpoint_falls_back(crash_setup, cli_command) -> Non
     _assert_same_run(run_dir, reference)
 
 
-def test_no_usable_checkpoint_is_an_error_and_touches_nothing(crash_setup, cli_command) -> None:
+@pytest.mark.slow
+def test_no_usable_checkpoint_is_an_error_and_touches_nothing(killed_copy, cli_command) -> None:
     """Every checkpoint corrupted: exit 2 naming the folder, no file changed."""
-    config, reference = crash_setup
-    run_dir = _killed_run(cli_command, config, "all-corrupt", "search.after_generation:1")
+    run_dir = killed_copy("search.after_generation:1", "all-corrupt")
     for path in (run_dir / "checkpoints").glob("ckpt-*.pt"):
         path.write_bytes(b"not a checkpoint")
     before = _digest(run_dir)
@@ -170,26 +194,28 @@ def test_no_usable_checkpoint_is_an_error_and_touches_nothing(crash_setup, cli_c
     assert _digest(run_dir) == before
 
 
-def test_missing_run_dir(cli_command, tmp_path: Path) -> None:
-    """Resuming a folder that does not exist: exit 2 naming it."""
-    result = _cli(cli_command, ["resume", str(tmp_path / "nope")])
-    assert result.returncode == 2
-    assert f"run directory {tmp_path / 'nope'} does not exist" in result.stderr
+def test_missing_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Resuming a folder that does not exist: exit 2 naming it (the command's code, run in this process)."""
+    assert cli.main(["resume", str(tmp_path / "nope")]) == 2
+    assert f"run directory {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, field", [("seed=7", "seed"), ("data.name=mnist1d", "data.name"),
                                              ("children.sigma=0.1", "children.sigma"),
                                              ("model.kwargs={hidden: [8]}", "model.kwargs")])
-def test_incompatible_resume_is_refused(crash_setup, cli_command, override: str, field: str) -> None:
-    """Changing model, data, family or seed on resume: exit 2 naming the field, nothing written."""
+def test_incompatible_resume_is_refused(crash_setup, override: str, field: str,
+                                        capsys: pytest.CaptureFixture) -> None:
+    """Changing model, data, family or seed on resume: exit 2 naming the field, nothing written (the
+    command's code, run in this process)."""
     _, reference = crash_setup
     before = _digest(reference)
-    result = _cli(cli_command, ["resume", str(reference), override])
-    assert result.returncode == 2
-    assert f"cannot resume {reference} with {field}=" in result.stderr
+    assert cli.main(["resume", str(reference), override]) == 2
+    assert f"cannot resume {reference} with {field}=" in capsys.readouterr().err
     assert _digest(reference) == before
 
 
+@pytest.mark.slow
 def test_extending_a_finished_search_equals_a_longer_run(tmp_path: Path) -> None:
     """Run 2 generations, resume with search.generations=3: the same as running 3 from the start."""
     quiet = {"progress": lambda line: None}
@@ -201,6 +227,7 @@ def test_extending_a_finished_search_equals_a_longer_run(tmp_path: Path) -> None
     assert yaml.safe_load((short.run_dir / "config.yaml").read_text())["search"]["generations"] == 3
 
 
+@pytest.mark.slow
 def test_resume_may_change_workers(tmp_path: Path) -> None:
     """workers.* are compatible changes (here: in-process -> 2 threads) and change no result."""
     quiet = {"progress": lambda line: None}
@@ -212,6 +239,7 @@ def test_resume_may_change_workers(tmp_path: Path) -> None:
     assert reference[1:] == again[1:]
 
 
+@pytest.mark.slow
 def test_runs_written_before_newer_fields_still_resume_and_load(tmp_path: Path) -> None:
     """A run directory from before config fields and log columns were added: resume fills the defaults
     (which reproduce the old behaviour) and the population log loads with the old meaning of the columns."""
@@ -238,6 +266,7 @@ def test_runs_written_before_newer_fields_still_resume_and_load(tmp_path: Path) 
     assert reference[1:] == again[1:]
 
 
+@pytest.mark.slow
 def test_replaced_parent_file_is_refused(tmp_path: Path) -> None:
     """A parent.pt that is not the checkpoint's parent is refused by name, not silently used."""
     quiet = {"progress": lambda line: None}
@@ -249,6 +278,7 @@ def test_replaced_parent_file_is_refused(tmp_path: Path) -> None:
         evo_subens.resume(result.run_dir, **quiet)
 
 
+@pytest.mark.slow
 def test_truncated_population_log(tmp_path: Path) -> None:
     """load_population on a truncated Parquet file names the file."""
     result = evo_subens.run(dict(TINY, output_dir=str(tmp_path), name="t"), progress=lambda line: None)
@@ -258,6 +288,7 @@ def test_truncated_population_log(tmp_path: Path) -> None:
         evo_subens.load_population(result.run_dir)
 
 
+@pytest.mark.slow
 def test_grow_adds_members_without_redoing(tmp_path: Path) -> None:
     """grow keeps the members, evolves one more generation and adds the best new distinct candidates."""
     quiet = {"progress": lambda line: None}
@@ -280,6 +311,7 @@ def test_grow_adds_members_without_redoing(tmp_path: Path) -> None:
     assert config["ensemble"]["size"] == 5 and config["search"]["generations"] == 3
 
 
+@pytest.mark.slow
 def test_load_runs_flattens_configs(tmp_path: Path) -> None:
     """load_runs concatenates every run's log with its config as columns, ready for groupby."""
     quiet = {"progress": lambda line: None}
@@ -292,6 +324,7 @@ def test_load_runs_flattens_configs(tmp_path: Path) -> None:
     assert (runs["search.population"] == 8).all()
 
 
+@pytest.mark.slow
 def test_killed_grow_resumes_to_the_same_ensemble(crash_setup, cli_command) -> None:
     """grow killed after its new generation, then resumed: the same members and metrics as a grow that
     ran through (the current members are kept in both)."""
@@ -308,6 +341,8 @@ def test_killed_grow_resumes_to_the_same_ensemble(crash_setup, cli_command) -> N
     assert members[:3] == json.loads((reference / "members.json").read_text())
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_killed_ray_run_resumes_to_the_same_result(crash_setup, cli_command) -> None:
     """The same with Ray actors: the driver SIGKILLed between generations, resumed with its own Ray."""
     config, reference = crash_setup
@@ -316,13 +351,15 @@ def test_killed_ray_run_resumes_to_the_same_result(crash_setup, cli_command) -> 
     _assert_same_run(run_dir, reference)
 
 
-def test_parent_file_that_does_not_fit(crash_setup, cli_command, tmp_path: Path) -> None:
-    """A parent state_dict for another architecture: exit 2 naming the file, no run directory made."""
+@pytest.mark.slow
+def test_parent_file_that_does_not_fit(crash_setup, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A parent state_dict for another architecture: exit 2 naming the file, no run directory made (the
+    command's code, run in this process: an uncaught error would fail the test)."""
     config, reference = crash_setup
     wrong = tmp_path / "wrong-parent.pt"
     torch.save({"weight": torch.zeros(3, 3)}, wrong)
-    result = _cli(cli_command, ["run", str(config), "name=wrong-parent", f"model.parent_path={wrong}"])
-    assert result.returncode == 2
-    assert str(wrong) in result.stderr and "does not fit the architecture" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert cli.main(["run", str(config), "name=wrong-parent", f"model.parent_path={wrong}"]) == 2
+    err = capsys.readouterr().err
+    assert str(wrong) in err and "does not fit the architecture" in err
+    assert "Traceback" not in err
     assert not (reference.parent / "wrong-parent").exists()

@@ -30,7 +30,6 @@ from evo_subens.tasks.classification.metrics import classification_metrics
 from evo_subens.tasks.classification.models import build_model
 from evo_subens.core.problem import LOCAL_WORKER, make_problem
 from evo_subens.core.rundir import population_schema
-from evo_subens.families import make_family
 from evo_subens.core.search import CandidateRecord, select_members
 
 QUIET = {"progress": lambda line: None}
@@ -219,6 +218,7 @@ def _comparable(population: pd.DataFrame) -> pd.DataFrame:
     return population.drop(columns=TIMING_COLUMNS)
 
 
+@pytest.mark.slow
 def test_same_config_same_results(local_run: evo_subens.RunResult, runs_dir: Path, tiny_config) -> None:
     """The same config run again (another name) gives an identical population log and metrics."""
     again = run_tiny(tiny_config, runs_dir, "again")
@@ -229,6 +229,7 @@ def test_same_config_same_results(local_run: evo_subens.RunResult, runs_dir: Pat
     assert metrics_a == metrics_b
 
 
+@pytest.mark.slow
 def test_test_split_does_not_leak_into_selection(local_run: evo_subens.RunResult, runs_dir: Path, tiny_config,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Replacing the test split (other inputs, random labels) changes only metrics.json."""
@@ -292,6 +293,7 @@ class BatchNormMLP(nn.Module):
         return self.classifier(self.features(x))
 
 
+@pytest.mark.slow
 def test_run_with_batchnorm_architecture(tiny_config, tmp_path: Path) -> None:
     """A model.architecture with BatchNorm (0-dim num_batches_tracked buffers) runs end to end."""
     result = run_tiny(tiny_config, tmp_path, "bn", {"model": {"architecture": f"{__name__}:BatchNormMLP",
@@ -317,6 +319,8 @@ def payload_and_genomes(cfg: RunConfig, count: int) -> tuple[EvaluationPayload, 
     return payload, [g for _, g in family.propose([family.root(payload.parent_id)], count, rng)]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_ray_and_local_problems_agree(ray_session, tiny_config, tmp_path: Path) -> None:
     """The same genomes score identically in 2 Ray actors and in-process; workers are reported."""
     payload, genomes = payload_and_genomes(tiny_config(tmp_path), 6)
@@ -340,6 +344,8 @@ def test_ray_and_local_problems_agree(ray_session, tiny_config, tmp_path: Path) 
     assert len(set(local_evals[:, 1])) > 1, "children should not all score the same"
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_full_run_with_ray(ray_session, local_run: evo_subens.RunResult, runs_dir: Path, tiny_config) -> None:
     """The default executor runs end to end in Ray actors and finds the same candidates as in-process."""
     result = run_tiny(tiny_config, runs_dir, "ray", {"workers": {"executor": "ray"}})
@@ -356,6 +362,7 @@ def test_full_run_with_ray(ray_session, local_run: evo_subens.RunResult, runs_di
 # --- fine-tuning ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_finetune_writes_member_weights(tiny_config, tmp_path: Path) -> None:
     """finetune.epochs=1 writes members/<i>.pt (listed in members.json), tuned away from the untuned
     child, and the test metrics are those of the tuned weights."""
@@ -387,6 +394,8 @@ def test_finetune_writes_member_weights(tiny_config, tmp_path: Path) -> None:
 # --- Ray resources (kept last: on failure it leaves killed, never-scheduled actors behind) -------------
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_gpu_request_without_gpus_does_not_hang(ray_session, tiny_config, tmp_path: Path) -> None:
     """workers.num_gpus_per_actor > 0 on a Ray cluster without GPUs (documented: actors use CUDA 'when a
     GPU is present') must either evaluate on CPU or be rejected up front, not wait forever for GPUs."""
@@ -411,15 +420,16 @@ def test_gpu_request_without_gpus_does_not_hang(ray_session, tiny_config, tmp_pa
 
     thread = threading.Thread(target=evaluate, daemon=True)
     thread.start()
-    thread.join(timeout=30)
+    thread.join(timeout=120)  # generous: evaluating 2 genomes takes seconds; waiting for GPUs takes forever
     try:
-        assert not thread.is_alive(), "evaluation still waiting for GPUs after 30 s"
+        assert not thread.is_alive(), "evaluation still waiting for GPUs after 120 s"
         assert "evals" in done, done.get("error")
         assert done["evals"].shape[0] == len(genomes)
     finally:
         problem.close()
 
 
+@pytest.mark.ray
 def test_more_actors_than_cluster_cpus_is_refused(ray_session, tiny_config, tmp_path: Path) -> None:
     """Actors that could never be placed are a config error naming workers.num_actors, not a hang."""
     payload, _ = payload_and_genomes(tiny_config(tmp_path), 2)
@@ -429,6 +439,8 @@ def test_more_actors_than_cluster_cpus_is_refused(ray_session, tiny_config, tmp_
     assert info.value.field == "workers.num_actors"
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_single_actor_still_evaluates_in_ray(ray_session, tiny_config, tmp_path: Path) -> None:
     """num_actors=1 keeps one Ray actor (EvoTorch alone would evaluate in the driver)."""
     payload, genomes = payload_and_genomes(tiny_config(tmp_path), 3)
@@ -471,6 +483,7 @@ def test_greedy_selection_by_hand() -> None:
     assert greedy_selection([c, a], labels, 1) == [1]
 
 
+@pytest.mark.slow
 def test_greedy_run_picks_from_the_pool(tiny_config, tmp_path: Path) -> None:
     """ensemble.selection=greedy: members come from the best `pool` candidates by fitness, the greedy
     picks minimise validation NLL step by step, and the test metrics are those of the picks."""

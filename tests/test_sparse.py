@@ -122,6 +122,7 @@ def test_pruned_weights_stay_zero_after_tuning(optimizer: str) -> None:
     assert all(torch.equal(v, parent[k]) for k, v in model.state_dict().items())  # parent restored
 
 
+@pytest.mark.slow
 def test_same_genome_same_mask_in_another_process(tmp_path: Path) -> None:
     cfg = _children(mask="partition", structure="neuron", scope="layerwise")
     genome = _genomes(cfg, 3)[2]
@@ -163,6 +164,7 @@ def _run(tmp_path: Path, name: str, extra: dict | None = None) -> evo_subens.Run
     return evo_subens.run(config, progress=lambda line: None)
 
 
+@pytest.mark.slow
 def test_sparse_run_stores_members_compactly(tmp_path: Path) -> None:
     """A partition ensemble: members are stored packed, unpack to masked weights, metrics use them."""
     result = _run(tmp_path, "part", {"finetune": {"epochs": 1}})
@@ -187,6 +189,8 @@ def test_sparse_run_stores_members_compactly(tmp_path: Path) -> None:
     assert candidates["density"].eq(0.25).all()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_ray_and_local_sparse_runs_agree(ray_session, tmp_path: Path) -> None:
     """Tuned children fetched from Ray actors equal those tuned in-process (same metrics and weights)."""
     local = _run(tmp_path, "local")
@@ -198,6 +202,7 @@ def test_ray_and_local_sparse_runs_agree(ray_session, tmp_path: Path) -> None:
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_killed_sparse_run_resumes_to_the_same_members(tmp_path: Path, cli_command) -> None:
     """Killed after the tuning generation (tuned weights lived only in the workers): resume re-tunes the
     members deterministically, giving the same packed weights and metrics as an uninterrupted run."""

@@ -125,6 +125,7 @@ def test_masks_are_a_function_of_genome_and_step() -> None:
     assert torch.equal(conv.all(1), conv.any(1))  # neuron structure: a filter is sampled in or out whole
 
 
+@pytest.mark.slow
 def test_same_genome_same_mask_sequence_in_another_process() -> None:
     script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
               "from test_stochastic import mask_sequence_hash; print(mask_sequence_hash())")
@@ -153,6 +154,7 @@ def test_gradients_reach_only_sampled_in_entries() -> None:
     assert not torch.equal(params["classifier.weight"], before["classifier.weight"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_pruned_weights_are_zero_after_annealing_and_stay_zero(optimizer: str) -> None:
     """While annealing, pruned weights are trained when sampled in; from the end of the window on, they
@@ -189,6 +191,7 @@ def test_pruned_weights_are_zero_after_annealing_and_stay_zero(optimizer: str) -
     assert all(torch.equal(v, parent[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_zero_annealing_fraction_is_one_shot_pruning() -> None:
     """anneal_fraction 0: the exact mask from the first step, the same child as the sparse family's."""
     tune = TuneConfig(epochs=1, batch_size=50, lr=0.05)
@@ -234,6 +237,8 @@ def _run(tmp_path: Path, name: str, extra: dict | None = None) -> evo_subens.Run
     return evo_subens.run(config, progress=lambda line: None)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_stochastic_run_end_to_end(ray_session, tmp_path: Path) -> None:
     """A tiny run in-process and in Ray actors: same members and metrics; members are stored packed and
     masked; they are not the one-shot (sparse) children with the same masks."""
@@ -268,6 +273,7 @@ def test_stochastic_run_end_to_end(ray_session, tmp_path: Path) -> None:
     assert compared >= 1
 
 
+@pytest.mark.slow
 def test_extended_stochastic_search_equals_a_longer_run(tmp_path: Path) -> None:
     """Resume with more generations gives the run configured with them (members re-tuned deterministically)."""
     short = _run(tmp_path, "short")

@@ -9,50 +9,83 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import deep_merge, TINY
 
 from evo_subens.core.config import WorkersConfig, config_from_dict
-from evo_subens.tasks.classification.data import load_dataset
-from evo_subens.core.worker import parent_fingerprint
-from evo_subens.tasks.classification.evaluation import EvaluationPayload
 from evo_subens.families import make_family
-from evo_subens.tasks.classification.models import build_model
 from evo_subens.core.problem import make_problem
 from evo_subens.core.search import SubnetworkSearch
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-def _slow_payload(tmp_path: Path) -> tuple:
-    """A payload whose candidates take ~10 ms each in one thread, so a generation of 160 lasts ~1 s."""
-    cfg = config_from_dict(deep_merge(TINY, {"output_dir": str(tmp_path), "data": {"name": "mnist1d",
-                                             "num_samples": 5000, "validation_size": 2000},
-                                             "model": {"name": "cnn1d", "kwargs": {"hidden": 64}},
-                                             "search": {"population": 160, "generations": 2, "elites": 4}}))
-    data = load_dataset(cfg.data)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    payload = EvaluationPayload(model=cfg.model, input_shape=data.input_shape, num_classes=data.num_classes,
-                                parent_state=state, parent_id=parent_fingerprint(state), children=cfg.children,
-                                val_x=data.validation.x, val_y=data.validation.y, batch_size=500, threads=1)
-    return cfg, payload
+
+def hold_first_evaluation(gate: str):
+    """A remote hook for the actors (EvoTorch runs it in every actor process it starts, restarts included):
+    once ``<gate>/armed`` exists, the first actor process to start evaluating a batch writes
+    ``<gate>/entered`` ("<actor index> <pid>") and holds there until it is killed; every other process,
+    the restarted one included, evaluates as usual. The generation then cannot end before the kill.
+
+    Returned as a closure so Ray pickles it by value (the actors cannot import this test module)."""
+
+    def hook(problem) -> None:
+        evaluate = problem._evaluate_batch
+
+        def gated(batch) -> None:
+            if os.path.exists(os.path.join(gate, "armed")):
+                try:
+                    fd = os.open(os.path.join(gate, "entered"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    pass
+                else:
+                    os.write(fd, f"{problem.actor_index} {os.getpid()}".encode())
+                    os.close(fd)
+                    deadline = time.monotonic() + 300
+                    while time.monotonic() < deadline:  # killed here by the test
+                        time.sleep(0.05)
+                    raise RuntimeError("held actor was never killed")
+            evaluate(batch)
+
+        problem._evaluate_batch = gated
+
+    return hook
+
+
+def _wait_for(path: Path, step: threading.Thread, timeout: float = 120) -> str:
+    """The text of ``path`` once it is written (the step must still be running meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return path.read_text()
+        assert step.is_alive(), "the generation ended without an actor entering the gate"
+        time.sleep(0.05)
+    raise AssertionError(f"no actor entered the gate within {timeout} s")
 
 
 def test_actor_killed_mid_generation_is_replaced(ray_session, tmp_path: Path) -> None:
-    cfg, payload = _slow_payload(tmp_path)
+    from test_search import payload_and_genomes
+
+    cfg = config_from_dict(deep_merge(TINY, {"output_dir": str(tmp_path), "search": {"population": 8}}))
+    payload, _ = payload_and_genomes(cfg, 1)
+    gate = tmp_path / "gate"
+    gate.mkdir()
     problem = make_problem(WorkersConfig(num_actors=2, subbatch_size=4), payload, fitness="accuracy",
                            population=cfg.search.population)
+    problem.remote_hook.append(hold_first_evaluation(str(gate)))
     search = SubnetworkSearch(problem, make_family(cfg.children), cfg.search, seed=0)
     try:
         search.step()
-        victim, victim_pid = 1, search.worker_pids[1]
-        started = time.perf_counter()
+        assert set(search.worker_pids) == {0, 1}  # both actors evaluated generation 0
+        (gate / "armed").touch()
         step = threading.Thread(target=search.step)
         step.start()
-        time.sleep(0.3)
-        assert step.is_alive(), "the generation ended before the kill; make candidates slower"
+        victim, victim_pid = (int(v) for v in _wait_for(gate / "entered", step).split())
+        assert search.worker_pids[victim] == victim_pid  # the gate holds an actor of generation 0
+        assert step.is_alive()  # held by the gate: the generation cannot have ended
         os.kill(victim_pid, signal.SIGKILL)
         step.join(timeout=120)
         assert not step.is_alive()
-        assert time.perf_counter() - started > 0.3
     finally:
         problem.close()
     ids = [r.candidate for r in search.records]

@@ -15,9 +15,9 @@ from evo_subens.tasks.classification.models import (
     MODELS,
     build_model,
     classifier_parameter_names,
-    count_parameters,
     load_parent_state,
 )
+from evo_subens.nn import count_parameters
 
 SIGNAL = (1, 40)       # MNIST-1D
 DIGITS = (1, 8, 8)     # sklearn digits

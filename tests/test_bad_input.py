@@ -141,8 +141,11 @@ def test_ctrl_c_says_where_the_run_stopped(folder: Path, cli_command: list[str])
     args = ["run", "tiny.yaml", "name=stopped", "workers.executor=local", "search.generations=40",
             "search.population=64"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # A shell's background job starts with SIGINT ignored, and Python keeps an inherited SIG_IGN: give the
+    # run the default disposition a terminal's foreground process has, whatever started this test.
     proc = subprocess.Popen([*cli_command, *args], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
+                            text=True, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:
             if line.startswith("[search] generation 2/40"):

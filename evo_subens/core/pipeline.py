@@ -263,8 +263,8 @@ class Pipeline:
         chosen = self._chosen()
         positions = state.ensemble
         members = [chosen[i] for i in positions]
-        write_population(self.run_dir / "population.parquet", self._population_rows([m.candidate for m in members]),
-                         self.family.log_columns)
+        rows = self._population_rows([m.candidate for m in members])
+        write_population(self.run_dir / "population.parquet", rows, self.family.log_columns)
         write_json(self.run_dir / "members.json", [
             {"candidate": m.candidate, "genome": m.genome, "weights": _member_file(i) if self._stored() else None,
              "val_accuracy": m.val_accuracy, "val_nll": m.val_nll} for i, m in zip(positions, members)])
@@ -282,7 +282,6 @@ class Pipeline:
         self._checkpoint()
         for line in task.summary(metrics, len(chosen)):
             self.progress(line)
-        rows = self._population_rows([m.candidate for m in members])
         for line in task.diagnostics([r for r in rows if r["generation"] >= 0]) + task.warnings(metrics):
             self.progress(line)
         self.progress(f"[run] results in {self.run_dir} ({run_seconds():.0f}s)")

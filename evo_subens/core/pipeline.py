@@ -73,8 +73,7 @@ class Pipeline:
                 self.task.train_parent(parent)
             self.parent_state = state_copy(parent)
             write_state(self.run_dir / "parent.pt", self.parent_state)
-            self.state = RunState(stage="parent", parent_id=parent_fingerprint(self.parent_state), members=[],
-                                  accepted=None)
+            self.state = RunState(stage="parent", parent_id=parent_fingerprint(self.parent_state))
             self._checkpoint()
         else:
             self.task.load_parent(self.run_dir / "parent.pt", parent)

@@ -118,6 +118,10 @@ class Task(ABC):
         """Extra lines on the population log's candidates (e.g. broken children); none by default."""
         return []
 
+    def check_baseline(self) -> None:
+        """Refuse, before a run directory exists, a baseline the loaded data cannot support."""
+        raise NotImplementedError(f"the {self.name} task has no baselines")
+
     def run_baseline(self, run_dir: Path) -> "RunResult":
         """Run the config's ``method`` baseline into ``run_dir``; tasks without baselines refuse."""
         raise NotImplementedError(f"the {self.name} task has no baselines")

@@ -65,7 +65,7 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     (["output_dir=/proc/evo-subens-x"], ["config field 'output_dir'", "cannot create folders in /proc"]),
     (["model.architecture=test_bad_input:ExplodingNet", "model.kwargs={}"],
      ["config field 'model.architecture'", "RuntimeError: width 4 needs a GPU here"]),
-    (["data.name=fashion-mnist", "data.root=a-file"], ["data.root", "a-file is a file, not a folder"]),
+    (["data.name=fashion-mnist", "data.path=a-file"], ["data.path", "a-file is a file, not a folder"]),
 ])
 def test_run_refuses_bad_places_and_classes(folder: Path, args: list[str], needles: list[str],
                                             capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:

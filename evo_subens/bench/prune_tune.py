@@ -77,7 +77,7 @@ def _pat_runs(seed: int, data_cfg: dict, output_dir: Path, members: int, workers
 def prune_tune(*, seeds: list[int], data_root: str | None = None, output_dir: str = "runs/bench-prune-tune",
                members: int = 8, executor: str = "ray") -> dict[str, list[dict]]:
     """Run every method for every seed and print the table; returns per-method lists of metrics."""
-    data_cfg = {"name": "fashion-mnist", "root": data_root, "validation_size": 5000, "seed": 0}
+    data_cfg = {"name": "fashion-mnist", "path": data_root, "validation_size": 5000, "seed": 0}
     data = load_dataset(DataConfig(**data_cfg))
     table: dict[str, list[dict]] = defaultdict(list)
     costs: dict[str, dict] = {}

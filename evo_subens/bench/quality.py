@@ -104,7 +104,7 @@ def quality(*, seeds: list[int], config_dir: str = "configs/study/mnist1d", data
         out = Path(output_dir) / folder.name
         overrides = [f"output_dir={out}", f"workers.executor={executor}"]
         if data_root is not None:
-            overrides.append(f"data.root={data_root}")
+            overrides.append(f"data.path={data_root}")
         configs = _ordered_configs(folder, overrides)
         table: dict[str, list[dict]] = defaultdict(list)
         for seed in seeds:

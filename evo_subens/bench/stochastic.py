@@ -78,7 +78,7 @@ def stochastic(*, seeds: list[int], sparsities: list[float], members: int = 6, t
                executor: str = "ray") -> dict[str, list[dict]]:
     """Run both arms for every seed and sparsity and print the table; returns per-row lists of metrics."""
     common = {
-        "data": {"name": "fashion-mnist", "root": data_root, "validation_size": 5000, "seed": 0,
+        "data": {"name": "fashion-mnist", "path": data_root, "validation_size": 5000, "seed": 0,
                  "num_samples": num_samples},
         "model": {"name": "lenet", "kwargs": {"size": "S"}}, "parent": PARENT,
         "children": {"mask": "random", "structure": "connection", "scope": "global", "tune": _tune(tune_epochs)},

@@ -348,7 +348,7 @@ def throughput(*, models: list[str], population: int = 32, actors: int | list[in
         raise SystemExit(f"evo-subens bench: unknown model(s) {unknown}; choose from {sorted(BENCH_MODELS)}")
     actor_counts = [actors] if isinstance(actors, int) else list(actors)
     logging.getLogger("evotorch").setLevel(logging.WARNING)  # one INFO line per problem would bury the table
-    data = load_dataset(DataConfig(name="fashion-mnist", root=data_root, validation_size=validation_size))
+    data = load_dataset(DataConfig(name="fashion-mnist", path=data_root, validation_size=validation_size))
     if not ray.is_initialized():
         # One method's actors exist at a time; the slack covers killed actors not yet released.
         ray.init(num_cpus=max(os.cpu_count() or 1, 2 * max(actor_counts)), include_dashboard=False,

@@ -35,6 +35,8 @@ LEGACY_VALUES: dict[tuple[str, str], object] = {
     ("ensemble", "acceptance"): False,
     ("ensemble", "holdout"): 0.0,
 }
+# Fields renamed since: a run directory's old name reads as the new one.
+LEGACY_NAMES: dict[tuple[str, str], str] = {("data", "root"): "path"}
 
 
 def read_run_config(run_dir: str | Path) -> dict:
@@ -53,6 +55,9 @@ def read_run_config(run_dir: str | Path) -> dict:
         raise RunDirError(f"{path} is unreadable: {exc}") from None
     if not isinstance(data, dict):
         raise RunDirError(f"{path} does not hold a config mapping")
+    for (section, old), new in LEGACY_NAMES.items():
+        if isinstance(data.get(section), dict) and old in data[section]:
+            data[section][new] = data[section].pop(old)
     for (section, name), value in LEGACY_VALUES.items():
         if isinstance(data.get(section), dict) and name not in data[section]:
             data[section][name] = value

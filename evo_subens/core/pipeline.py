@@ -69,6 +69,7 @@ class Pipeline:
         if self.state is None:
             if cfg.model.parent_path:
                 self.progress(f"[parent] loaded {cfg.model.parent_path} ({count_parameters(parent):,} parameters)")
+                self.task.check_loaded_parent(parent)
             else:
                 self.task.train_parent(parent)
             self.parent_state = state_copy(parent)

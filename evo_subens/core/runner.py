@@ -55,21 +55,33 @@ def _load_config_arg(config: RunConfig | dict | str | Path, overrides: list[str]
     return load_config(config, overrides), Path(config).stem
 
 
-def run(config: RunConfig | dict | str | Path, overrides: list[str] | None = None, *,
+def _new_run_dir(cfg: RunConfig, config_name: str, task: Task) -> Path:
+    run_dir = create_run_dir(cfg, config_name)
+    task.record_data(run_dir)
+    write_run_config(run_dir, cfg)  # with what record_data filled in (where in-memory data was saved)
+    return run_dir
+
+
+def run(config: RunConfig | dict | str | Path, overrides: list[str] | None = None, *, data: object = None,
         progress: Progress = say) -> RunResult:
     """Run a whole search from a :class:`RunConfig`, a nested dict or a YAML path, plus ``key=value``
-    overrides (not applied to a ready :class:`RunConfig`)."""
+    overrides (not applied to a ready :class:`RunConfig`).
+
+    ``data``: the data in memory instead of the config's ``data.name`` / ``data.path``: ``(x, y)``,
+    ``(x, y, x_test, y_test)``, a dict of those keys (numpy arrays, tensors or lists), a torch ``Dataset`` of
+    (input, label) pairs or ``(train, test)`` Datasets. It is saved into the run directory (``data.npz``),
+    so report, resume, grow and ``load_ensemble`` work as for data read from files."""
     start_run_clock()
     cfg, config_name = _load_config_arg(config, overrides)
     check_before_run(cfg)
     task = make_task(cfg, progress)
-    task.load()
+    task.load(data)
     if cfg.method != "subnetworks":  # a matched-budget baseline: the same kind of run directory, no search
         task.check_baseline()
-        return task.run_baseline(create_run_dir(cfg, config_name))
+        return task.run_baseline(_new_run_dir(cfg, config_name, task))
     parent = _build_parent(cfg, task)
     prepare_workers(cfg.workers, progress)  # Ray up and the actors placeable before training or the run dir
-    run_dir = create_run_dir(cfg, config_name)
+    run_dir = _new_run_dir(cfg, config_name, task)
     return Pipeline(cfg, run_dir, task, parent, None, progress).run()
 
 
@@ -91,6 +103,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress:
     task = make_task(cfg, progress)
     if cfg.method != "subnetworks":  # baselines keep no checkpoints; run again, they give the same result
         task.load()
+        task.check_data(run_dir)
         return task.run_baseline(run_dir)
     checkpoint = load_latest_checkpoint(run_dir, progress)
     state = RunState.from_dict(checkpoint) if checkpoint is not None else None
@@ -98,6 +111,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress:
         raise ConfigError("search.generations", f"at least the {state.search['generation']} generations "
                                                 f"{run_dir} has already run", cfg.search.generations)
     task.load()
+    task.check_data(run_dir)
     parent = _build_parent(cfg, task)
     prepare_workers(cfg.workers, progress)
     for path in remove_stale_temp_files(run_dir):
@@ -128,6 +142,7 @@ def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: P
     cfg.ensemble.size = len(accepted) + members
     task = make_task(cfg, progress)
     task.load()
+    task.check_data(run_dir)
     parent = _build_parent(cfg, task)
     prepare_workers(cfg.workers, progress)
     write_run_config(run_dir, cfg)

@@ -10,9 +10,10 @@ ClassificationTask`; a new kind of problem is a new subpackage of ``tasks/`` and
 The order the engine calls a task in::
 
     task = make_task(cfg, progress)
-    task.load()                                    # data
+    task.load(data)                                # data (``data``: what run() was given in memory, or None)
+    task.record_data(run_dir)                      # a new run; a resumed one: task.check_data(run_dir)
     model = task.new_model()                       # the parent's architecture (seeded by the engine)
-    task.train_parent(model)                       # or task.load_parent(path, model)
+    task.train_parent(model)                       # or task.load_parent(path, model), check_loaded_parent(model)
     payload = task.worker_payload(model_state, parent_id)   # shipped once to every worker
     ... search: workers score genomes with payload.make_evaluator() ...
     check = task.holdout_check(lambda: best_state)  # per generation
@@ -52,8 +53,16 @@ class Task(ABC):
 
     # Data and parent ---------------------------------------------------------------------------------
     @abstractmethod
-    def load(self) -> None:
-        """Load (or generate) the task's data: training, validation (decisions) and test (final metrics)."""
+    def load(self, data: object | None = None) -> None:
+        """Load (or generate) the task's data: training, validation (decisions) and test (final metrics).
+        ``data``: data given in memory (``evo_subens.run(config, data=...)``) instead of the config's."""
+
+    def record_data(self, run_dir: Path) -> None:
+        """Write into a new run directory what reloading the data needs (data given in memory included) and
+        what checks that it reloads unchanged; may update ``cfg`` (the engine writes the config after)."""
+
+    def check_data(self, run_dir: Path) -> None:
+        """Refuse to go on with ``run_dir`` when the data no longer loads to what it was made with."""
 
     @abstractmethod
     def describe_data(self) -> str:
@@ -70,6 +79,10 @@ class Task(ABC):
     @abstractmethod
     def train_parent(self, model: "nn.Module") -> None:
         """Train the parent in place, printing progress."""
+
+    def check_loaded_parent(self, model: "nn.Module") -> None:
+        """Report how a parent loaded from the user's file scores on this run's data, warning when the
+        score says it does not fit the data (e.g. it was trained on differently preprocessed inputs)."""
 
     # Workers -----------------------------------------------------------------------------------------
     @abstractmethod

@@ -1,24 +1,24 @@
 """Dataset registry: each dataset loads into seeded, reproducible train/validation/test splits.
 
-Adding a dataset means writing one ``DataConfig -> DatasetSplits`` function and adding it to
-``DATASETS``::
+The built-in datasets are here; one's own data is read by :mod:`.tabular` (csv, npz, custom loaders,
+in-memory arrays) and :mod:`.images` (image folders, CIFAR)::
 
     >>> splits = load_dataset(DataConfig(name="digits"))
     >>> splits.input_shape, splits.num_classes
     ((1, 8, 8), 10)
+    >>> splits = load_dataset(DataConfig(name="csv", path="cancer.csv", target="diagnosis"))
 
-Every split is derived from ``DataConfig.seed`` through local generators only, so the same config
-gives bitwise identical splits and loading never touches the caller's global RNG state.
+A new format is one ``DataConfig -> DatasetSplits`` function in ``DATASETS`` (and its name in
+``evo_subens.core.config.DATASET_NAMES``); for a one-off dataset, ``data.name: custom`` with
+``data.loader: module:function`` needs no change here.
 """
 
 from __future__ import annotations
 
 import gzip
 import math
-import numbers
 import random
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,94 +27,11 @@ import torch
 
 from ...core.config import DataConfig
 from ...errors import DataError
+from .images import load_cifar10, load_cifar100, load_imagefolder
+from .splits import DatasetSplits, Split, hold_out, split_pool
+from .tabular import load_csv, load_custom, load_npz
 
-__all__ = ["Split", "DatasetSplits", "DATASETS", "load_dataset", "read_idx"]
-
-
-@dataclass(frozen=True)
-class Split:
-    """Features ``x`` (float32) and labels ``y`` (int64) of one split, each with its own storage."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(f"split has {self.x.shape[0]} samples but {self.y.shape[0]} labels")
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-
-@dataclass(frozen=True)
-class DatasetSplits:
-    """A dataset cut into train/validation/test splits, with its per-sample shape and class count."""
-
-    name: str
-    train: Split
-    validation: Split
-    test: Split
-    input_shape: tuple[int, ...]
-    num_classes: int
-
-
-def hold_out(split: Split, share: float) -> tuple[Split, Split | None]:
-    """``split`` cut into a part for decisions and a held-back part of ``share`` of its samples (its tail;
-    validation splits are random draws of the pool, so the tail is a random subset). ``share`` 0: no
-    held-back part. Each part has its own storage (see :func:`_make_split`)."""
-    held = int(round(share * len(split)))
-    if held == 0:
-        return split, None
-    if held >= len(split):
-        raise DataError(f"ensemble.holdout = {share} of {len(split)} validation samples leaves none to select on")
-    keep = len(split) - held
-    return (Split(split.x[:keep].clone(), split.y[:keep].clone()),
-            Split(split.x[keep:].clone(), split.y[keep:].clone()))
-
-
-def _make_split(x: np.ndarray, y: np.ndarray) -> Split:
-    # clone() gives each tensor a storage of exactly its own size: a view of a larger array would
-    # drag the whole array along whenever a split is pickled to a worker process.
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).clone()
-    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).clone()
-    return Split(xt, yt)
-
-
-def _validation_count(validation_size: float, pool_size: int) -> int:
-    """Number of validation samples for ``validation_size`` (fraction or whole count)."""
-    v = validation_size
-    is_number = isinstance(v, numbers.Real) and not isinstance(v, bool)
-    if not is_number or not (0 < v < 1 or (v >= 1 and float(v).is_integer())):
-        raise DataError(f"data.validation_size must be a fraction (0 < v < 1) or a whole number of "
-                        f"samples (>= 1), got {v!r}")
-    if v >= 1 and v >= pool_size:
-        raise DataError(f"data.validation_size = {int(v)} samples must be smaller than the training "
-                        f"pool ({pool_size} samples)")
-    count = int(round(v * pool_size)) if v < 1 else int(v)
-    if not 1 <= count < pool_size:
-        raise DataError(f"data.validation_size = {v!r} leaves {count} of {pool_size} training-pool samples "
-                        "for validation; both train and validation need at least one sample")
-    return count
-
-
-def _split_pool(name: str, pool_x: np.ndarray, pool_y: np.ndarray, test_x: np.ndarray,
-                test_y: np.ndarray, cfg: DataConfig, num_classes: int,
-                cap: int | None = None) -> DatasetSplits:
-    """Shuffle the training pool with ``cfg.seed``, keep ``cap`` samples, carve validation off the front."""
-    order = np.random.default_rng(cfg.seed).permutation(len(pool_y))
-    if cap is not None:
-        order = order[:cap]
-    n_val = _validation_count(cfg.validation_size, len(order))
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    train = _make_split(pool_x[train_idx], pool_y[train_idx])
-    return DatasetSplits(
-        name=name,
-        train=train,
-        validation=_make_split(pool_x[val_idx], pool_y[val_idx]),
-        test=_make_split(test_x, test_y),
-        input_shape=tuple(train.x.shape[1:]),
-        num_classes=num_classes,
-    )
+__all__ = ["Split", "DatasetSplits", "DATASETS", "hold_out", "load_dataset", "read_idx"]
 
 
 # --- mnist1d ---------------------------------------------------------------------------------------
@@ -140,7 +57,7 @@ def load_mnist1d(cfg: DataConfig) -> DatasetSplits:
         torch.set_rng_state(torch_state)
     pool_x = np.asarray(data["x"], dtype=np.float32)[:, None, :]
     test_x = np.asarray(data["x_test"], dtype=np.float32)[:, None, :]
-    return _split_pool("mnist1d", pool_x, np.asarray(data["y"]), test_x, np.asarray(data["y_test"]),
+    return split_pool("mnist1d", pool_x, np.asarray(data["y"]), test_x, np.asarray(data["y_test"]),
                        cfg, num_classes=10)
 
 
@@ -148,7 +65,7 @@ def load_mnist1d(cfg: DataConfig) -> DatasetSplits:
 
 DIGITS_TEST_FRACTION = 0.2
 # Second entropy word for the test carve, so it is independent of the pool shuffle of the same seed.
-_DIGITS_TEST_STREAM = 1
+_DIGITS_TEST_STREAM = 1  # (the value of splits.TEST_STREAM, which one's own data uses the same way)
 
 
 def load_digits(cfg: DataConfig) -> DatasetSplits:
@@ -161,7 +78,7 @@ def load_digits(cfg: DataConfig) -> DatasetSplits:
     order = np.random.default_rng([cfg.seed, _DIGITS_TEST_STREAM]).permutation(len(y))
     n_test = int(round(DIGITS_TEST_FRACTION * len(y)))
     test_idx, pool_idx = order[:n_test], order[n_test:]
-    return _split_pool("digits", x[pool_idx], y[pool_idx], x[test_idx], y[test_idx], cfg,
+    return split_pool("digits", x[pool_idx], y[pool_idx], x[test_idx], y[test_idx], cfg,
                        num_classes=10, cap=cfg.num_samples)
 
 
@@ -171,7 +88,7 @@ FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
 _FASHION_HINT = ("install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
-                 "or set data.root to a folder with the original IDX files")
+                 "or set data.path to a folder with the original IDX files")
 
 _IDX_DTYPES = {
     0x08: np.dtype(np.uint8),
@@ -238,13 +155,13 @@ def _read_fashion_part(root: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_fashion_mnist(cfg: DataConfig) -> DatasetSplits:
     """Fashion-MNIST from local IDX files: 60k training pool, 10k test, shape (1, 28, 28), normalised."""
-    root = Path(cfg.root if cfg.root is not None else FASHION_MNIST_ROOT)
+    root = Path(cfg.path if cfg.path is not None else FASHION_MNIST_ROOT)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
-        raise DataError(f"data.root: fashion-mnist folder {root} {what}; {_FASHION_HINT}")
+        raise DataError(f"data.path: fashion-mnist folder {root} {what}; {_FASHION_HINT}")
     pool_x, pool_y = _read_fashion_part(root, "train")
     test_x, test_y = _read_fashion_part(root, "t10k")
-    return _split_pool("fashion-mnist", pool_x, pool_y, test_x, test_y, cfg, num_classes=10,
+    return split_pool("fashion-mnist", pool_x, pool_y, test_x, test_y, cfg, num_classes=10,
                        cap=cfg.num_samples)
 
 
@@ -254,11 +171,20 @@ DATASETS: dict[str, Callable[[DataConfig], DatasetSplits]] = {
     "mnist1d": load_mnist1d,
     "digits": load_digits,
     "fashion-mnist": load_fashion_mnist,
+    "csv": load_csv,
+    "npz": load_npz,
+    "imagefolder": load_imagefolder,
+    "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
+    "custom": load_custom,
 }
 
 
 def load_dataset(cfg: DataConfig) -> DatasetSplits:
-    """Load the dataset ``cfg.name`` from the registry, split per ``cfg``."""
+    """Load the dataset ``cfg.name`` from the registry, split per ``cfg`` (a :class:`DataConfig`, e.g.
+    ``load_config(path).data``): train / validation / test :class:`Split` tensors, preprocessed, with the
+    input shape, class count, class labels and the preprocessing (``transform``) they went through."""
+    cfg.check()
     try:
         loader = DATASETS[cfg.name]
     except KeyError:

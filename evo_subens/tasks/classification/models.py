@@ -13,7 +13,6 @@ Every registry model ends in an ``nn.Linear`` named ``classifier``, registered l
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import math
 import pickle
@@ -28,6 +27,7 @@ from torch import nn
 
 from ...core.config import ModelConfig
 from ...errors import ConfigError, ParentFileError
+from ...imports import import_object
 from ...nn import output_parameter_names as classifier_parameter_names  # a classifier's output layer
 
 __all__ = [
@@ -257,36 +257,37 @@ def _check_kwargs(builder: Callable[..., Any], kwargs: Mapping[str, Any], what: 
 
 
 def _import_architecture(spec: str) -> Callable[..., Any]:
-    def bad(reason: str) -> ConfigError:
-        return ConfigError("model.architecture", f"an importable 'module:Class' ({reason})", spec)
-
-    module_name, sep, attr_path = spec.partition(":")
-    if not sep or not module_name or not attr_path:
-        raise bad("the form is 'package.module:ClassName'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as exc:  # a broken user module can raise anything while importing
-        raise bad(f"importing '{module_name}' failed: {type(exc).__name__}: {exc}") from None
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise bad(f"'{module_name}' has no attribute '{attr_path}'") from None
-    if not callable(obj):
-        raise bad(f"'{attr_path}' is a {type(obj).__name__}, not a class")
+    obj = import_object(spec, "model.architecture", "Class")
     if inspect.isclass(obj) and not issubclass(obj, nn.Module):
-        raise bad(f"'{attr_path}' is not a torch.nn.Module subclass")
+        raise ConfigError("model.architecture", f"an importable 'module:Class' ('{spec.partition(':')[2]}' is "
+                                                f"not a torch.nn.Module subclass)", spec)
     return obj
+
+
+def _shape_arguments(builder: Callable[..., Any], input_shape: tuple[int, ...], num_classes: int) -> dict:
+    """``input_shape`` / ``num_classes`` for a user architecture whose signature names them."""
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return {}
+    given = {"input_shape": tuple(input_shape), "num_classes": num_classes}
+    return {name: value for name, value in given.items() if name in params}
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build the parent architecture: ``cfg.architecture`` (``module:Class``, built as
-    ``Class(**cfg.kwargs)``) when set, else the registry entry ``cfg.name`` for this input shape."""
+    ``Class(input_shape=..., num_classes=..., **cfg.kwargs)``, each of the two only if the signature names
+    it) when set, else the registry entry ``cfg.name`` for this input shape."""
     kwargs = dict(cfg.kwargs or {})
     args: tuple = ()
     if cfg.architecture:
         builder = _import_architecture(cfg.architecture)
         what = cfg.architecture
+        clash = [name for name in ("input_shape", "num_classes") if name in kwargs]
+        if clash:
+            raise ConfigError(f"model.kwargs.{clash[0]}", "left out: the engine passes it from the data",
+                              kwargs[clash[0]])
+        kwargs.update(_shape_arguments(builder, input_shape, num_classes))
     else:
         if cfg.name not in MODELS:
             raise ConfigError("model.name", "one of " + ", ".join(sorted(MODELS)), cfg.name)

@@ -7,6 +7,8 @@ averaged in probability space.
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +19,11 @@ from ...core.search import CandidateRecord, select_members
 from ...families import make_family
 from ..base import Task
 from .cost import subnetwork_cost
-from .data import Split, hold_out, load_dataset
+from ...core.rundir import write_json
+from ...errors import DataError
+from .data import load_dataset
+from .splits import Split, describe_preprocessing, hold_out, split_own_data
+from .tabular import as_arrays, save_npz
 from .evaluation import EvaluationPayload
 from .metrics import classification_metrics
 from .models import build_model, load_parent_state
@@ -28,16 +34,70 @@ from .training import predict_members, predict_probs, train
 from ...core.progress import Steps
 
 
+# What a run directory records about its data, and where data given in memory is saved.
+DATA_FILE = "data.json"
+IN_MEMORY_FILE = "data.npz"
+# A loaded parent whose validation accuracy closes less than this share of the gap between guessing the
+# commonest class and perfect is reported as near chance.
+NEAR_CHANCE = 0.1
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is unreadable ({exc}); it describes the run's data") from None
+
+
 class ClassificationTask(Task):
     """Images or signals with class labels: train / validation / test splits of one dataset."""
 
     name = "classification"
 
-    def load(self) -> None:
-        self.progress(f"[data] loading {self.cfg.data.name}")
-        self.data = load_dataset(self.cfg.data)
+    def load(self, data: object | None = None) -> None:
+        data_cfg = self.cfg.data
+        self.in_memory = None
+        if data is not None:
+            given = [f"data.{name}" for name in ("test_path", "target", "loader") if getattr(data_cfg, name)]
+            if given:
+                raise DataError(f"{given[0]} is set, but the data is given in memory (data=...); give a test "
+                                f"set there as (x, y, x_test, y_test)")
+            self.in_memory = as_arrays(data)
+            data_cfg.name, data_cfg.path = "npz", None
+            self.progress("[data] loading the arrays given in memory")
+            self.data = split_own_data("npz", self.in_memory["x"], self.in_memory["y"],
+                                       self.in_memory.get("x_test"), self.in_memory.get("y_test"), data_cfg,
+                                       "in-memory data")
+        else:
+            # Recorded absolute, so report, resume and load_ensemble find the files from any folder.
+            for name in ("path", "test_path"):
+                if getattr(data_cfg, name) is not None:
+                    setattr(data_cfg, name, str(Path(getattr(data_cfg, name)).expanduser().absolute()))
+            self.progress(f"[data] loading {data_cfg.name}" + (f" from {data_cfg.path}" if data_cfg.path else ""))
+            self.data = load_dataset(data_cfg)
         # Decisions see the head of the validation split; the tail is held back to check them.
         self.selection, self.holdout = hold_out(self.data.validation, self.cfg.ensemble.holdout)
+
+    def record_data(self, run_dir: Path) -> None:
+        if self.in_memory is not None:
+            path = Path(run_dir).absolute() / IN_MEMORY_FILE
+            save_npz(self.in_memory, path)
+            self.cfg.data.path = str(path)
+            self.progress(f"[data] the in-memory data is saved as {path} (report, resume and grow reload it)")
+        write_json(Path(run_dir) / DATA_FILE, self.data.description())
+
+    def check_data(self, run_dir: Path) -> None:
+        path = Path(run_dir) / DATA_FILE
+        if not path.is_file():  # run directories from before data.json: nothing to compare with
+            return
+        recorded = read_json(path)
+        if recorded.get("fingerprint") != self.data.fingerprint():
+            sizes = {"train": len(self.data.train), "validation": len(self.data.validation),
+                     "test": len(self.data.test)}
+            raise DataError(f"the data of {run_dir} no longer loads to what the run was made with "
+                            f"({self.cfg.data.name} from {self.cfg.data.path or 'its built-in source'}: splits "
+                            f"{sizes}, recorded {recorded.get('sizes')}; fingerprints differ): was a data file "
+                            f"changed or replaced?")
 
     def describe_data(self) -> str:
         data = self.data
@@ -50,6 +110,22 @@ class ClassificationTask(Task):
 
     def load_parent(self, path: str | Path, model: nn.Module) -> None:
         load_parent_state(path, model)
+
+    def check_loaded_parent(self, model: nn.Module) -> None:
+        split = self.selection
+        val = classification_metrics(predict_probs(model, split.x, self.cfg.search.eval_batch_size), split.y)
+        majority = float(torch.bincount(split.y, minlength=self.data.num_classes).max()) / len(split)
+        self.progress(f"[parent] on this run's validation split: accuracy {val['accuracy']:.4f}  nll {val['nll']:.4f}"
+                      f"  ece {val['ece']:.4f}  (always guessing the commonest class: accuracy {majority:.4f})")
+        uniform_nll = math.log(self.data.num_classes)
+        near_chance = val["accuracy"] < majority + NEAR_CHANCE * (1 - majority)
+        if near_chance or val["nll"] > uniform_nll:
+            what = ("scores near chance" if near_chance else
+                    f"has a worse NLL than a uniform guess ({uniform_nll:.3f})")
+            self.progress(f"[parent] warning: the loaded parent {self.cfg.model.parent_path} {what} on this run's "
+                          f"validation split. Was it trained on differently preprocessed inputs? This run feeds it "
+                          f"{describe_preprocessing(self.data)}; a parent must see inputs prepared the way it "
+                          f"was trained on (data.scale, data.standardize, data.mean / data.std)")
 
     def train_parent(self, model: nn.Module) -> None:
         cfg, data = self.cfg, self.data

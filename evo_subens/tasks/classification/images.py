@@ -110,9 +110,10 @@ class _ArraysOnly(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only: a pickle naming any other callable (which could
     run code) is refused."""
 
+    # Protocol-2 pickles written by Python 3 encode byte strings with _codecs.encode (harmless).
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:

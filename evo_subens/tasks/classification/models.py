@@ -241,17 +241,18 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def _check_kwargs(builder: Callable[..., Any], kwargs: Mapping[str, Any], what: str,
-                  *, positional: tuple = ()) -> None:
-    """Reject kwargs the constructor does not accept, naming the ones it does."""
+                  *, positional: tuple = (), given: Mapping[str, Any] = {}) -> None:
+    """Reject kwargs the constructor does not accept, naming the ones it does (``given``: keyword arguments
+    the engine passes besides the user's)."""
     try:
         sig = inspect.signature(builder)
     except (TypeError, ValueError):  # some builtins have no signature; the call itself will tell
         return
     try:
-        sig.bind(*positional, **kwargs)
+        sig.bind(*positional, **given, **kwargs)
     except TypeError as exc:
         accepted = [p.name for p in list(sig.parameters.values())[len(positional):]
-                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in given]
         raise ConfigError("model.kwargs", f"keyword arguments accepted by {what} "
                                           f"({', '.join(accepted) or 'none'}): {exc}", dict(kwargs)) from None
 
@@ -280,6 +281,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
     it) when set, else the registry entry ``cfg.name`` for this input shape."""
     kwargs = dict(cfg.kwargs or {})
     args: tuple = ()
+    shape: dict = {}
     if cfg.architecture:
         builder = _import_architecture(cfg.architecture)
         what = cfg.architecture
@@ -287,16 +289,16 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
         if clash:
             raise ConfigError(f"model.kwargs.{clash[0]}", "left out: the engine passes it from the data",
                               kwargs[clash[0]])
-        kwargs.update(_shape_arguments(builder, input_shape, num_classes))
+        shape = _shape_arguments(builder, input_shape, num_classes)
     else:
         if cfg.name not in MODELS:
             raise ConfigError("model.name", "one of " + ", ".join(sorted(MODELS)), cfg.name)
         builder = MODELS[cfg.name]
         what = f"'{cfg.name}'"
         args = (tuple(input_shape), num_classes)
-    _check_kwargs(builder, kwargs, what, positional=args)
+    _check_kwargs(builder, kwargs, what, positional=args, given=shape)
     try:
-        model = builder(*args, **kwargs)
+        model = builder(*args, **shape, **kwargs)
     except ConfigError:
         raise
     except Exception as exc:

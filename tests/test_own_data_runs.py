@@ -1,0 +1,93 @@
+"""Whole runs on one's own data: a CSV run from the command line with a user model module in a folder of
+its own (report and export included), and a run on in-memory arrays that reloads for resume and report."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import evo_subens
+from evo_subens.errors import DataError
+
+from conftest import tiny_dict
+from test_own_data import write_csv
+
+pytestmark = pytest.mark.slow
+
+USER_MODULE = '''
+import math
+from torch import nn
+
+
+class FruitNet(nn.Module):
+    def __init__(self, input_shape, num_classes, width=16):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU())
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+'''
+
+
+@pytest.fixture(scope="module")
+def csv_project(tmp_path_factory: pytest.TempPathFactory, cli_command: list[str]) -> dict:
+    """A user's folder (data, model module, config) and the CLI run made in it."""
+    folder = tmp_path_factory.mktemp("fruit-project")
+    write_csv(folder / "fruit.csv", n=300)
+    (folder / "fruitnets.py").write_text(USER_MODULE)
+    config = tiny_dict("runs", {"data": {"name": "csv", "path": "fruit.csv", "target": "kind", "num_samples": None}})
+    config["model"] = {"architecture": "fruitnets:FruitNet", "kwargs": {"width": 16}}
+    (folder / "fruit.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def cli(*args: str, cwd: Path = folder) -> subprocess.CompletedProcess:
+        return subprocess.run([*cli_command, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+    proc = cli("run", "fruit.yaml", "name=fruit")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return {"folder": folder, "run_dir": folder / "runs" / "fruit", "cli": cli, "stdout": proc.stdout}
+
+
+def test_csv_run_from_the_command_line(csv_project: dict) -> None:
+    run_dir, stdout = csv_project["run_dir"], csv_project["stdout"]
+    assert "[data] loading csv from" in stdout and "ensemble (" in stdout
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert recorded["data"]["path"] == str(csv_project["folder"] / "fruit.csv")  # reloadable from anywhere
+    proc = csv_project["cli"]("report", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "report.md").is_file()
+
+
+def test_changed_data_file_stops_a_resume(csv_project: dict, tmp_path: Path) -> None:
+    run_dir = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(csv_project["run_dir"]), str(run_dir)], check=True)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    write_csv(tmp_path / "other.csv", n=300, seed=5)
+    config["data"]["path"] = str(tmp_path / "other.csv")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = csv_project["cli"]("resume", str(run_dir))
+    assert proc.returncode == 2 and "no longer loads to what the run was made with" in proc.stderr, proc.stderr
+
+
+def test_in_memory_data_is_saved_and_reloads(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 240)
+    x = (rng.normal(size=(240, 6)) + labels[:, None]).astype(np.float32)
+    config = tiny_dict(tmp_path / "runs", {"model": {"name": "mlp"}, "name": "memory"})
+    result = evo_subens.run(config, data=(x, labels))
+    run_dir = result.run_dir
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    assert recorded["name"] == "npz" and recorded["path"] == str(run_dir.absolute() / "data.npz")
+    saved = np.load(run_dir / "data.npz")
+    assert np.array_equal(saved["x"], x) and np.array_equal(saved["y"], labels)
+    extended = evo_subens.resume(run_dir, ["search.generations=3"])
+    assert extended.population["generation"].max() == 2
+    ensemble = evo_subens.load_ensemble(run_dir)
+    assert len(ensemble.members) == 3
+    np.savez(run_dir / "data.npz", x=x[::-1], y=labels[::-1])
+    with pytest.raises(DataError, match="no longer loads"):
+        evo_subens.resume(run_dir, ["search.generations=4"])

@@ -1,15 +1,137 @@
-"""data.json and the input transform: what a run's models take as input."""
+"""The ensemble as a module (load_ensemble, Ensemble): predictions equal the mean of the members'
+softmax however they are run."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
+import evo_subens
+from evo_subens.core.config import ModelConfig
 from evo_subens.data_info import InputTransform, read_data_info
+from evo_subens.ensemble import Ensemble, load_ensemble
 from evo_subens.errors import RunDirError
+from evo_subens.tasks.classification.data import load_dataset
+from evo_subens.tasks.classification.models import build_model
+
+
+SHAPE = (1, 8, 8)
+
+
+TRANSFORM = {"scale": 16.0, "mean": [[[0.3]]], "std": [[[0.2]]]}
+
+
+# Fine-tuned members are stored in members/ (the rest of the tiny config: conftest.TINY).
+EXPORT_RUN = {"name": "export", "finetune": {"epochs": 1}}
+
+
+def _members(name: str, count: int = 3, seed: int = 0) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    kwargs = {"hidden": [16]} if name == "mlp" else {"channels": [4, 8], "hidden": 16}
+    return [build_model(ModelConfig(name=name, kwargs=kwargs), SHAPE, 10).eval() for _ in range(count)]
+
+
+def _raw_batch(count: int, seed: int = 0) -> np.ndarray:
+    """Digits-like raw pixels: integers 0..16, as uint8."""
+    return np.random.default_rng(seed).integers(0, 17, size=(count, *SHAPE)).astype(np.uint8)
+
+
+def _by_hand(members: list[nn.Module], x: torch.Tensor, transform: dict | None) -> torch.Tensor:
+    """The mean of the members' softmax outputs, computed plainly."""
+    if transform is not None:
+        x = (x.float() / transform["scale"] - torch.tensor(transform["mean"])) / torch.tensor(transform["std"])
+    with torch.no_grad():
+        return torch.stack([m(x.float()).softmax(dim=1) for m in members]).mean(dim=0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn2d"])
+def test_predict_proba_is_the_mean_of_the_members_softmax(name: str) -> None:
+    """numpy in -> numpy out, tensor in -> tensor out, one sample in -> no batch dimension out; the raw
+    input goes through the transform; chunking changes nothing."""
+    members = _members(name)
+    ensemble = Ensemble(members, input_shape=SHAPE, num_classes=10, transform=TRANSFORM)
+    raw = _raw_batch(7)
+    expected = _by_hand(members, torch.from_numpy(raw), TRANSFORM)
+
+    probs = ensemble.predict_proba(raw)
+    assert isinstance(probs, np.ndarray) and probs.shape == (7, 10)
+    np.testing.assert_allclose(probs, expected.numpy(), atol=1e-6)
+    one = ensemble.predict_proba(raw[3])
+    assert isinstance(one, np.ndarray) and one.shape == (10,)
+    np.testing.assert_allclose(one, expected[3].numpy(), atol=1e-6)
+    tensor = ensemble.predict_proba(torch.from_numpy(raw).float(), batch_size=2)
+    assert isinstance(tensor, torch.Tensor) and not tensor.requires_grad
+    torch.testing.assert_close(tensor, expected, atol=1e-6, rtol=0)
+    assert ensemble.predict_proba(torch.from_numpy(raw[0])).shape == (10,)
+
+    assert np.array_equal(ensemble.predict(raw), expected.argmax(dim=1).numpy())
+    assert ensemble.predict(raw[3]) == expected[3].argmax().item()
+    member_probs = ensemble.member_probs(raw)
+    assert member_probs.shape == (3, 7, 10) and ensemble.member_probs(raw[0]).shape == (3, 10)
+    np.testing.assert_allclose(member_probs.mean(axis=0), probs, atol=1e-6)
+    assert ensemble.vectorise and ensemble.vmap_error is None
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn2d"])
+def test_vmap_and_the_loop_agree(name: str) -> None:
+    ensemble = Ensemble(_members(name), input_shape=SHAPE, num_classes=10)
+    x = torch.from_numpy(_raw_batch(5)).float()
+    with torch.no_grad():
+        vectorised = ensemble.vmapped_probs(x)
+        looped = ensemble.looped_probs(x)
+    assert vectorised.shape == (3, 5, 10)
+    torch.testing.assert_close(vectorised, looped, atol=1e-6, rtol=0)
+    # The loop runs each member with its slice of the stacked weights: exactly the member itself.
+    with torch.no_grad():
+        assert all(torch.equal(looped[i], m(x).softmax(dim=1)) for i, m in enumerate(ensemble.members))
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow, which vmap cannot batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        return out if out.sum() > 0 else -out
+
+
+def test_an_architecture_vmap_cannot_run_falls_back_to_a_loop_once() -> None:
+    torch.manual_seed(0)
+    members = [Branchy().eval() for _ in range(3)]
+    ensemble = Ensemble(members, input_shape=(4,), num_classes=3)
+    x = torch.randn(6, 4)
+    with pytest.raises(ValueError, match=r"expected one sample of shape \(4,\)"):
+        ensemble.predict_proba(torch.randn(6, 5))
+    assert ensemble.vectorise  # a wrong input is not held against vmap
+    probs = ensemble.predict_proba(x)
+    assert not ensemble.vectorise and "Error" in ensemble.vmap_error  # remembered, with the reason
+    torch.testing.assert_close(probs, _by_hand(members, x, None), atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError):  # the loop's own error for an input the members reject
+        ensemble(torch.randn(6, 5))
+
+
+def test_the_module_state_is_the_stacked_weights_and_the_transform() -> None:
+    ensemble = Ensemble(_members("mlp"), input_shape=SHAPE, num_classes=10, transform=TRANSFORM)
+    state = ensemble.state_dict()
+    assert set(state) == {"transform.scale", "transform.mean", "transform.std", "stack.features.1.weight",
+                          "stack.features.1.bias", "stack.classifier.weight", "stack.classifier.bias"}
+    assert state["stack.classifier.weight"].shape == (3, 10, 16)
+    assert torch.equal(state["stack.classifier.weight"][1], ensemble.members[1].classifier.weight)
+    x = torch.from_numpy(_raw_batch(4)).float()
+    before = ensemble.predict_proba(x)
+    ensemble.double()  # .to() reaches the stacked weights and the transform's buffers alike
+    assert all(t.dtype == torch.float64 for t in ensemble.state_dict().values())
+    torch.testing.assert_close(ensemble.predict_proba(x).float(), before, atol=1e-6, rtol=0)
+    assert not ensemble.training and ensemble(x).requires_grad  # the module itself keeps gradients
 
 
 def test_input_transform_is_the_identity_without_one() -> None:
@@ -47,3 +169,44 @@ def test_a_corrupt_data_json_is_named(tmp_path: Path, text: str, field: str) -> 
     with pytest.raises(RunDirError, match="data.json") as info:
         read_data_info(tmp_path)
     assert field in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_config, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("export")
+    return evo_subens.run(tiny_config(folder / "runs", EXPORT_RUN), progress=lambda line: None).run_dir
+
+
+@pytest.fixture(scope="module")
+def test_x(run_dir) -> torch.Tensor:
+    """Raw test inputs of the run (digits has no transform: the splits are the raw form)."""
+    return load_dataset(load_ensemble(run_dir).config.data).test.x[:7]
+
+
+@pytest.mark.slow
+def test_load_ensemble_is_a_module_that_needs_no_data(run_dir, test_x) -> None:
+    ensemble = load_ensemble(run_dir)
+    assert isinstance(ensemble, nn.Module) and isinstance(ensemble, evo_subens.Ensemble)
+    assert (run_dir / "members" / "0.pt").is_file()  # fine-tuned members are loaded from their files
+    assert ensemble.num_members == len(ensemble.members) == 3 and ensemble.input_shape == SHAPE
+    assert ensemble.classes is None and ensemble.num_classes == 10 and ensemble.parent is not None
+    assert not any(m.training for m in [*ensemble.members, ensemble.parent])
+    expected = _by_hand(ensemble.members, test_x, None)
+    np.testing.assert_allclose(ensemble.predict_proba(test_x.numpy()), expected.numpy(), atol=1e-6)
+    torch.testing.assert_close(ensemble.predict_proba(test_x[2]), expected[2], atol=1e-6, rtol=0)
+    ensemble.vectorise = False
+    torch.testing.assert_close(ensemble.predict_proba(test_x), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_data_json_gives_the_ensemble_its_raw_form(run_dir, test_x, tmp_path: Path) -> None:
+    """With a data.json, the ensemble takes data in its raw form: here pixels x 16 (digits' own scale)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "data.json").write_text(json.dumps({"input_shape": list(SHAPE), "num_classes": 10,
+                                                "classes": [str(d) for d in range(10)],
+                                                "transform": {"scale": 16.0, "mean": None, "std": None}}))
+    ensemble = load_ensemble(copy)
+    assert ensemble.classes == [str(d) for d in range(10)]
+    torch.testing.assert_close(ensemble.predict_proba(test_x * 16), load_ensemble(run_dir).predict_proba(test_x),
+                               atol=1e-6, rtol=0)

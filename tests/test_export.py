@@ -1,10 +1,13 @@
-"""The ensemble as a module (load_ensemble, Ensemble): predictions equal the mean of the members'
-softmax however they are run."""
+"""The ensemble as a module (load_ensemble, Ensemble) and its export (evo-subens export): predictions equal
+the mean of the members' softmax however they are run, and every exported file predicts the same in a
+Python that cannot import evo_subens."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,20 +16,19 @@ import torch
 from torch import nn
 
 import evo_subens
+from evo_subens import cli
 from evo_subens.core.config import ModelConfig
 from evo_subens.data_info import InputTransform, read_data_info
 from evo_subens.ensemble import Ensemble, load_ensemble
-from evo_subens.errors import RunDirError
+from evo_subens.errors import ExportError, ParentFileError, RunDirError
+from evo_subens.export import FORMATS, export_ensemble, write_ensemble
+from evo_subens.nn import load_state_file
 from evo_subens.tasks.classification.data import load_dataset
 from evo_subens.tasks.classification.models import build_model
 
-
 SHAPE = (1, 8, 8)
-
-
 TRANSFORM = {"scale": 16.0, "mean": [[[0.3]]], "std": [[[0.2]]]}
-
-
+GRAPH_FORMATS = ["torchscript", "pt2", "onnx"]
 # Fine-tuned members are stored in members/ (the rest of the tiny config: conftest.TINY).
 EXPORT_RUN = {"name": "export", "finetune": {"epochs": 1}}
 
@@ -48,6 +50,9 @@ def _by_hand(members: list[nn.Module], x: torch.Tensor, transform: dict | None) 
         x = (x.float() / transform["scale"] - torch.tensor(transform["mean"])) / torch.tensor(transform["std"])
     with torch.no_grad():
         return torch.stack([m(x.float()).softmax(dim=1) for m in members]).mean(dim=0)
+
+
+# --- Ensemble, built from modules ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn2d"])
@@ -142,6 +147,9 @@ def test_input_transform_is_the_identity_without_one() -> None:
     assert transform.to_dict() == {"scale": 2.0, "mean": [1.0, 0.0, 0.0], "std": None}
 
 
+# --- data.json -------------------------------------------------------------------------------------------
+
+
 def test_data_json_is_read(tmp_path: Path) -> None:
     assert read_data_info(tmp_path) is None  # runs from before data.json
     (tmp_path / "data.json").write_text(json.dumps({"input_shape": [3, 4, 4], "num_classes": 2,
@@ -169,6 +177,9 @@ def test_a_corrupt_data_json_is_named(tmp_path: Path, text: str, field: str) -> 
     with pytest.raises(RunDirError, match="data.json") as info:
         read_data_info(tmp_path)
     assert field in str(info.value)
+
+
+# --- a finished run --------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +221,129 @@ def test_data_json_gives_the_ensemble_its_raw_form(run_dir, test_x, tmp_path: Pa
     assert ensemble.classes == [str(d) for d in range(10)]
     torch.testing.assert_close(ensemble.predict_proba(test_x * 16), load_ensemble(run_dir).predict_proba(test_x),
                                atol=1e-6, rtol=0)
+
+
+def _predict_without_evo_subens(fmt: str, path: Path, x: np.ndarray, tmp_path: Path) -> np.ndarray:
+    """``path`` loaded and run on ``x`` in a fresh Python in which evo_subens cannot be imported."""
+    np.save(tmp_path / "x.npy", x)
+    loaders = {
+        "torchscript": "model = torch.jit.load(path)\npredict = lambda x: model(torch.from_numpy(x)).detach().numpy()",
+        "pt2": ("model = torch.export.load(path).module()\n"
+                "predict = lambda x: model(torch.from_numpy(x)).detach().numpy()"),
+        "onnx": ("import onnxruntime\nsession = onnxruntime.InferenceSession(path)\n"
+                 "predict = lambda x: session.run(None, {'x': x})[0]"),
+    }
+    script = "\n".join([
+        "import sys", "sys.modules['evo_subens'] = None",
+        "try:\n    import evo_subens\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('evo_subens imported')",
+        "import numpy as np, torch", f"path = {str(path)!r}", loaders[fmt],
+        "x = np.load('x.npy')",
+        "np.save('out.npy', np.stack([predict(x)[0], predict(x[:1])[0]]))",
+        "np.save('all.npy', predict(x))",
+    ])
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = np.load(tmp_path / "out.npy")
+    np.testing.assert_allclose(first[0], first[1], atol=1e-5)  # batch 1 gives what batch 7 gave
+    return np.load(tmp_path / "all.npy")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", GRAPH_FORMATS)
+def test_exported_graphs_predict_like_the_ensemble(run_dir, test_x, fmt: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    path = export_ensemble(run_dir, fmt)
+    assert path == run_dir / "export" / f"ensemble{FORMATS[fmt]}" and path.stat().st_size > 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"[export] wrote {path} ({fmt}, 3 members") and line.endswith("B)")
+    assert not list(path.parent.glob(".*.tmp"))
+    x = test_x.numpy()
+    probs = _predict_without_evo_subens(fmt, path, x, tmp_path)
+    assert probs.shape == (7, 10)
+    np.testing.assert_allclose(probs, load_ensemble(run_dir).predict_proba(x), atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_an_architecture_exported_in_a_loop_predicts_alike(fmt: str, tmp_path: Path) -> None:
+    """Vmapped convolutions fix the batch size under torch.export: the exporter falls back to the loop."""
+    members = _members("cnn2d")
+    ensemble = Ensemble(members, input_shape=SHAPE, num_classes=10, transform=TRANSFORM)
+    assert write_ensemble(ensemble, fmt, tmp_path / "cnn.bin") == ", in a loop"
+    x = _raw_batch(7).astype(np.float32)
+    probs = _predict_without_evo_subens(fmt, tmp_path / "cnn.bin", x, tmp_path)
+    np.testing.assert_allclose(probs, _by_hand(members, torch.from_numpy(x), TRANSFORM).numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_safetensors_export_holds_the_members_and_a_description(run_dir, tmp_path: Path) -> None:
+    out = tmp_path / "weights" / "ensemble.safetensors"
+    assert export_ensemble(run_dir, "safetensors", out, progress=lambda line: None) == out
+    script = ("import sys, json\nsys.modules['evo_subens'] = None\nfrom safetensors import safe_open\n"
+              f"with safe_open({str(out)!r}, 'pt') as f:\n    print(json.dumps([sorted(f.keys()), f.metadata()]))")
+    proc = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=60)
+    keys, metadata = json.loads(proc.stdout)
+    ensemble = load_ensemble(run_dir)
+    states = [m.state_dict() for m in ensemble.members]
+    assert keys == sorted(f"member.{i}.{k}" for i, s in enumerate(states) for k in s)
+    tensors = load_state_file(out)
+    assert all(torch.equal(tensors[f"member.{i}.{k}"], v) for i, s in enumerate(states) for k, v in s.items())
+    described = json.loads(metadata["evo_subens"])
+    assert described["input_shape"] == list(SHAPE) and described["num_classes"] == 10
+    assert described["members"] == 3 and described["format_version"] == 1 and described["transform"] is None
+    assert described["model"] == {"name": "mlp", "kwargs": {"hidden": [32]}, "architecture": None}
+
+
+@pytest.mark.slow
+def test_a_safetensors_parent_starts_a_run(run_dir, tiny_config, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    parent = load_state_file(run_dir / "parent.pt")
+    save_file(parent, tmp_path / "parent.safetensors")
+    small = {"search": {"population": 4, "generations": 1}, "ensemble": {"size": 2}}
+    result = evo_subens.run(tiny_config(tmp_path / "runs", dict(small, name="given", model={
+        "name": "mlp", "kwargs": {"hidden": [32]}, "parent_path": str(tmp_path / "parent.safetensors")})),
+        progress=lambda line: None)
+    given = load_state_file(result.run_dir / "parent.pt")
+    assert given.keys() == parent.keys() and all(torch.equal(given[k], parent[k]) for k in parent)
+    (tmp_path / "broken.safetensors").write_bytes((tmp_path / "parent.safetensors").read_bytes()[:50])
+    with pytest.raises(ParentFileError, match="broken.safetensors"):
+        evo_subens.run(tiny_config(tmp_path / "runs", dict(small, name="broken", model={
+            "name": "mlp", "kwargs": {"hidden": [32]}, "parent_path": str(tmp_path / "broken.safetensors")})),
+            progress=lambda line: None)
+
+
+# --- the command line ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_export_writes_where_asked(run_dir, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "ensemble.pt"
+    out.write_bytes(b"old")  # replaced whole
+    assert cli.main(["export", str(run_dir), "--format", "torchscript", "--out", str(out)]) == 0
+    assert torch.jit.load(str(out))(torch.zeros(1, *SHAPE)).shape == (1, 10)
+    assert f"[export] wrote {out} (torchscript, 3 members, in a loop," in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cli_export_errors_exit_2(run_dir, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["export", str(run_dir), "--format", "keras"]) == 2
+    assert "unknown export format 'keras'; expected one of torchscript, pt2, onnx, safetensors" in \
+        capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(run_dir / "config.yaml", unfinished / "config.yaml")
+    assert cli.main(["export", str(unfinished), "--format", "pt2"]) == 2
+    assert "the run has not finished" in capsys.readouterr().err and not (unfinished / "export").exists()
+    assert cli.main(["export", str(tmp_path / "nowhere"), "--format", "pt2"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    blocked = run_dir / "config.yaml" / "ensemble.pt"  # its folder would be a file
+    assert cli.main(["export", str(run_dir), "--format", "torchscript", "--out", str(blocked)]) == 2
+    assert f"cannot write {blocked}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_onnx_without_its_packages_says_what_to_install(run_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with pytest.raises(ExportError, match=r"onnxscript: pip install -e '\.\[export\]'"):
+        export_ensemble(run_dir, "onnx", progress=lambda line: None)

@@ -75,7 +75,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    say(f"[export] {args.run_dir}: loading the ensemble")
+    say(f"[export] {args.run_dir}: loading the engine")  # torch and the exporters: seconds
     from .export import export_ensemble
 
     export_ensemble(args.run_dir, args.format, args.out)

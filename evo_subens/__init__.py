@@ -15,13 +15,13 @@ from .errors import ConfigError, DataError, ParentFileError, RunDirError, UserEr
 
 # The engine (torch, Ray, EvoTorch) is imported on first use: the command line then validates its input
 # and says what it is doing within a fraction of a second, instead of after seconds of imports.
-_LAZY = {"LoadedEnsemble": "ensemble", "load_ensemble": "ensemble", "load_population": "core.logs",
-         "load_runs": "core.logs", "load_dataset": "tasks.classification.data", "RunResult": "core.state", "grow": "core.runner", "resume": "core.runner",
-         "run": "core.runner"}
+_LAZY = {"Ensemble": "ensemble", "load_ensemble": "ensemble", "export_ensemble": "export",
+         "load_dataset": "tasks.classification.data", "load_population": "core.logs", "load_runs": "core.logs",
+         "RunResult": "core.state", "grow": "core.runner", "resume": "core.runner", "run": "core.runner"}
 
-__all__ = ["ConfigError", "DataError", "LoadedEnsemble", "ParentFileError", "RunConfig", "RunDirError",
-           "RunResult", "UserError", "grow", "load_config", "load_dataset", "load_ensemble", "load_population", "load_runs",
-           "resume", "run"]
+__all__ = ["ConfigError", "DataError", "Ensemble", "ParentFileError", "RunConfig", "RunDirError",
+           "RunResult", "UserError", "export_ensemble", "grow", "load_config", "load_dataset", "load_ensemble",
+           "load_population", "load_runs", "resume", "run"]
 __version__ = "0.1.0"
 
 

@@ -1,4 +1,5 @@
-"""Command line: ``evo-subens run CONFIG [key=value ...]``, ``evo-subens config``, ``evo-subens bench``."""
+"""Command line: ``evo-subens run CONFIG [key=value ...]``, ``evo-subens config``, ``evo-subens export``,
+``evo-subens bench``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ examples:
   evo-subens resume runs/default-s0-20261126-033727 search.generations=8
   evo-subens grow runs/default-s0-20261126-033727 --members 4
   evo-subens report runs/default-s0-20261126-033727
+  evo-subens export runs/default-s0-20261126-033727 --format onnx
   evo-subens config configs/default.yaml search.generations=5
   evo-subens bench throughput --models cnn,mlp10m
   evo-subens bench quality --seeds 0,1,2 --configs configs/study/mnist1d,configs/study/digits
@@ -69,6 +71,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report.run_report import write_report
 
     write_report(args.path, features=not args.no_features)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    say(f"[export] {args.run_dir}: loading the engine")  # torch and the exporters: seconds
+    from .export import export_ensemble
+
+    export_ensemble(args.run_dir, args.format, args.out)
     return 0
 
 
@@ -150,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluate them in parallel Ray actors, keep the best as an ensemble.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_commands(commands)
+    _add_export_command(commands)
     _add_bench_commands(commands)
     return parser
 
@@ -206,6 +217,21 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     config_parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     config_parser.add_argument("--fields", action="store_true", help="list every field, its doc and default")
     config_parser.set_defaults(handler=_cmd_config)
+
+
+def _add_export_command(commands: argparse._SubParsersAction) -> None:
+    """export."""
+    export_parser = commands.add_parser(
+        "export", help="write a finished run's ensemble as one file that loads without evo_subens",
+        description="Write the ensemble (input transform, members, softmax average; any batch size) as a "
+                    "TorchScript (torch.jit.load), torch.export (torch.export.load(...).module()) or ONNX "
+                    "(onnxruntime) file, or the members' weights with a JSON description as safetensors.")
+    export_parser.add_argument("run_dir", help="a finished run directory")
+    export_parser.add_argument("--format", required=True, metavar="FORMAT",
+                               help="torchscript, pt2, onnx (needs pip install -e '.[export]') or safetensors")
+    export_parser.add_argument("--out", default=None, metavar="PATH",
+                               help="file to write (default: RUN_DIR/export/ensemble.{pt,pt2,onnx,safetensors})")
+    export_parser.set_defaults(handler=_cmd_export)
 
 
 def _add_bench_commands(commands: argparse._SubParsersAction) -> None:

@@ -33,6 +33,11 @@ class RunDirError(UserError):
     """A run directory is missing, already used, or malformed."""
 
 
+class ExportError(UserError):
+    """An ensemble cannot be exported as asked: unknown format, unwritable path, missing package, or an
+    architecture the format's exporter cannot capture."""
+
+
 class DivergedError(UserError):
     """Every candidate of a generation diverged (non-finite validation metrics): the settings break the
     children, so the search cannot go on."""

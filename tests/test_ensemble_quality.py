@@ -76,8 +76,8 @@ def test_run_members_each_improved_the_validation_ensemble(optimised_run) -> Non
     """In a run, the accepted members (in joining order) lower the selection split's ensemble NLL at every
     step; the rejected candidates are listed in metrics.json and not in members.json."""
     cfg = optimised_run.metrics
-    data = load_dataset(evo_subens.load_ensemble(optimised_run.run_dir).config.data)
     config = evo_subens.load_ensemble(optimised_run.run_dir).config
+    data = load_dataset(config.data)
     selection, _ = hold_out(data.validation, config.ensemble.holdout)
     _, member_probs = _predict(optimised_run, selection.x)
     running = [nll(torch.stack(member_probs[:k]).mean(0), selection.y) for k in range(1, len(member_probs) + 1)]
@@ -122,9 +122,10 @@ def test_finetuning_is_counted_in_the_cost(optimised_run) -> None:
 def test_holdout_metrics_are_on_the_held_back_part(optimised_run) -> None:
     """metrics.json's holdout and validation blocks are parent and ensemble on the two parts of the
     validation split; the verdict is their difference."""
-    ensemble = evo_subens.load_ensemble(optimised_run.run_dir)
-    selection, holdout = hold_out(ensemble.data.validation, ensemble.config.ensemble.holdout)
-    assert len(selection) + len(holdout) == len(ensemble.data.validation) and len(holdout) > 0
+    config = evo_subens.load_ensemble(optimised_run.run_dir).config
+    validation = load_dataset(config.data).validation
+    selection, holdout = hold_out(validation, config.ensemble.holdout)
+    assert len(selection) + len(holdout) == len(validation) and len(holdout) > 0
     metrics = optimised_run.metrics
     for name, split in (("validation", selection), ("holdout", holdout)):
         parent, members = _predict(optimised_run, split.x)
@@ -142,8 +143,7 @@ def test_holdout_metrics_are_on_the_held_back_part(optimised_run) -> None:
 def test_temperature_is_fitted_on_validation_only(optimised_run) -> None:
     """The recorded temperatures are the NLL minimisers on the validation split (not the test split), and
     the scaled test metrics apply them."""
-    ensemble = evo_subens.load_ensemble(optimised_run.run_dir)
-    data = ensemble.data
+    data = load_dataset(evo_subens.load_ensemble(optimised_run.run_dir).config.data)
     parent_val, members_val = _predict(optimised_run, data.validation.x)
     parent_test, members_test = _predict(optimised_run, data.test.x)
     scaled = optimised_run.metrics["temperature"]

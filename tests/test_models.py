@@ -17,7 +17,7 @@ from evo_subens.tasks.classification.models import (
     classifier_parameter_names,
     load_parent_state,
 )
-from evo_subens.nn import count_parameters
+from evo_subens.nn import count_parameters, load_state_file
 
 SIGNAL = (1, 40)       # MNIST-1D
 DIGITS = (1, 8, 8)     # sklearn digits
@@ -225,3 +225,41 @@ def test_non_state_dict_contents(tmp_path: Path, payload: object) -> None:
     torch.save(payload, path)
     with pytest.raises(ParentFileError, match=r"odd\.pt.*not a state_dict"):
         load_parent_state(path, nn.Linear(2, 2))
+
+
+def test_parent_files_may_be_safetensors(tmp_path: Path) -> None:
+    """A parent file in the safetensors format loads, recognised by its suffix or by its header; torch files
+    still load through the same reader."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = build_model(ModelConfig(name="mlp", kwargs={"hidden": [8]}), SIGNAL, 10).state_dict()
+    target = build_model(ModelConfig(name="mlp", kwargs={"hidden": [8]}), SIGNAL, 10)
+
+    def same(state: dict) -> bool:
+        return state.keys() == source.keys() and all(torch.equal(state[k], v) for k, v in source.items())
+
+    for name in ("parent.safetensors", "parent-in-safetensors.pt"):
+        save_file(source, tmp_path / name)
+        assert same(load_state_file(tmp_path / name))
+        load_parent_state(tmp_path / name, target)
+        assert same(target.state_dict())
+    torch.save(source, tmp_path / "parent.pt")
+    assert same(load_state_file(tmp_path / "parent.pt"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign"])
+def test_a_broken_safetensors_parent_is_a_parent_file_error(tmp_path: Path, damage: str) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "parent.safetensors"
+    model = build_model(ModelConfig(name="mlp", kwargs={"hidden": [8]}), SIGNAL, 10)
+    save_file(model.state_dict(), path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "garbage":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage}")
+    else:  # readable, but another architecture's weights
+        save_file({"weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(ParentFileError, match="parent.safetensors"):
+        load_parent_state(path, model)

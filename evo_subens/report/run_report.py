@@ -27,12 +27,14 @@ import torch
 from matplotlib.figure import Figure
 
 from ..core.config import config_from_dict
-from ..ensemble import LoadedEnsemble, load_ensemble
+from ..ensemble import Ensemble, load_ensemble
 from ..errors import RunDirError
 from ..core.worker import torch_threads
 from ..families import Family, make_family
 from .featvis import maximise_units, pick_units, starting_inputs, unit_activations
 from ..core.logs import load_population, read_run_config
+from ..tasks.classification.data import Split, load_dataset
+from ..tasks.classification.task import check_recorded_data
 from ..tasks.classification.metrics import classification_metrics
 from ..core.progress import Steps, say
 from ..core.rundir import atomic_write
@@ -90,6 +92,11 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
     metrics = read_metrics(run_dir)
     population = load_population(run_dir) if (run_dir / "population.parquet").is_file() else None
     ensemble = load_ensemble(run_dir) if features or population is not None else None
+    # The parent's validation score and the feature grid's starting inputs come from the run's data splits,
+    # in the form the models were trained on.
+    data = load_dataset(ensemble.config.data) if ensemble is not None else None
+    if data is not None:
+        check_recorded_data(run_dir, data)
     method = metrics.get("method") or config.get("method") or "subnetworks"
     family = make_family(config_from_dict(config).children) if method == "subnetworks" else None
     lines = [f"# {run_dir.name}", "", _describe_config(config, metrics, family), ""]
@@ -101,7 +108,8 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
     if metrics.get("selection"):
         lines += ["## Ensemble selection", "", *_selection_table(metrics, config), ""]
     if population is not None:
-        parent_fitness = _parent_validation(ensemble, config["search"]["fitness"]) if ensemble else None
+        parent_fitness = (_parent_validation(ensemble.parent, data.validation, config["search"]["fitness"])
+                          if ensemble is not None and ensemble.parent is not None else None)
         _fitness_plot(population, config["search"]["fitness"], parent_fitness, run_dir / "fitness.png")
         lines += ["## Search", "", (f"Validation {config['search']['fitness']} of each generation's candidates "
                   "(the dashed line is the parent)."), "", "![fitness per generation](fitness.png)", ""]
@@ -125,8 +133,8 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
         lines += ["## Calibration", "", ("Accuracy against confidence in 15 equal-width bins (test split); the "
                   "diagonal is perfect calibration."), "", "![reliability diagram](reliability.png)", ""]
     if features and ensemble is not None:
-        lines += ["## Feature visualisation", "", *_feature_grid(ensemble, config["seed"], run_dir / "features.png",
-                                                              progress), ""]
+        lines += ["## Feature visualisation", "", *_feature_grid(ensemble, data.train.x, config["seed"],
+                                                              run_dir / "features.png", progress), ""]
     report = run_dir / "report.md"
     text = "\n".join(lines)
     atomic_write(report, lambda handle: handle.write(text.encode()))
@@ -210,11 +218,8 @@ def _selection_table(metrics: dict, config: dict) -> list[str]:
     return rows
 
 
-def _parent_validation(ensemble: LoadedEnsemble, fitness: str) -> float | None:
-    if ensemble.parent is None:
-        return None
-    validation = ensemble.data.validation
-    return classification_metrics(predict_probs(ensemble.parent, validation.x), validation.y)[fitness]
+def _parent_validation(parent: torch.nn.Module, validation: Split, fitness: str) -> float:
+    return classification_metrics(predict_probs(parent, validation.x), validation.y)[fitness]
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -294,11 +299,11 @@ def _reliability_plot(reliability: dict, path: Path) -> None:
     _save(figure, path)
 
 
-def _feature_grid(ensemble: LoadedEnsemble, seed: int, path: Path, progress: Progress) -> list[str]:
+def _feature_grid(ensemble: Ensemble, train_x: torch.Tensor, seed: int, path: Path,
+                  progress: Progress) -> list[str]:
     rows = ([("parent", ensemble.parent)] if ensemble.parent is not None else []) + \
         [(f"member {i}", m) for i, m in enumerate(ensemble.members[:FEATURE_MEMBERS])]
-    train_x = ensemble.data.train.x
-    units = pick_units(rows[0][1], ensemble.data.input_shape, FEATURE_UNITS, seed)
+    units = pick_units(rows[0][1], ensemble.input_shape, FEATURE_UNITS, seed)
     start = starting_inputs(rows[0][1], units, train_x)
     bounds = tuple(torch.quantile(train_x[:2000].float().flatten(), torch.tensor([0.005, 0.995])).tolist())
     images = []

@@ -17,7 +17,6 @@ import inspect
 import math
 import pickle
 import re
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from torch import nn
 from ...core.config import ModelConfig
 from ...errors import ConfigError, ParentFileError
 from ...imports import import_object
+from ...nn import load_state_file
 from ...nn import output_parameter_names as classifier_parameter_names  # a classifier's output layer
 
 __all__ = [
@@ -331,8 +331,9 @@ def _unpickler_reason(exc: Exception) -> str:
 
 
 def load_parent_state(path: str | Path, model: nn.Module) -> None:
-    """Load a plain state_dict file into ``model`` (strict). Only tensors are unpickled
-    (``weights_only=True``); every failure is a :class:`ParentFileError` naming the file."""
+    """Load a state_dict file into ``model`` (strict): a ``torch.save`` file, of which only tensors are
+    unpickled (``weights_only=True``), or a safetensors file. Every failure is a :class:`ParentFileError`
+    naming the file."""
     path = Path(path)
     if not path.exists():
         raise ParentFileError(f"parent weights file {path} does not exist")
@@ -341,15 +342,12 @@ def load_parent_state(path: str | Path, model: nn.Module) -> None:
     if path.stat().st_size == 0:
         raise ParentFileError(f"parent weights file {path} is empty")
     try:
-        with warnings.catch_warnings():
-            # A foreign pickle makes torch warn before it fails; the error below says it better.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_state_file(path)
     except pickle.UnpicklingError as exc:
         raise ParentFileError(f"cannot read parent weights file {path}: it is corrupt or not a plain "
                               f"state_dict saved with torch.save (only tensors are loaded; "
                               f"{_unpickler_reason(exc)})") from None
-    except Exception as exc:  # torch.load raises many types on truncated/foreign files
+    except Exception as exc:  # the readers raise many types on truncated/foreign files
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ParentFileError(f"cannot read parent weights file {path}: {type(exc).__name__}"
                               + (f": {first_line}" if first_line else "")) from None

@@ -20,9 +20,10 @@ from ...families import make_family
 from ..base import Task
 from .cost import subnetwork_cost
 from ...core.rundir import write_json
+from ...data_info import DATA_FILE
 from ...errors import DataError
 from .data import load_dataset
-from .splits import Split, describe_preprocessing, hold_out, split_own_data
+from .splits import DatasetSplits, Split, describe_preprocessing, hold_out, split_own_data
 from .tabular import as_arrays, save_npz
 from .evaluation import EvaluationPayload
 from .metrics import classification_metrics
@@ -34,8 +35,7 @@ from .training import predict_members, predict_probs, train
 from ...core.progress import Steps
 
 
-# What a run directory records about its data, and where data given in memory is saved.
-DATA_FILE = "data.json"
+# Where data given in memory is saved in the run directory.
 IN_MEMORY_FILE = "data.npz"
 # A loaded parent whose validation accuracy closes less than this share of the gap between guessing the
 # commonest class and perfect is reported as near chance.
@@ -47,6 +47,20 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path} is unreadable ({exc}); it describes the run's data") from None
+
+
+def check_recorded_data(run_dir: Path, data: DatasetSplits) -> None:
+    """A :class:`DataError` when ``data`` is not what ``run_dir`` recorded in its ``data.json`` (run
+    directories from before ``data.json`` have nothing to compare with)."""
+    path = Path(run_dir) / DATA_FILE
+    if not path.is_file():
+        return
+    recorded = read_json(path)
+    if recorded.get("fingerprint") != data.fingerprint():
+        sizes = {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)}
+        raise DataError(f"the data of {run_dir} no longer loads to what the run was made with ({data.name}: "
+                        f"splits {sizes}, recorded {recorded.get('sizes')}; fingerprints differ): was a data "
+                        f"file changed or replaced?")
 
 
 class ClassificationTask(Task):
@@ -87,17 +101,7 @@ class ClassificationTask(Task):
         write_json(Path(run_dir) / DATA_FILE, self.data.description())
 
     def check_data(self, run_dir: Path) -> None:
-        path = Path(run_dir) / DATA_FILE
-        if not path.is_file():  # run directories from before data.json: nothing to compare with
-            return
-        recorded = read_json(path)
-        if recorded.get("fingerprint") != self.data.fingerprint():
-            sizes = {"train": len(self.data.train), "validation": len(self.data.validation),
-                     "test": len(self.data.test)}
-            raise DataError(f"the data of {run_dir} no longer loads to what the run was made with "
-                            f"({self.cfg.data.name} from {self.cfg.data.path or 'its built-in source'}: splits "
-                            f"{sizes}, recorded {recorded.get('sizes')}; fingerprints differ): was a data file "
-                            f"changed or replaced?")
+        check_recorded_data(run_dir, self.data)
 
     def describe_data(self) -> str:
         data = self.data

@@ -1,0 +1,271 @@
+"""``evo-subens export``: a finished run's ensemble as one self-contained file, loadable without evo_subens.
+
+- ``torchscript`` (``export/ensemble.pt``): ``torch.jit.load(path)(x)``;
+- ``pt2`` (``export/ensemble.pt2``): ``torch.export.load(path).module()(x)``;
+- ``onnx`` (``export/ensemble.onnx``): ``onnxruntime.InferenceSession(path).run(None, {"x": x})[0]``;
+- ``safetensors`` (``export/ensemble.safetensors``): ``safetensors.torch.load_file(path)`` gives the members'
+  weights (``member.{i}.{name}``); its metadata holds the JSON :func:`description` (architecture, input
+  shape, classes, input transform) needed to rebuild and run them.
+
+The first three are the whole ensemble as a graph: a float32 batch of raw samples (any batch size) in,
+the mean of the members' softmax probabilities out, the input transform included. They carry the same
+JSON description: TorchScript and pt2 as the extra file ``ensemble.json``, ONNX as the metadata entry
+``evo_subens``.
+
+    >>> export_ensemble("runs/default-s0-20261126-033727", "onnx")
+    PosixPath('runs/default-s0-20261126-033727/export/ensemble.onnx')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .core.logs import read_run_config
+from .core.progress import say
+from .core.rundir import atomic_write
+from .ensemble import Ensemble, load_ensemble
+from .errors import ExportError, RunDirError
+
+FORMATS: dict[str, str] = {"torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx", "safetensors": ".safetensors"}
+FORMAT_VERSION = 1
+DESCRIPTION_NAME = "ensemble.json"  # the description's name inside TorchScript and pt2 files
+METADATA_KEY = "evo_subens"         # ... and its key in safetensors and ONNX metadata
+EXAMPLE_BATCH = 2                   # torch.export treats sizes 0 and 1 as special: trace with a general one
+
+
+def export_ensemble(run_dir: str | Path, fmt: str, out: str | Path | None = None, *,
+                    progress: Callable[[str], None] = say) -> Path:
+    """Write the ensemble of the finished run ``run_dir`` as ``fmt`` (one of :data:`FORMATS`) to ``out``
+    (default ``run_dir/export/ensemble.<suffix>``), atomically; says what it wrote and returns the path.
+
+    Every problem the user can fix (unknown format, unfinished run, unwritable path, a missing package) is
+    an :class:`~evo_subens.errors.UserError`, raised before the ensemble is loaded."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    read_run_config(run_dir)  # a missing or foreign directory is named before anything else
+    if not (run_dir / "members.json").is_file():
+        raise RunDirError(f"{run_dir} has no members.json: the run has not finished (evo-subens resume {run_dir})")
+    if fmt == "onnx":
+        _require_onnx()
+    path = _output_path(Path(out) if out is not None else run_dir / "export" / f"ensemble{FORMATS[fmt]}")
+    ensemble = load_ensemble(run_dir)
+    form = write_ensemble(ensemble, fmt, path)
+    progress(f"[export] wrote {path} ({fmt}, {ensemble.num_members} members{form}, "
+             f"{_size(path.stat().st_size)})")
+    return path
+
+
+def write_ensemble(ensemble: Ensemble, fmt: str, path: str | Path) -> str:
+    """Write ``ensemble`` (put in eval mode) as ``fmt`` to ``path`` atomically; returns how the members run
+    in the file (``", vectorised"``, ``", in a loop"``, or ``""`` for weights only)."""
+    writers = {"torchscript": _torchscript, "pt2": _pt2, "onnx": _onnx, "safetensors": _safetensors}
+    if fmt not in writers:
+        raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    ensemble.eval()
+    data, form = writers[fmt](ensemble)
+    try:
+        atomic_write(Path(path), lambda handle: handle.write(data))
+    except OSError as exc:
+        raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return form
+
+
+def description(ensemble: Ensemble) -> dict[str, Any]:
+    """What a user needs to use an exported ensemble without evo_subens: the architecture (the config's
+    ``model`` section), input shape, classes, input transform, number of members, how they combine."""
+    model = None
+    if ensemble.config is not None:
+        cfg = ensemble.config.model
+        model = {"name": cfg.name, "kwargs": dict(cfg.kwargs or {}), "architecture": cfg.architecture}
+    return {"format_version": FORMAT_VERSION, "producer": f"evo_subens {__version__}", "model": model,
+            "input_shape": list(ensemble.input_shape), "num_classes": ensemble.num_classes,
+            "classes": ensemble.classes, "transform": ensemble.transform.to_dict(),
+            "members": ensemble.num_members,
+            "output": "mean of the members' softmax probabilities; model input = (raw / scale - mean) / std"}
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+def _require_onnx() -> None:
+    missing = []
+    for package in ("onnx", "onnxscript"):
+        try:
+            __import__(package)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise ExportError(f"the onnx format needs the package(s) {', '.join(missing)}: pip install -e '.[export]'")
+
+
+def _output_path(path: Path) -> Path:
+    """``path`` once its folder exists and it can be written there (checked before the slow part)."""
+    if path.is_dir():
+        raise ExportError(f"cannot write {path}: it is a directory; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot write {path}: its folder cannot be created ({exc.strerror or exc})") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {path}: {path.parent} is not writable")
+    return path
+
+
+def _size(count: int) -> str:
+    for unit in ("bytes", "kB", "MB"):
+        if count < 1000 or unit == "MB":
+            return f"{count:,} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    return ""
+
+
+# ------------------------------------------------------------------------------------ the graph formats
+
+class _Vectorised(nn.Module):
+    """The ensemble's forward with the members under vmap."""
+
+    def __init__(self, ensemble: Ensemble):
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ensemble.vmapped_probs(self.ensemble.transform(x)).mean(dim=0)
+
+
+class _Looped(nn.Module):
+    """The ensemble's forward as plain member modules run one after another: the form every graph capture
+    takes (``torch.jit.trace`` refuses ``functional_call``, which the stacked forms need)."""
+
+    def __init__(self, ensemble: Ensemble):
+        super().__init__()
+        self.transform = ensemble.transform
+        self.members = nn.ModuleList(ensemble.members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.transform(x)
+        total = self.members[0](x).softmax(dim=-1)
+        for member in self.members[1:]:
+            total = total + member(x).softmax(dim=-1)
+        return total / len(self.members)
+
+
+def _example(ensemble: Ensemble) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand((EXAMPLE_BATCH, *ensemble.input_shape), generator=generator)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' chatter (deprecation notes, per-step log lines) while they run."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.simplefilter("ignore", category=FutureWarning)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _failure(fmt: str, exc: BaseException) -> ExportError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ExportError(f"the {fmt} exporter cannot capture this ensemble's architecture "
+                       f"({type(exc).__name__}: {first}); the safetensors format holds its weights whatever it is")
+
+
+def _torchscript(ensemble: Ensemble) -> tuple[bytes, str]:
+    looped = _Looped(ensemble).eval()
+    try:
+        with _quiet():
+            traced = torch.jit.trace(looped, _example(ensemble))
+    except Exception as exc:
+        raise _failure("torchscript", exc) from exc
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer, _extra_files={DESCRIPTION_NAME: json.dumps(description(ensemble))})
+    return buffer.getvalue(), ", in a loop"
+
+
+def _programs(ensemble: Ensemble) -> Iterator[tuple[torch.export.ExportedProgram, str]]:
+    """The ensemble captured by ``torch.export`` with a dynamic batch size: vectorised first; where that
+    capture fails (vmapped convolutions fix the batch size, for one) the looped form. Lazily, so a caller
+    that can use the first never pays for the second."""
+    batch = {0: torch.export.Dim("batch")}
+    error: Exception | None = None
+    for module, form in ((_Vectorised(ensemble), ", vectorised"), (_Looped(ensemble), ", in a loop")):
+        if form == ", vectorised" and not ensemble.vectorise:
+            continue  # vmap already failed on this architecture in-process
+        try:
+            with _quiet():
+                program = torch.export.export(module.eval(), (_example(ensemble),), dynamic_shapes=(batch,))
+        except Exception as exc:
+            error = exc
+            continue
+        yield program, form
+    if error is not None:
+        raise _failure("torch.export", error) from error
+
+
+def _pt2(ensemble: Ensemble) -> tuple[bytes, str]:
+    program, form = next(_programs(ensemble))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={DESCRIPTION_NAME: json.dumps(description(ensemble))})
+    return buffer.getvalue(), form
+
+
+def _onnx(ensemble: Ensemble) -> tuple[bytes, str]:
+    _require_onnx()
+    error: Exception | None = None
+    for program, form in _programs(ensemble):
+        try:
+            with _quiet():
+                onnx_program = torch.onnx.export(program, (_example(ensemble),), dynamo=True, verbose=False,
+                                                 input_names=["x"], output_names=["probs"])
+        except Exception as exc:  # an operator of this form has no ONNX translation: try the next form
+            error = exc
+            continue
+        proto = onnx_program.model_proto
+        _name_batch_dimension(proto)
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(description(ensemble))
+        return proto.SerializeToString(), form
+    raise _failure("onnx", error) from error
+
+
+def _name_batch_dimension(proto: Any) -> None:
+    """Call the dynamic batch dimension ``batch`` instead of the exporter's symbol (``s77``), so that
+    ONNX tools show what it is."""
+    graph = proto.graph
+    symbol = graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    if not symbol:
+        return
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == symbol:
+                dim.dim_param = "batch"
+
+
+def _safetensors(ensemble: Ensemble) -> tuple[bytes, str]:
+    from safetensors.torch import save
+
+    tensors = {}
+    for i, member in enumerate(ensemble.members):
+        for name, value in member.state_dict().items():
+            # Own contiguous CPU copies: safetensors refuses tensors that share memory (tied weights).
+            tensors[f"member.{i}.{name}"] = value.detach().cpu().contiguous().clone()
+    return save(tensors, metadata={METADATA_KEY: json.dumps(description(ensemble))}), ""

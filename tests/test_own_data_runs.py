@@ -7,13 +7,16 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 import yaml
 
 import evo_subens
 from evo_subens.errors import DataError
 
 from conftest import tiny_dict
+from test_export import _predict_without_evo_subens
 from test_own_data import write_csv
 
 pytestmark = pytest.mark.slow
@@ -60,6 +63,28 @@ def test_csv_run_from_the_command_line(csv_project: dict) -> None:
     proc = csv_project["cli"]("report", str(run_dir))
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "report.md").is_file()
+
+
+@pytest.mark.parametrize("fmt, suffix", [("torchscript", "pt"), ("pt2", "pt2"), ("onnx", "onnx")])
+def test_exported_csv_ensemble_takes_raw_rows(csv_project: dict, fmt: str, suffix: str, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exported file holds the preprocessing (standardisation with the training split's statistics): it
+    predicts from the CSV's own numbers, in a Python that has neither evo_subens nor the user's module."""
+    folder, run_dir = csv_project["folder"], csv_project["run_dir"]
+    proc = csv_project["cli"]("export", "runs/fruit", "--format", fmt, "--out", f"fruit.{suffix}")
+    assert proc.returncode == 0 and f"fruit.{suffix}" in proc.stdout, proc.stderr
+    raw = pd.read_csv(folder / "fruit.csv").drop(columns=["kind"]).to_numpy(np.float32)
+    exported = _predict_without_evo_subens(fmt, folder / f"fruit.{suffix}", raw, tmp_path)
+    monkeypatch.chdir(folder)  # the user's model module is importable from the project folder
+    ensemble = evo_subens.load_ensemble(run_dir)
+    assert ensemble.classes == ["apple", "banana", "cherry"]
+    np.testing.assert_allclose(exported, ensemble.predict_proba(raw), atol=1e-5)
+    # The same as the members on the inputs the run trained on, averaged by hand.
+    data = evo_subens.load_dataset(ensemble.config.data)
+    model_inputs = torch.from_numpy(data.transform.apply(raw))
+    with torch.no_grad():
+        by_hand = torch.stack([m(model_inputs).softmax(-1) for m in ensemble.members]).mean(0)
+    np.testing.assert_allclose(exported, by_hand.numpy(), atol=1e-5)
 
 
 def test_changed_data_file_stops_a_resume(csv_project: dict, tmp_path: Path) -> None:

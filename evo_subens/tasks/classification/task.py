@@ -116,16 +116,16 @@ class ClassificationTask(Task):
         load_parent_state(path, model)
 
     def check_loaded_parent(self, model: nn.Module) -> None:
+        # Its validation score itself is printed for every parent, loaded or trained (the reference record).
         split = self.selection
         val = classification_metrics(predict_probs(model, split.x, self.cfg.search.eval_batch_size), split.y)
         majority = float(torch.bincount(split.y, minlength=self.data.num_classes).max()) / len(split)
-        self.progress(f"[parent] on this run's validation split: accuracy {val['accuracy']:.4f}  nll {val['nll']:.4f}"
-                      f"  ece {val['ece']:.4f}  (always guessing the commonest class: accuracy {majority:.4f})")
         uniform_nll = math.log(self.data.num_classes)
         near_chance = val["accuracy"] < majority + NEAR_CHANCE * (1 - majority)
         if near_chance or val["nll"] > uniform_nll:
-            what = ("scores near chance" if near_chance else
-                    f"has a worse NLL than a uniform guess ({uniform_nll:.3f})")
+            what = (f"scores near chance (accuracy {val['accuracy']:.4f}; always guessing the commonest class: "
+                    f"{majority:.4f})" if near_chance else
+                    f"has a worse NLL ({val['nll']:.3f}) than a uniform guess ({uniform_nll:.3f})")
             self.progress(f"[parent] warning: the loaded parent {self.cfg.model.parent_path} {what} on this run's "
                           f"validation split. Was it trained on differently preprocessed inputs? This run feeds it "
                           f"{describe_preprocessing(self.data)}; a parent must see inputs prepared the way it "

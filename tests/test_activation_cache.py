@@ -71,7 +71,7 @@ def test_cached_scores_equal_full_forward_scores(name):
     assert len(cached.activation_cache.batches) == 3  # 250 samples in batches of 100
     for genome in genomes:
         a, b = cached.evaluate(genome), full.evaluate(genome)
-        assert (a.accuracy, a.nll) == (b.accuracy, b.nll)
+        assert a.values == b.values
     assert cached.score_current() == full.score_current()  # the parent is back, cache still valid
 
 
@@ -94,8 +94,8 @@ def test_autocast_scores_close_to_fp32_and_cache_still_exact():
     mixed_cached, _ = _evaluator(late, 64.0, autocast="bf16")
     for genome in genomes[:3]:
         a, b, c = exact.evaluate(genome), mixed_full.evaluate(genome), mixed_cached.evaluate(genome)
-        assert abs(a.nll - b.nll) < 0.05 * a.nll and abs(a.accuracy - b.accuracy) <= 0.02
-        assert (b.accuracy, b.nll) == (c.accuracy, c.nll)
+        assert abs(a.values[1] - b.values[1]) < 0.05 * a.values[1] and abs(a.values[0] - b.values[0]) <= 0.02
+        assert b.values == c.values
 
 
 @pytest.mark.slow
@@ -107,7 +107,7 @@ def test_stacked_candidates_score_like_single_passes():
     one_by_one = [single.evaluate(g) for g in genomes]
     together = stacked.evaluate_many(genomes[:4]) + stacked.evaluate_many(genomes[4:])
     for a, b in zip(one_by_one, together):
-        assert a.accuracy == b.accuracy and b.nll == pytest.approx(a.nll, rel=1e-6)
+        assert a.values[0] == b.values[0] and b.values[1] == pytest.approx(a.values[1], rel=1e-6)
     assert stacked.score_current() == single.score_current()  # every candidate was undone
 
 
@@ -115,8 +115,8 @@ def test_stacked_candidates_score_like_single_passes():
 def test_stacking_falls_back_without_a_cache():
     full, genomes = _evaluator(["*"], 64.0)
     full.payload.stack_candidates = 4
-    assert [(s.accuracy, s.nll) for s in full.evaluate_many(genomes[:4])] == \
-        [(s.accuracy, s.nll) for s in (full.evaluate(g) for g in genomes[:4])]
+    assert [s.values for s in full.evaluate_many(genomes[:4])] == \
+        [s.values for s in (full.evaluate(g) for g in genomes[:4])]
 
 
 @pytest.mark.slow

@@ -110,10 +110,10 @@ def test_infinite_sigma_is_refused(override: str) -> None:
 def test_logs_and_checkpoints_from_before_the_flag_still_load(tmp_path: Path) -> None:
     row = {"generation": 0, "candidate": 0, "parent": -1, "genome": "{}", "fitness": 0.5, "val_accuracy": 0.5,
            "val_nll": 1.0, "eval_seconds": 0.1, "worker": -1, "is_elite": True, "node": "local", "raced": False}
-    assert CandidateRecord(**row).diverged is False  # a checkpoint's records, written without the field
+    assert CandidateRecord.from_row(row).diverged is False  # a checkpoint's records, written without the field
     full = dict(row, seed=1, mask_seed=2, density=0.1, sigma=0.1, depth=1, is_member=True, worker="local",
                 diverged=False)
-    write_population(tmp_path / "population.parquet", [full], NoisyFamily.log_columns)
+    write_population(tmp_path / "population.parquet", [full], NoisyFamily.log_columns, ["accuracy", "nll"])
     old = pd.read_parquet(tmp_path / "population.parquet").drop(columns=["diverged"])
     old.to_parquet(tmp_path / "population.parquet", index=False)
     assert "diverged" in ADDED_COLUMNS

@@ -123,7 +123,7 @@ def test_a_family_from_outside_the_package_has_its_config_section(scaled) -> Non
 def test_a_family_from_outside_the_package_runs_a_search(scaled, tmp_path: Path) -> None:
     result = evo_subens.run(dict(SCALED_RUN, output_dir=str(tmp_path), name="scaled"), progress=lambda line: None)
     population = result.population
-    assert list(population.columns) == list(population_schema({"factor": "float64"}))
+    assert list(population.columns) == list(population_schema({"factor": "float64"}, ["accuracy", "nll"]))
     assert population.loc[population.generation == -1, "factor"].tolist() == [1.0]
     candidates = population[population.generation >= 0]
     assert len(candidates) == 16 and candidates["factor"].nunique() == 16
@@ -255,16 +255,18 @@ def test_old_sparse_population_logs_load_with_todays_columns(tmp_path: Path) -> 
            "diverged": False, "genome": "{}"}
     pd.DataFrame([row]).to_parquet(tmp_path / "population.parquet", index=False)
     population = evo_subens.load_population(tmp_path)
-    assert list(population.columns) == list(population_schema(family_class("sparse").log_columns))
+    assert list(population.columns) == list(population_schema(family_class("sparse").log_columns, ["accuracy", "nll"]))
     assert population[["seed", "part", "density"]].iloc[0].tolist() == [11, 3, 0.25]
 
 
 def test_noisy_log_columns_keep_their_place() -> None:
     """The default family's columns and their order are those the population log always had."""
-    schema = population_schema(family_class("noisy").log_columns)
+    schema = population_schema(family_class("noisy").log_columns, ["accuracy", "nll"])
     assert list(schema)[:8] == ["generation", "candidate", "parent", "seed", "mask_seed", "density", "sigma",
                                 "depth"]
-    assert set(schema) - set(POPULATION_SCHEMA) == {"seed", "mask_seed", "density", "sigma", "depth"}
+    assert set(schema) - set(POPULATION_SCHEMA) == {"seed", "mask_seed", "density", "sigma", "depth",
+                                                    "val_accuracy", "val_nll"}
+    assert list(schema)[8:11] == ["fitness", "val_accuracy", "val_nll"]  # the task's metrics follow the fitness
     assert make_family(ChildrenConfig()).describe(make_family(ChildrenConfig()).root("p")) == {
         "seed": -1, "mask_seed": -1, "density": 0.0, "sigma": 0.0, "depth": 0}
     assert flatten_config(config_to_dict(RunConfig()))["children.family"] == "noisy"

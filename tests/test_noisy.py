@@ -288,8 +288,8 @@ def test_evaluator_scores_root_as_the_parent() -> None:
     family = make_family(children)
     evaluator.evaluate(lineage(family, 2, parent_id=payload.parent_id)[-1])
     score = evaluator.evaluate(family.root(payload.parent_id))
-    assert score.accuracy == expected_acc
-    assert score.nll == pytest.approx(expected_nll, abs=1e-5)
+    assert score.values[0] == expected_acc
+    assert score.values[1] == pytest.approx(expected_nll, abs=1e-5)
     assert same(snapshot(evaluator.model), payload.parent_state)
 
 

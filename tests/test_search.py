@@ -30,7 +30,8 @@ from evo_subens.tasks.classification.metrics import classification_metrics
 from evo_subens.tasks.classification.models import build_model
 from evo_subens.core.problem import LOCAL_WORKER, make_problem
 from evo_subens.core.rundir import population_schema
-from evo_subens.core.search import CandidateRecord, select_members
+from evo_subens.core.search import CandidateRecord, Ranking, select_members
+from evo_subens.tasks.classification.metrics import VALIDATION_METRICS
 
 QUIET = {"progress": lambda line: None}
 TIMING_COLUMNS = ["eval_seconds", "worker", "node"]
@@ -100,7 +101,7 @@ def test_population_log_rows_and_schema(local_run: evo_subens.RunResult) -> None
     assert population["candidate"].tolist() == list(range(n))
     assert population.groupby("generation").size().to_dict() == {
         g: cfg.search.population for g in range(cfg.search.generations)}
-    schema = population_schema(make_family(cfg.children).log_columns)
+    schema = population_schema(make_family(cfg.children).log_columns, ["accuracy", "nll"])
     assert list(population.columns) == list(schema)
     assert {c: str(t) for c, t in population.dtypes.items()} == schema
     assert (population["worker"] == "local").all()
@@ -268,7 +269,7 @@ def test_parent_path_reuses_a_trained_parent(local_run: evo_subens.RunResult, ru
 
 def _record(candidate: int, accuracy: float, nll: float) -> CandidateRecord:
     return CandidateRecord(generation=0, candidate=candidate, parent=-1, genome=f"g{candidate}", fitness=nll,
-                           val_accuracy=accuracy, val_nll=nll, eval_seconds=0.0, worker=-1)
+                           metrics={"accuracy": accuracy, "nll": nll}, eval_seconds=0.0, worker=-1)
 
 
 @pytest.mark.parametrize("nan_first", [True, False])
@@ -277,8 +278,9 @@ def test_diverged_candidates_are_never_selected(nan_first: bool) -> None:
     records = [_record(1, 0.5, 1.0), _record(2, 0.4, 2.0), _record(3, 0.6, 0.5)]
     diverged = _record(0, 0.1, math.nan)
     records = [diverged, *records] if nan_first else [*records, diverged]
-    assert [r.candidate for r in select_members(records, 2, "nll")] == [3, 1]
-    assert [r.candidate for r in select_members(records, 2, "accuracy")] == [3, 1]
+    for fitness in ("nll", "accuracy"):
+        ranking = Ranking(VALIDATION_METRICS, fitness)
+        assert [r.candidate for r in select_members(records, 2, ranking)] == [3, 1]
 
 
 class BatchNormMLP(nn.Module):

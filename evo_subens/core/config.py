@@ -230,8 +230,8 @@ class SearchConfig:
     population: int = option(16, "candidates evaluated per generation", ge=1)
     generations: int = option(3, "generations; generation 0 mutates the parent, later ones the elites", ge=1)
     elites: int = option(4, "best candidates kept as the parents of the next generation", ge=1)
-    fitness: str = option("accuracy", "validation metric that ranks candidates; the other breaks ties",
-                          choices=("accuracy", "nll"))
+    fitness: str = option("accuracy", "validation metric that ranks candidates, one of the task's (classification: "
+                                      "accuracy or nll); the others break ties")
     eval_batch_size: int = option(1000, "batch size of validation/test forward passes", ge=1)
     racing: bool = option(False, "stop scoring a candidate, after any validation batch, once it provably cannot "
                                  "rank among the best max(elites, ensemble candidates) so far; it is logged "
@@ -367,6 +367,12 @@ class RunConfig:
             raise ConfigError("model.architecture", "'module:Class'", self.model.architecture)
         self.children.check(self)
         self.data.check()
+        from ..tasks import task_metrics  # here, not at the top: a task's modules may import this one
+
+        metrics = [m.name for m in task_metrics(self.task)]
+        if self.search.fitness not in metrics:
+            raise ConfigError("search.fitness", f"one of the {self.task} task's metrics: {', '.join(metrics)}",
+                              self.search.fitness)
         v = self.data.validation_size
         if v >= 1 and v != int(v):
             raise ConfigError("data.validation_size", "a fraction in (0, 1) or a whole number of samples", v)

@@ -10,6 +10,7 @@ The child family names the settings of a logged child and what to change (``Fami
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..errors import DivergedError
@@ -18,9 +19,9 @@ if TYPE_CHECKING:
     from ..families import Family
 
 
-def is_diverged(accuracy: float, nll: float) -> bool:
-    """Whether validation metrics show a diverged child (NaN or infinite)."""
-    return not (math.isfinite(accuracy) and math.isfinite(nll))
+def is_diverged(values: Sequence[float]) -> bool:
+    """Whether validation metrics show a diverged child (any NaN or infinite)."""
+    return not all(math.isfinite(v) for v in values)
 
 
 def _settings(rows: Iterable[dict], family: Family) -> str:

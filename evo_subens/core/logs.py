@@ -122,6 +122,16 @@ def _logged_family(run_dir: Path) -> type | None:
         return None
 
 
+def _logged_metrics(run_dir: Path) -> list[str]:
+    """Names of the validation metrics the run's task logs (``val_<name>`` columns)."""
+    from ..tasks import TASKS, task_metrics
+
+    task = read_run_config(run_dir).get("task", "classification")
+    if task not in TASKS:
+        raise RunDirError(f"{run_dir}: its task {task!r} is not registered here (known: {', '.join(TASKS)})")
+    return [m.name for m in task_metrics(task)]
+
+
 def load_population(run_dir: str | Path) -> pd.DataFrame:
     """The population log of a run: one row per evaluated candidate.
 
@@ -146,7 +156,7 @@ def load_population(run_dir: str | Path) -> pd.DataFrame:
         renamed = {old: new for old, new in family.legacy_log_columns.items()
                    if old in frame.columns and new not in frame.columns}
         frame = frame.rename(columns=renamed)
-        schema = population_schema(family.log_columns)
+        schema = population_schema(family.log_columns, _logged_metrics(Path(run_dir)))
     missing = set(schema) - set(frame.columns)
     if missing:
         raise RunDirError(f"population log {path} lacks columns {sorted(missing)}")

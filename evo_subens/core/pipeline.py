@@ -29,7 +29,7 @@ from .logs import load_population
 from .problem import LOCAL_WORKER, make_problem
 from .progress import Steps, run_seconds
 from .rundir import write_json, write_population, write_state
-from .search import REFERENCE_GENERATION, ROOT_CANDIDATE, CandidateRecord, SubnetworkSearch, rank_key
+from .search import REFERENCE_GENERATION, ROOT_CANDIDATE, CandidateRecord, SubnetworkSearch
 from .state import RunResult, RunState
 from .worker import parent_fingerprint
 
@@ -92,8 +92,8 @@ class Pipeline:
         payload = self.task.worker_payload(self.parent_state, state.parent_id)
         self.driver = payload.make_evaluator()  # builds members' weights here when they are cheap to rebuild
         self.reference = self._reference_record()
-        self.progress(f"[parent] validation: accuracy {self.reference.val_accuracy:.4f}  "
-                      f"nll {self.reference.val_nll:.4f}")
+        self.progress("[parent] validation: " + "  ".join(f"{name} {value:.4f}"
+                                                          for name, value in self.reference.metrics.items()))
         self.problem = make_problem(cfg.workers, payload, fitness=cfg.search.fitness,
                                     population=cfg.search.population)
         self.search = SubnetworkSearch(self.problem, self.family, cfg.search, seed=cfg.seed,
@@ -113,9 +113,9 @@ class Pipeline:
         population log and what generation 0's children are compared with."""
         root = self.family.root(self.state.parent_id)
         score = self.driver.evaluate_many([root])[0]
-        value = score.accuracy if self.cfg.search.fitness == "accuracy" else score.nll
-        return CandidateRecord(REFERENCE_GENERATION, ROOT_CANDIDATE, ROOT_CANDIDATE, root, value, score.accuracy,
-                               score.nll, 0.0, LOCAL_WORKER, node=LOCAL_NODE)
+        metrics = {m.name: value for m, value in zip(self.task.metrics, score.values)}
+        return CandidateRecord(REFERENCE_GENERATION, ROOT_CANDIDATE, ROOT_CANDIDATE, root,
+                               metrics[self.cfg.search.fitness], metrics, 0.0, LOCAL_WORKER, node=LOCAL_NODE)
 
     def states_of(self, chosen: list[CandidateRecord]) -> list[dict]:
         """Weights of candidates: fetched from the workers that trained them, else rebuilt here."""
@@ -143,7 +143,8 @@ class Pipeline:
             state.members, state.tuned, state.accepted = [], 0, None
         self._checkpoint()
         rows = self._population_rows([])
-        write_population(self.run_dir / "population.parquet", rows, self.family.log_columns)
+        write_population(self.run_dir / "population.parquet", rows, self.family.log_columns,
+                         [m.name for m in self.task.metrics])
         if self._first_generation:
             self._first_generation = False
             devices = self.problem.worker_devices()
@@ -167,20 +168,22 @@ class Pipeline:
         """The best candidate of the generation just evaluated, with its metrics on held-back validation
         data: whether later generations beat generation 0 on data no decision saw."""
         search = self.search
-        best = min(self._latest(), key=lambda r: rank_key(r, self.cfg.search.fitness))
-        weights = None if math.isnan(best.val_nll) else (lambda: self.states_of([best])[0])
-        return {"generation": best.generation, "candidate": best.candidate, "val_accuracy": best.val_accuracy,
-                "val_nll": best.val_nll, **self.task.holdout_check(weights),
+        best = min(self._latest(), key=search.ranking.key)
+        weights = None if math.isnan(best.fitness) else (lambda: self.states_of([best])[0])
+        return {"generation": best.generation, "candidate": best.candidate, **best.metric_row(),
+                **self.task.holdout_check(weights),
                 "step_scale": search.history[-1]["step_scale"] if search.history else 1.0,
                 "success_rate": search.history[-1]["success_rate"] if search.history else None}
 
     def _generation_line(self, seconds: float, check: dict) -> str:
         cfg, search = self.cfg, self.search
         latest = self._latest()
-        ranked = sorted(latest, key=lambda r: rank_key(r, cfg.search.fitness))
+        ranked = sorted(latest, key=search.ranking.key)
         best, median, worst = ranked[0], ranked[len(ranked) // 2], ranked[-1]
-        held = (f"  best on held-back: acc {check['holdout_accuracy']:.4f} nll {check['holdout_nll']:.4f}"
-                if check["holdout_nll"] is not None else "")
+        held = ""
+        if check[f"holdout_{cfg.search.fitness}"] is not None:
+            held = "  best on held-back: " + " ".join(f"{m.short} {check['holdout_' + m.name]:.4f}"
+                                                        for m in self.task.metrics)
         return (f"[search] generation {search.generation}/{cfg.search.generations}  val {cfg.search.fitness}: "
                 f"best {best.fitness:.4f}  median {median.fitness:.4f}  worst {worst.fitness:.4f}  "
                 f"elite best {search.elites[0].fitness if search.elites else math.nan:.4f}{held}  "
@@ -264,10 +267,11 @@ class Pipeline:
         positions = state.ensemble
         members = [chosen[i] for i in positions]
         rows = self._population_rows([m.candidate for m in members])
-        write_population(self.run_dir / "population.parquet", rows, self.family.log_columns)
+        write_population(self.run_dir / "population.parquet", rows, self.family.log_columns,
+                         [m.name for m in self.task.metrics])
         write_json(self.run_dir / "members.json", [
             {"candidate": m.candidate, "genome": m.genome, "weights": _member_file(i) if self._stored() else None,
-             "val_accuracy": m.val_accuracy, "val_nll": m.val_nll} for i, m in zip(positions, members)])
+             **m.metric_row()} for i, m in zip(positions, members)])
         write_json(self.run_dir / "incidents.json", search.incidents)
         metrics = task.results(self.parent, [chosen_states[i] for i in positions], [m.candidate for m in members])
         metrics["search"] = _search_summary(search, state.checks, cfg)
@@ -327,10 +331,10 @@ def _search_summary(search: SubnetworkSearch, checks: list[dict], cfg: RunConfig
     """Per generation: the best candidate on validation and held-back validation, the step scale and the
     1/5 success rate; whether a later generation beat generation 0 on held-back data; early stop."""
     later = None
-    held = [c for c in checks if c["holdout_nll"] is not None]
+    key = f"holdout_{cfg.search.fitness}"
+    held = [c for c in checks if c.get(key) is not None]
     if len(held) > 1:
-        key = "holdout_accuracy" if cfg.search.fitness == "accuracy" else "holdout_nll"
-        sign = -1 if cfg.search.fitness == "accuracy" else 1
+        sign = -1 if search.ranking.fitness_metric.higher_is_better else 1
         later = any(sign * c[key] < sign * held[0][key] for c in held[1:])
     return {"generations": checks, "later_generations_beat_first": later, "stopped_early": search.stopped,
             "generations_run": search.generation}

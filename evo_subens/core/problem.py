@@ -29,8 +29,8 @@ from .worker import Evaluator, RacingBound, WorkerPayload, torch_threads
 from .faults import crash_point
 from .shared_payload import SharedPayload
 
-# Columns of the evaluation data every candidate returns, after its fitness.
-EVAL_COLUMNS = ("val_accuracy", "val_nll", "eval_seconds", "worker", "pid", "raced", "diverged")
+# Columns of the evaluation data every candidate returns after its fitness and its metrics (val_<name>).
+EVAL_COLUMNS = ("eval_seconds", "worker", "pid", "raced", "diverged")
 LOCAL_WORKER = -1
 
 # glibc's default thresholds made the evaluation loop page-fault heavily (measured ~1.6x slower).
@@ -66,17 +66,23 @@ def keep_single_actor(problem: Problem, num_actors: int | None, num_gpus_per_act
 class SubnetworkProblem(Problem):
     """Single-objective EvoTorch problem over genome strings (``dtype=object``).
 
-    The fitness is the validation accuracy (maximised) or NLL (minimised); the evaluation data holds
-    :data:`EVAL_COLUMNS`.
+    The fitness is the validation metric ``fitness`` of the payload's task (``payload.metrics``), maximised
+    or minimised as the metric says; the evaluation data holds every metric, then :data:`EVAL_COLUMNS`.
     """
 
     def __init__(self, payload: WorkerPayload, *, fitness: str, num_actors: int = 0,
                  actor_config: dict | None = None, num_gpus_per_actor: float | None = None,
                  subbatch_size: int | None = None):
+        self.metrics = tuple(payload.metrics)
+        names = [m.name for m in self.metrics]
+        if fitness not in names:
+            raise ConfigError("search.fitness", f"one of the task's metrics ({', '.join(names)})", fitness)
+        self.fitness_index = names.index(fitness)
         # No solution stats: the search keeps its own elites, and EvoTorch's best-so-far tracking fails on a
         # batch with no finite fitness (every child diverged).
-        super().__init__("max" if fitness == "accuracy" else "min", dtype=object, eval_dtype=torch.float64,
-                         eval_data_length=len(EVAL_COLUMNS), num_actors=num_actors, actor_config=actor_config,
+        super().__init__("max" if self.metrics[self.fitness_index].higher_is_better else "min", dtype=object,
+                         eval_dtype=torch.float64, eval_data_length=len(self.metrics) + len(EVAL_COLUMNS),
+                         num_actors=num_actors, actor_config=actor_config,
                          num_gpus_per_actor=num_gpus_per_actor or None, subbatch_size=subbatch_size,
                          store_solution_stats=False)
         keep_single_actor(self, num_actors, num_gpus_per_actor)
@@ -84,7 +90,6 @@ class SubnetworkProblem(Problem):
         # Actors fetch the payload by name from a holder the driver keeps for the problem's life: Ray can then
         # rebuild a lost actor from its (small) creation task and the actor fetches the payload again.
         self._shared_payload = SharedPayload(payload) if self._num_actors else None
-        self.fitness_name = fitness
         self._evaluator: Evaluator | None = None
         self._nodes: dict[tuple[int, int], str] = {}  # (actor index, pid) -> Ray node id
         self.placement_group: PlacementGroup | None = None  # owned by the driver's problem, released on close
@@ -139,14 +144,20 @@ class SubnetworkProblem(Problem):
                 if self.is_main and start <= len(genomes) // 2 < start + chunk:
                     crash_point("search.mid_generation")
                 for score in evaluator.evaluate_many(genomes[start:start + chunk]):
-                    accuracy, nll = score.accuracy, score.nll
-                    diverged = not score.raced and is_diverged(accuracy, nll)
+                    values = list(score.values)
+                    diverged = not score.raced and is_diverged(values)
                     if diverged:  # NaN metrics rank last; an infinite NLL would still rank by its accuracy
-                        accuracy = nll = math.nan
-                    fitness = accuracy if self.fitness_name == "accuracy" else nll
-                    rows.append([fitness, accuracy, nll, score.seconds, worker, os.getpid(), score.raced,
-                                 diverged])
+                        values = [math.nan] * len(values)
+                    rows.append([values[self.fitness_index], *values, score.seconds, worker, os.getpid(),
+                                 score.raced, diverged])
         batch.set_evals(torch.tensor(rows, dtype=torch.float64))
+
+    def unpack(self, row) -> tuple[float, dict[str, float], tuple[float, ...]]:
+        """One candidate's evaluation data as (fitness, metrics by name, the :data:`EVAL_COLUMNS` values)."""
+        values = [float(v) for v in row]
+        count = len(self.metrics)
+        metrics = {m.name: v for m, v in zip(self.metrics, values[1:1 + count])}
+        return values[0], metrics, tuple(values[1 + count:])
 
     def set_racing_bound(self, bound: RacingBound | None) -> None:
         """The racing bound of the next evaluations (None: score every candidate fully), here and on every

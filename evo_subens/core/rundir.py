@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
@@ -36,9 +36,7 @@ POPULATION_SCHEMA: dict[str, str] = {
     "generation": "int64",      # generation the candidate was evaluated in (0-based)
     "candidate": "int64",       # run-wide candidate id, in evaluation order
     "parent": "int64",          # candidate id of the genome it extends; -1 = the trained parent
-    "fitness": "float64",       # the selection metric (val_accuracy or val_nll)
-    "val_accuracy": "float64",
-    "val_nll": "float64",
+    "fitness": "float64",       # the selection metric (search.fitness); the task's val_<metric> columns follow
     "is_elite": "bool",         # kept as an elite at the end of its own generation
     "is_member": "bool",        # selected into the final ensemble
     "eval_seconds": "float64",  # wall time of its evaluation inside the worker
@@ -51,10 +49,12 @@ POPULATION_SCHEMA: dict[str, str] = {
 _FAMILY_COLUMNS_AFTER = "parent"
 
 
-def population_schema(family_columns: dict[str, str]) -> dict[str, str]:
-    """Columns and dtypes of a population log: :data:`POPULATION_SCHEMA` with the child family's columns
-    (name -> dtype, e.g. ``NoisyFamily.log_columns``) after ``parent``."""
-    clash = set(family_columns) & set(POPULATION_SCHEMA)
+def population_schema(family_columns: dict[str, str], metrics: Sequence[str]) -> dict[str, str]:
+    """Columns and dtypes of a population log: :data:`POPULATION_SCHEMA` with the task's validation metrics
+    (``val_<name>``, float64) after ``fitness`` and the child family's columns (name -> dtype, e.g.
+    ``NoisyFamily.log_columns``) after ``parent``."""
+    metric_columns = {f"val_{name}": "float64" for name in metrics}
+    clash = set(family_columns) & (set(POPULATION_SCHEMA) | set(metric_columns))
     if clash:
         raise ValueError(f"family log columns {sorted(clash)} clash with the population log's own columns")
     schema: dict[str, str] = {}
@@ -62,6 +62,8 @@ def population_schema(family_columns: dict[str, str]) -> dict[str, str]:
         schema[column] = dtype
         if column == _FAMILY_COLUMNS_AFTER:
             schema.update(family_columns)
+        if column == "fitness":
+            schema.update(metric_columns)
     return schema
 
 
@@ -112,16 +114,17 @@ def write_state(path: Path, state: dict[str, torch.Tensor]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def population_frame(rows: list[dict], family_columns: dict[str, str]) -> pd.DataFrame:
+def population_frame(rows: list[dict], family_columns: dict[str, str], metrics: Sequence[str]) -> pd.DataFrame:
     """The population log as a DataFrame with :func:`population_schema`'s columns and dtypes."""
-    schema = population_schema(family_columns)
+    schema = population_schema(family_columns, metrics)
     frame = pd.DataFrame(rows, columns=list(schema))
     return frame.astype(schema)
 
 
-def write_population(path: Path, rows: list[dict], family_columns: dict[str, str]) -> None:
-    """Atomically write the population log as Parquet (``family_columns``: the family's log columns)."""
-    frame = population_frame(rows, family_columns)
+def write_population(path: Path, rows: list[dict], family_columns: dict[str, str], metrics: Sequence[str]) -> None:
+    """Atomically write the population log as Parquet (``family_columns``: the family's log columns;
+    ``metrics``: the task's validation metric names)."""
+    frame = population_frame(rows, family_columns, metrics)
     atomic_write(path, lambda f: frame.to_parquet(f, index=False))
 
 

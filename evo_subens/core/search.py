@@ -7,7 +7,7 @@ far. Elites are not evaluated again: fitness is deterministic.
 
     >>> search = SubnetworkSearch(problem, family, cfg.search, seed=0)
     >>> search.run(cfg.search.generations)
-    >>> members = select_members(search.records, cfg.ensemble.size, cfg.search.fitness)
+    >>> members = select_members(search.records, cfg.ensemble.size, search.ranking)
 """
 
 from __future__ import annotations
@@ -21,21 +21,22 @@ from evotorch.algorithms.searchalgorithm import SearchAlgorithm
 
 from .config import SearchConfig
 from ..families import Family
+from ..tasks.base import Metric
 from .worker import RacingBound
 from .problem import SubnetworkProblem
 
 
 @dataclass
 class CandidateRecord:
-    """One evaluated candidate: a row of the population log."""
+    """One evaluated candidate: a row of the population log. ``metrics``: the task's validation metrics by
+    name, logged as ``val_<name>`` columns."""
 
     generation: int
     candidate: int
     parent: int
     genome: str
     fitness: float
-    val_accuracy: float
-    val_nll: float
+    metrics: dict[str, float]
     eval_seconds: float
     worker: int
     is_elite: bool = False
@@ -43,35 +44,77 @@ class CandidateRecord:
     raced: bool = False  # scoring stopped by the racing bound: metrics are NaN
     diverged: bool = False  # NaN or infinite validation metrics (logged as NaN): never an elite or member
 
+    def metric_row(self) -> dict[str, float]:
+        """The metrics as the log's ``val_<name>`` columns, in the task's order."""
+        return {f"val_{name}": value for name, value in self.metrics.items()}
+
     def as_row(self) -> dict:
-        """The record as a flat dict."""
-        return dataclasses.asdict(self)
+        """The record as a flat dict (the metrics as ``val_<name>`` entries, after the fitness)."""
+        row = {}
+        for f in dataclasses.fields(self):
+            if f.name == "metrics":
+                row.update(self.metric_row())
+            else:
+                row[f.name] = getattr(self, f.name)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict) -> CandidateRecord:
+        """The record an :meth:`as_row` dict (e.g. a checkpoint's) describes."""
+        metrics = {key[len("val_"):]: value for key, value in row.items() if key.startswith("val_")}
+        rest = {key: value for key, value in row.items() if not key.startswith("val_")}
+        return cls(metrics=metrics, **rest)
 
 
 ROOT_CANDIDATE = -1  # the ``parent`` of generation-0 candidates: the trained parent itself
 REFERENCE_GENERATION = -1  # the generation of the parent's reference row in the population log
 
 
-def rank_key(record: CandidateRecord, fitness: str) -> tuple:
-    """Sort key, best first: the fitness metric, the other metric as tie-break, then the candidate id.
+@dataclass(frozen=True)
+class Ranking:
+    """The order of candidates, best first: the fitness metric, then the task's other metrics in the order
+    it declares them (tie-breaks), then the candidate id.
 
-    A diverged candidate (NaN metrics) ranks last: NaN compares false with everything and would
-    otherwise land anywhere in a sort.
+    A diverged candidate (NaN metrics) ranks last: NaN compares false with everything and would otherwise
+    land anywhere in a sort.
     """
-    nll = math.inf if math.isnan(record.val_nll) else record.val_nll
-    accuracy = -math.inf if math.isnan(record.val_accuracy) else record.val_accuracy
-    if fitness == "accuracy":
-        return (-accuracy, nll, record.candidate)
-    return (nll, -accuracy, record.candidate)
+
+    metrics: tuple[Metric, ...]
+    fitness: str
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.metrics]
+        if self.fitness not in names:
+            raise ValueError(f"fitness {self.fitness!r} is not one of the task's metrics {names}")
+        ordered = [m for m in self.metrics if m.name == self.fitness] + [m for m in self.metrics if m.name != self.fitness]
+        object.__setattr__(self, "ordered", tuple(ordered))
+
+    @property
+    def fitness_metric(self) -> Metric:
+        return self.ordered[0]
+
+    def key(self, record: CandidateRecord) -> tuple:
+        """Sort key of ``record``, best first."""
+        parts = []
+        for metric in self.ordered:
+            value = record.metrics[metric.name]
+            parts.append(math.inf if math.isnan(value) else (-value if metric.higher_is_better else value))
+        return (*parts, record.candidate)
+
+    def better(self, record: CandidateRecord, than: CandidateRecord | None) -> bool:
+        """Whether ``record`` ranks strictly above ``than`` on its metrics (anything beats nothing)."""
+        if than is None:
+            return True
+        return self.key(record)[:-1] < self.key(than)[:-1]
 
 
-def select_members(records: list[CandidateRecord], size: int, fitness: str,
+def select_members(records: list[CandidateRecord], size: int, ranking: Ranking,
                    keep: list[CandidateRecord] = ()) -> list[CandidateRecord]:
     """The ``size`` best candidates with distinct genomes, best first, after the members in ``keep``
     (growing an ensemble keeps its members and adds the best of the rest)."""
     members: list[CandidateRecord] = list(keep)
     seen: set[str] = {m.genome for m in keep}
-    for record in sorted(records, key=lambda r: rank_key(r, fitness)):
+    for record in sorted(records, key=ranking.key):
         if len(members) >= size:
             break
         if record.genome not in seen and not record.diverged:
@@ -85,10 +128,12 @@ class SubnetworkSearch(SearchAlgorithm):
 
     def __init__(self, problem: SubnetworkProblem, family: Family, cfg: SearchConfig, *, seed: int,
                  racing_rank: int = 0, reference: CandidateRecord | None = None):
-        super().__init__(problem, best_fitness=self._best_fitness, best_accuracy=self._best_accuracy,
-                         best_nll=self._best_nll, generation=lambda: self.generation)
+        # EvoTorch's status: the fitness, each best-candidate metric (best_<name>) and the generation.
+        best = {f"best_{m.name}": (lambda name=m.name: self._best_metric(name)) for m in problem.metrics}
+        super().__init__(problem, best_fitness=self._best_fitness, **best, generation=lambda: self.generation)
         self.family = family
         self.cfg = cfg
+        self.ranking = Ranking(problem.metrics, cfg.fitness)
         self.rng = np.random.default_rng(seed)
         self.root = family.root(problem.payload.parent_id)
         self.records: list[CandidateRecord] = []
@@ -110,7 +155,7 @@ class SubnetworkSearch(SearchAlgorithm):
     def racing_bound(self) -> RacingBound | None:
         """The bound of the next generation: the fitness of the ``racing_rank``-th best candidate so far
         (None until that many candidates have valid metrics)."""
-        ranked = sorted(self.records, key=lambda r: rank_key(r, self.cfg.fitness))
+        ranked = sorted(self.records, key=self.ranking.key)
         if len(ranked) < self.racing_rank or math.isnan(ranked[self.racing_rank - 1].fitness):
             return None
         return RacingBound(self.cfg.fitness, ranked[self.racing_rank - 1].fitness)
@@ -125,7 +170,7 @@ class SubnetworkSearch(SearchAlgorithm):
     def load_state_dict(self, state: dict) -> None:
         """Continue from a :meth:`state_dict`: the next step proposes exactly what it would have."""
         self.generation = state["generation"]
-        self.records = [CandidateRecord(**row) for row in state["records"]]
+        self.records = [CandidateRecord.from_row(row) for row in state["records"]]
         self.elites = [self.records[i] for i in state["elites"]]
         self.rng.bit_generator.state = state["rng"]
         self.incidents = list(state["incidents"])
@@ -147,11 +192,8 @@ class SubnetworkSearch(SearchAlgorithm):
     def _best_fitness(self) -> float:
         return self.elites[0].fitness if self.elites else math.nan  # no elite yet: every child diverged
 
-    def _best_accuracy(self) -> float:
-        return self.elites[0].val_accuracy if self.elites else math.nan
-
-    def _best_nll(self) -> float:
-        return self.elites[0].val_nll if self.elites else math.nan
+    def _best_metric(self, name: str) -> float:
+        return self.elites[0].metrics[name] if self.elites else math.nan
 
     def _step(self) -> None:
         parents = self.elites or None
@@ -166,9 +208,9 @@ class SubnetworkSearch(SearchAlgorithm):
         new = []
         pids = []
         for i, ((parent_index, genome), row) in enumerate(zip(proposals, evals)):
-            fitness, accuracy, nll, seconds, worker, pid, raced, diverged = (float(v) for v in row)
+            fitness, metrics, (seconds, worker, pid, raced, diverged) = self.problem.unpack(row)
             parent_id = parents[parent_index].candidate if parents and parent_index >= 0 else ROOT_CANDIDATE
-            new.append(CandidateRecord(self.generation, first_id + i, parent_id, genome, fitness, accuracy, nll,
+            new.append(CandidateRecord(self.generation, first_id + i, parent_id, genome, fitness, metrics,
                                        seconds, int(worker), node=self.problem.worker_node(int(worker), int(pid)),
                                        raced=bool(raced), diverged=bool(diverged)))
             pids.append((int(worker), int(pid)))
@@ -176,7 +218,7 @@ class SubnetworkSearch(SearchAlgorithm):
         self.records.extend(new)
         best_before = self.elites[0] if self.elites else None
         kept = [r for r in new if not r.diverged]
-        self.elites = sorted(self.elites + kept, key=lambda r: rank_key(r, self.cfg.fitness))[: self.cfg.elites]
+        self.elites = sorted(self.elites + kept, key=self.ranking.key)[: self.cfg.elites]
         for record in self.elites:
             if record.generation == self.generation:
                 record.is_elite = True
@@ -189,10 +231,7 @@ class SubnetworkSearch(SearchAlgorithm):
         self.generation += 1
 
     def _better(self, record: CandidateRecord, than: CandidateRecord | None) -> bool:
-        """Whether ``record`` ranks strictly above ``than`` on its metrics (anything beats nothing)."""
-        if than is None:
-            return True
-        return rank_key(record, self.cfg.fitness)[:2] < rank_key(than, self.cfg.fitness)[:2]
+        return self.ranking.better(record, than)
 
     def _adapt(self, success_rate: float, improved: bool) -> None:
         """Step size and early stopping after a generation.

@@ -12,9 +12,12 @@ import contextlib
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from ..tasks.base import Metric
 
 
 def parent_fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -42,11 +45,11 @@ def torch_threads(count: int) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class CandidateScore:
-    """Validation metrics of one candidate and the seconds its evaluation took; a raced-out candidate
-    (stopped by a :class:`RacingBound`) has NaN metrics."""
+    """Validation metrics of one candidate (``values``: one per metric the task declares, in its order) and
+    the seconds its evaluation took; a raced-out candidate (stopped by a :class:`RacingBound`) has NaN
+    metrics."""
 
-    accuracy: float
-    nll: float
+    values: tuple[float, ...]
     seconds: float
     raced: bool = False
 
@@ -95,6 +98,7 @@ class WorkerPayload(ABC):
     """Everything a worker needs, shipped once per worker (through Ray's object store)."""
 
     parent_id: str
+    metrics: tuple["Metric", ...]  # the task's validation metrics: what the evaluator's scores hold, in order
     threads: int            # torch threads of the worker
     use_gpu: bool           # evaluate on CUDA when the worker sees a GPU
     stack_candidates: int   # genomes handed to one ``evaluate_many`` call

@@ -10,12 +10,29 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..core.config import RunConfig
-    from .base import Progress, Task
+    from .base import Metric, Progress, Task
 
 TASKS: dict[str, str] = {"classification": "evo_subens.tasks.classification.task:ClassificationTask"}
+# Where each task declares its validation metrics (its Task.metrics): a light module, so that checking a
+# config's search.fitness does not import the task's engine parts.
+TASK_METRICS: dict[str, str] = {"classification": "evo_subens.tasks.classification.metrics:VALIDATION_METRICS"}
+
+
+def _load(spec: str):
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def task_class(name: str) -> type["Task"]:
+    """The class of the registered task ``name``."""
+    return _load(TASKS[name])
+
+
+def task_metrics(name: str) -> tuple["Metric", ...]:
+    """The validation metrics of the registered task ``name`` (the same as its class's ``metrics``)."""
+    return _load(TASK_METRICS[name])
 
 
 def make_task(cfg: "RunConfig", progress: "Progress") -> "Task":
     """The task ``cfg.task`` names, for the run ``cfg``."""
-    module, _, name = TASKS[cfg.task].partition(":")
-    return getattr(importlib.import_module(module), name)(cfg, progress)
+    return task_class(cfg.task)(cfg, progress)

@@ -26,6 +26,7 @@ The order the engine calls a task in::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -42,10 +43,25 @@ State = dict  # a model's state_dict
 StatesOf = Callable[[list["CandidateRecord"]], list[State]]
 
 
+@dataclass(frozen=True)
+class Metric:
+    """A validation metric a task scores candidates on: logged as ``val_<name>``; ``search.fitness`` names
+    the one that ranks candidates, the others break ties in the order the task declares them."""
+
+    name: str
+    higher_is_better: bool
+    label: str = ""  # its name in progress lines (default: the name)
+
+    @property
+    def short(self) -> str:
+        return self.label or self.name
+
+
 class Task(ABC):
     """A kind of problem the engine builds ensembles for. One instance serves one run, on the driver."""
 
     name: str
+    metrics: tuple[Metric, ...]  # what an Evaluator's CandidateScore.values hold, in this order
 
     def __init__(self, cfg: "RunConfig", progress: Progress):
         self.cfg = cfg

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ...core.config import ChildrenConfig, FinetuneConfig, ModelConfig
 from .data import Split
+from .metrics import VALIDATION_METRICS
 from ...families import make_family
 from .models import build_model, model_stages
 from ...nn import state_copy
@@ -27,6 +28,8 @@ from ...core.worker import CandidateScore, Evaluator, RacingBound, WorkerPayload
 @dataclass
 class EvaluationPayload(WorkerPayload):
     """Everything a worker needs, shipped once per worker (through Ray's object store)."""
+
+    metrics = VALIDATION_METRICS  # a class attribute: the same for every classification payload
 
     model: ModelConfig
     input_shape: tuple[int, ...]
@@ -124,10 +127,10 @@ class CandidateEvaluator(Evaluator):
         with self.materialiser.materialised(genome):
             scores = self.score_current(self.racing_bound)
             if scores is None:
-                return CandidateScore(math.nan, math.nan, time.perf_counter() - started, raced=True)
+                return CandidateScore((math.nan, math.nan), time.perf_counter() - started, raced=True)
             if self.family.trains_children:
                 self._trained[genome] = state_copy(self.model)
-        return CandidateScore(*scores, time.perf_counter() - started)
+        return CandidateScore(tuple(scores), time.perf_counter() - started)
 
     def evaluate_many(self, genomes: list[str]) -> list[CandidateScore]:
         """Scores of ``genomes``: together in one vectorised pass per validation batch when stacking applies
@@ -140,7 +143,7 @@ class CandidateEvaluator(Evaluator):
             self._check_parent(genome)
         scores = self._score_stacked(genomes, cache)
         seconds = (time.perf_counter() - started) / len(genomes)
-        return [CandidateScore(accuracy, nll, seconds) for accuracy, nll in scores]
+        return [CandidateScore((accuracy, nll), seconds) for accuracy, nll in scores]
 
     @torch.inference_mode()
     def _score_stacked(self, genomes: list[str], cache: "ActivationCache") -> list[tuple[float, float]]:

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from ..base import Metric
+
+# What a classification worker scores a candidate on (the population log's val_accuracy and val_nll).
+VALIDATION_METRICS = (Metric("accuracy", higher_is_better=True, label="acc"), Metric("nll", higher_is_better=False))
+
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of samples whose most probable class is the label."""

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ...core.search import CandidateRecord, select_members
+from ...core.search import CandidateRecord, Ranking, select_members
 from ...families import make_family
 from ..base import Task
 from .cost import subnetwork_cost
@@ -26,7 +26,7 @@ from .data import load_dataset
 from .splits import DatasetSplits, Split, describe_preprocessing, hold_out, split_own_data
 from .tabular import as_arrays, save_npz
 from .evaluation import EvaluationPayload
-from .metrics import classification_metrics
+from .metrics import VALIDATION_METRICS, classification_metrics
 from .models import build_model, load_parent_state
 from ...nn import count_parameters
 from .results import ensemble_test_metrics, summary_table, validation_metrics, verdict, warnings, with_parent
@@ -67,6 +67,7 @@ class ClassificationTask(Task):
     """Images or signals with class labels: train / validation / test splits of one dataset."""
 
     name = "classification"
+    metrics = VALIDATION_METRICS
 
     def load(self, data: object | None = None) -> None:
         data_cfg = self.cfg.data
@@ -175,11 +176,11 @@ class ClassificationTask(Task):
         test split cannot influence either choice. A grown ensemble adds the best new candidates by
         fitness."""
         cfg, selection = self.cfg, self.selection
-        fitness = cfg.search.fitness
+        ranking = Ranking(self.metrics, cfg.search.fitness)
         if prior:
-            return select_members(records, len(prior) + count, fitness, prior)[len(prior):], None
-        topk = select_members(records, count, fitness)
-        pool = select_members(records, cfg.ensemble.pool or 4 * count, fitness)
+            return select_members(records, len(prior) + count, ranking, prior)[len(prior):], None
+        topk = select_members(records, count, ranking)
+        pool = select_members(records, cfg.ensemble.pool or 4 * count, ranking)
         candidates = list({r.candidate: r for r in pool + topk}.values())
         states = dict(zip((r.candidate for r in candidates), states_of(candidates)))
 

@@ -1,0 +1,111 @@
+"""How an ensemble of policies acts: rules over the members' action probabilities.
+
+Shapes: member probabilities (M, B, A) (M members, B observations, A actions), a parent's (B, A); every
+rule returns one action per observation, (B,) long.
+
+- ``mean``: the action of the mean of the members' probabilities (argmax, or drawn from it).
+- ``vote``: the action most members rank first. Ties go to the tied action with the highest mean probability
+  (``tie="mean"``, the default: it uses what the counts throw away), or to the lowest action index
+  (``tie="lowest"``); a tie that remains under ``"mean"`` goes to the lowest index.
+- ``gated``: the parent acts unless it is unsure, its normalised entropy H(p) / log(A) above ``threshold``
+  (0.975: a near-uniform policy); then the members vote. This is the "pseudo-ensemble" of the ProcGen
+  competition code (8 copies of the policy with 5% of the logits layer pruned, consulted only when unsure).
+
+:class:`EnsemblePolicy` wraps members (and a parent) as one module whose ``forward(obs)`` returns the log of
+its action distribution, so :func:`~.envs.episode_returns` plays it like a single policy: argmax gives the
+rule's action, sampling draws from the mean (``mean``) or from the parent where the parent acts (``gated``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+RULES = ("mean", "vote", "gated")
+TIES = ("mean", "lowest")
+GATE_THRESHOLD = 0.975
+
+
+def normalised_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """H(p) / log(A) over the last axis: 0 for a certain choice, 1 for a uniform one (0 when A is 1)."""
+    actions = probs.shape[-1]
+    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # 0 log 0 counts as 0
+    return entropy / math.log(actions) if actions > 1 else torch.zeros_like(entropy)
+
+
+def mean_action(member_probs: torch.Tensor, sample: bool = False,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The action of the mean probabilities: its argmax (ties: the lowest index), or a draw from it."""
+    mean = member_probs.mean(0)
+    if sample:
+        return torch.multinomial(mean, 1, generator=generator).squeeze(-1)
+    return mean.argmax(-1)
+
+
+def vote(member_probs: torch.Tensor, tie: str = "mean") -> torch.Tensor:
+    """The majority of the members' argmax actions; ``tie``: "mean" or "lowest" (see the module doc)."""
+    if tie not in TIES:
+        raise ValueError(f"tie must be one of {TIES}, got {tie!r}")
+    actions = member_probs.shape[-1]
+    counts = nn.functional.one_hot(member_probs.argmax(-1), actions).sum(0)  # (B, A)
+    tied = counts == counts.max(-1, keepdim=True).values
+    if tie == "lowest":
+        return tied.int().argmax(-1)  # argmax returns the first maximal index
+    scores = member_probs.mean(0).masked_fill(~tied, -math.inf)
+    return scores.argmax(-1)
+
+
+def gate(parent_probs: torch.Tensor, threshold: float = GATE_THRESHOLD) -> torch.Tensor:
+    """(B,) bool: where the parent is too unsure to act alone (normalised entropy strictly above
+    ``threshold``)."""
+    return normalised_entropy(parent_probs) > threshold
+
+
+def gated(member_probs: torch.Tensor, parent_probs: torch.Tensor, threshold: float = GATE_THRESHOLD,
+          tie: str = "mean") -> torch.Tensor:
+    """The parent's argmax, replaced by the members' :func:`vote` where :func:`gate` opens."""
+    return torch.where(gate(parent_probs, threshold), vote(member_probs, tie), parent_probs.argmax(-1))
+
+
+def _log_one_hot(actions: torch.Tensor, count: int, like: torch.Tensor) -> torch.Tensor:
+    """log of a distribution certain of ``actions``: 0 there, -inf elsewhere."""
+    chosen = nn.functional.one_hot(actions, count).bool()
+    return torch.zeros_like(like).masked_fill(~chosen, -math.inf)
+
+
+class EnsemblePolicy(nn.Module):
+    """Members (and, for ``gated``, the parent) acting as one policy under ``rule``."""
+
+    def __init__(self, members: Sequence[nn.Module], rule: str = "mean", parent: nn.Module | None = None,
+                 threshold: float = GATE_THRESHOLD, tie: str = "mean"):
+        super().__init__()
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if rule == "gated" and parent is None:
+            raise ValueError("the gated rule needs the parent: it acts unless it is unsure")
+        if tie not in TIES:
+            raise ValueError(f"tie must be one of {TIES}, got {tie!r}")
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.parent = parent
+        self.rule, self.threshold, self.tie = rule, threshold, tie
+
+    def member_probs(self, obs: torch.Tensor) -> torch.Tensor:
+        """(M, B, A) softmax probabilities of the members."""
+        return torch.stack([torch.softmax(member(obs), dim=-1) for member in self.members])
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """(B, A) log-probabilities of the ensemble's action distribution (its argmax: the rule's action)."""
+        probs = self.member_probs(obs)
+        actions = probs.shape[-1]
+        if self.rule == "mean":
+            return torch.log(probs.mean(0))
+        if self.rule == "vote":
+            return _log_one_hot(vote(probs, self.tie), actions, probs[0])
+        parent = torch.log_softmax(self.parent(obs), dim=-1)
+        voted = _log_one_hot(vote(probs, self.tie), actions, parent)
+        return torch.where(gate(parent.exp(), self.threshold)[:, None], voted, parent)

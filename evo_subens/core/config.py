@@ -19,6 +19,7 @@ import yaml
 
 from ..errors import ConfigError, ConfigFileError
 from ..tasks import TASKS
+from ..tasks.rl.config import EnvConfig, PolicyConfig, PPOConfig
 from .options import build_section, option, parse_yaml
 from .options import field_docs as section_field_docs
 
@@ -307,6 +308,12 @@ class EnsembleConfig:
     holdout: float = option(0.5, "share of the validation split held back from the search, selection and "
                                  "acceptance, to check the chosen ensemble (and each generation's best) against "
                                  "the parent on data no decision has seen; 0 = none", ge=0, le=0.9)
+    rule: str = option("mean", "how members act together: mean (of their probabilities; classification's only "
+                               "rule); rl also: vote (majority of their actions), gated (the parent acts unless "
+                               "its normalised entropy exceeds gate_threshold, then the members vote)",
+                       choices=("mean", "vote", "gated"))
+    gate_threshold: float = option(0.975, "rl, rule gated: the parent's normalised action entropy above which "
+                                          "the members vote", gt=0, le=1)
 
 
 METHODS = ("subnetworks", "single", "deep_ensemble", "bagging", "mc_dropout", "snapshot", "fge")
@@ -347,6 +354,9 @@ class RunConfig:
     workers: WorkersConfig = field(default_factory=WorkersConfig, metadata={"doc": "evaluation workers"})
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"doc": "member fine-tuning"})
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig, metadata={"doc": "ensemble selection"})
+    env: EnvConfig = field(default_factory=EnvConfig, metadata={"doc": "rl: the environment and its episode seeds"})
+    ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"doc": "rl: PPO training of the parent policy"})
+    policy: PolicyConfig = field(default_factory=PolicyConfig, metadata={"doc": "rl: the policy network"})
     method: str = option("subnetworks", "subnetworks: children of one parent (this engine); or a matched-budget "
                                         "baseline configured in 'baseline': single, deep_ensemble, bagging, "
                                         "mc_dropout, snapshot, fge", choices=METHODS)
@@ -367,6 +377,12 @@ class RunConfig:
             raise ConfigError("model.architecture", "'module:Class'", self.model.architecture)
         self.children.check(self)
         self.data.check()
+        if self.task == "rl":
+            self.env.check()
+            self.policy.check()
+        elif self.ensemble.rule != "mean":
+            raise ConfigError("ensemble.rule", f"mean for the {self.task} task (vote and gated are rl rules)",
+                              self.ensemble.rule)
         from ..tasks import task_metrics  # here, not at the top: a task's modules may import this one
 
         metrics = [m.name for m in task_metrics(self.task)]

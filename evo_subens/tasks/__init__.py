@@ -12,10 +12,12 @@ if TYPE_CHECKING:
     from ..core.config import RunConfig
     from .base import Metric, Progress, Task
 
-TASKS: dict[str, str] = {"classification": "evo_subens.tasks.classification.task:ClassificationTask"}
+TASKS: dict[str, str] = {"classification": "evo_subens.tasks.classification.task:ClassificationTask",
+                         "rl": "evo_subens.tasks.rl.task:RLTask"}
 # Where each task declares its validation metrics (its Task.metrics): a light module, so that checking a
 # config's search.fitness does not import the task's engine parts.
-TASK_METRICS: dict[str, str] = {"classification": "evo_subens.tasks.classification.metrics:VALIDATION_METRICS"}
+TASK_METRICS: dict[str, str] = {"classification": "evo_subens.tasks.classification.metrics:VALIDATION_METRICS",
+                                "rl": "evo_subens.tasks.rl.metrics:VALIDATION_METRICS"}
 
 
 def _load(spec: str):

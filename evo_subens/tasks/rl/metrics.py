@@ -1,0 +1,8 @@
+"""What an RL worker scores a candidate on (a light module: the config check reads it)."""
+
+from __future__ import annotations
+
+from ..base import Metric
+
+# The mean return of a candidate's validation episodes (population log column val_return).
+VALIDATION_METRICS = (Metric("return", higher_is_better=True),)

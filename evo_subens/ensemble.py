@@ -223,6 +223,9 @@ def load_ensemble(run_dir: str | Path) -> Ensemble:
     """
     run_dir = Path(run_dir)
     cfg = config_from_dict(read_run_config(run_dir))
+    if cfg.task != "classification":
+        raise RunDirError(f"{run_dir} is a run of the {cfg.task} task: load_ensemble and export build classifier ensembles "
+                          f"(its metrics.json and report.md hold the ensemble policy's returns)")
     entries = _members_file(run_dir)
     info = _data_info(run_dir, cfg)
 

@@ -58,6 +58,15 @@ def test_rl_run_logs_returns_and_reports_the_ensemble(rl_run: evo_subens.RunResu
     assert sorted(members["candidate"]) == sorted(best.drop_duplicates("genome")["candidate"][:len(members)])
 
 
+def test_report_of_an_rl_run(rl_run: evo_subens.RunResult) -> None:
+    from evo_subens.report.run_report import write_report
+
+    report = write_report(rl_run.run_dir, progress=lambda line: None).read_text()
+    assert "| parent |" in report and "ensemble, gated" in report and (rl_run.run_dir / "fitness.png").is_file()
+    with pytest.raises(evo_subens.RunDirError, match="is a run of the rl task"):
+        evo_subens.load_ensemble(rl_run.run_dir)
+
+
 def test_a_genome_scores_the_same_in_another_process(rl_run: evo_subens.RunResult, tmp_path: Path) -> None:
     """The payload and a logged genome, scored in a fresh interpreter, give the logged fitness."""
     row = rl_run.population[rl_run.population["generation"] == 1].iloc[0]

@@ -34,6 +34,7 @@ from ..families import Family, make_family
 from .featvis import maximise_units, pick_units, starting_inputs, unit_activations
 from ..core.logs import load_population, read_run_config
 from ..tasks.classification.data import Split, load_dataset
+from ..tasks import task_metrics
 from ..tasks.classification.task import check_recorded_data
 from ..tasks.classification.metrics import classification_metrics
 from ..core.progress import Steps, say
@@ -90,6 +91,10 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
     progress(f"[report] {run_dir}")
     config = read_run_config(run_dir)
     metrics = read_metrics(run_dir)
+    if config.get("task", "classification") == "rl":
+        from .rl_report import rl_report
+
+        return rl_report(run_dir, config, metrics)
     population = load_population(run_dir) if (run_dir / "population.parquet").is_file() else None
     ensemble = load_ensemble(run_dir) if features or population is not None else None
     # The parent's validation score and the feature grid's starting inputs come from the run's data splits,
@@ -110,7 +115,7 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
     if population is not None:
         parent_fitness = (_parent_validation(ensemble.parent, data.validation, config["search"]["fitness"])
                           if ensemble is not None and ensemble.parent is not None else None)
-        _fitness_plot(population, config["search"]["fitness"], parent_fitness, run_dir / "fitness.png")
+        fitness_plot(population, config["search"]["fitness"], parent_fitness, run_dir / "fitness.png")
         lines += ["## Search", "", (f"Validation {config['search']['fitness']} of each generation's candidates "
                   "(the dashed line is the parent)."), "", "![fitness per generation](fitness.png)", ""]
         for section in family.report_sections(population) if family is not None else []:
@@ -229,9 +234,12 @@ def _save(figure: Figure, path: Path) -> None:
     atomic_write(path, lambda handle: figure.savefig(handle, dpi=110, format="png"))
 
 
-def _fitness_plot(population: pd.DataFrame, fitness: str, parent: float | None, path: Path) -> None:
-    lower_is_better = fitness == "nll"
-    column = "val_nll" if lower_is_better else "val_accuracy"
+def fitness_plot(population: pd.DataFrame, fitness: str, parent: float | None, path: Path,
+                 task: str = "classification") -> None:
+    """Best, median and worst validation ``fitness`` of each generation (a metric of ``task``)."""
+    metric = next(m for m in task_metrics(task) if m.name == fitness)
+    lower_is_better = not metric.higher_is_better
+    column = f"val_{fitness}"
     grouped = population.groupby("generation")[column]
     best = grouped.min() if lower_is_better else grouped.max()
     worst = grouped.max() if lower_is_better else grouped.min()
@@ -242,7 +250,7 @@ def _fitness_plot(population: pd.DataFrame, fitness: str, parent: float | None, 
     axes.plot(worst.index, worst.values, "v-", label="worst")
     if parent is not None:
         axes.axhline(parent, color="black", linestyle="--", linewidth=1, label="parent")
-    label = "NLL" if lower_is_better else "accuracy"
+    label = {"nll": "NLL"}.get(fitness, fitness)
     axes.set_title(f"Validation {label} per generation (lower is better)" if lower_is_better
                    else f"Validation {label} per generation")
     axes.set_xlabel("generation")

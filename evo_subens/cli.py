@@ -135,6 +135,14 @@ def _cmd_bench_stochastic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_rl(args: argparse.Namespace) -> int:
+    from .bench.rl import rl_bench
+
+    rl_bench(games=args.games.split(","), seeds=[int(s) for s in args.seeds.split(",")], steps=args.steps,
+             arms=args.arms.split(","), output_dir=args.output_dir, executor=args.executor)
+    return 0
+
+
 def _cmd_bench_sparsity(args: argparse.Namespace) -> int:
     from .bench.sparsity import sparsity_table
 
@@ -235,7 +243,7 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
-    """bench throughput | prune-tune | stochastic | sparsity | quality."""
+    """bench throughput | prune-tune | stochastic | sparsity | quality | rl."""
     bench_parser = commands.add_parser("bench", help="benchmarks (not tests): throughput, prune-tune, quality, "
                                                   "stochastic")
     bench_commands = bench_parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -284,6 +292,21 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     stochastic_parser.add_argument("--start", type=float, default=0.5, help="starting inclusion probability")
     stochastic_parser.add_argument("--fraction", type=float, default=0.5, help="share of tuning that anneals")
     stochastic_parser.set_defaults(handler=_cmd_bench_stochastic)
+    rl_parser = bench_commands.add_parser(
+        "rl", help="ensemble policies vs their PPO parent on unseen episodes (MinAtar; procgen:<game> too)",
+        description="For each game and seed one PPO parent (minatar_cnn; impala_cnn for procgen:<game>) shared by "
+                    "every arm; each arm's ensemble vs the parent on 50 unseen test episodes: mean +- standard "
+                    "error over seeds of the test return, its IQM and the ensemble's gain.")
+    rl_parser.add_argument("--games", default="breakout,space_invaders",
+                           help="comma-separated MinAtar games (or procgen:<game>)")
+    rl_parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    rl_parser.add_argument("--steps", type=int, default=200_000, help="PPO env steps of each parent")
+    rl_parser.add_argument("--arms", default="noisy,pseudo",
+                           help="comma-separated: noisy (noisy children, mean rule), pseudo (final-layer noise, "
+                                "entropy-gated vote)")
+    rl_parser.add_argument("--output-dir", default="runs/bench-rl", help="where the runs go")
+    rl_parser.add_argument("--executor", default="ray", choices=("ray", "local"), help="where candidates are scored")
+    rl_parser.set_defaults(handler=_cmd_bench_rl)
     sparsity_parser = bench_commands.add_parser(
         "sparsity", help="how much sparsity a model affords: tuned random-mask children vs their parent",
         description="Trains the config's parent once, tunes --members random-mask children (connections, global) "

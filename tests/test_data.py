@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from evo_subens.core.config import DATASET_NAMES, DataConfig
+from evo_subens.core.config import DataConfig
+from evo_subens.tasks.classification.config import DATASET_NAMES
 from evo_subens.tasks.classification.data import (DATASETS, FASHION_MNIST_MEAN, FASHION_MNIST_ROOT, FASHION_MNIST_STD,
                              DatasetSplits, Split, load_dataset, read_idx)
 from evo_subens.errors import DataError

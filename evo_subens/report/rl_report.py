@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..core.logs import load_population
 from ..core.rundir import atomic_write
+from .fitness import fitness_plot
 
 
 def _row(name: str, m: dict) -> str:
@@ -19,8 +20,6 @@ def _row(name: str, m: dict) -> str:
 
 def rl_report(run_dir: Path, config: dict, metrics: dict) -> Path:
     """Write ``run_dir/report.md`` (and ``fitness.png``) for an RL run; returns the report's path."""
-    from .run_report import fitness_plot  # the same plot as classification runs, on val_return
-
     env, search = config["env"], config["search"]
     lines = [f"# {run_dir.name}", "",
              f"Environment **{env['id']}**, policy **{config['policy']['name']}**, seed {config['seed']}. "

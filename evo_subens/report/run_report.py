@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
@@ -34,7 +33,8 @@ from ..families import Family, make_family
 from .featvis import maximise_units, pick_units, starting_inputs, unit_activations
 from ..core.logs import load_population, read_run_config
 from ..tasks.classification.data import Split, load_dataset
-from ..tasks import task_metrics
+from .fitness import fitness_plot
+from .fitness import save_figure as _save
 from ..tasks.classification.task import check_recorded_data
 from ..tasks.classification.metrics import classification_metrics
 from ..core.progress import Steps, say
@@ -228,37 +228,6 @@ def _parent_validation(parent: torch.nn.Module, validation: Split, fitness: str)
 
 
 # ------------------------------------------------------------------------------------------------ plots
-
-def _save(figure: Figure, path: Path) -> None:
-    figure.tight_layout()
-    atomic_write(path, lambda handle: figure.savefig(handle, dpi=110, format="png"))
-
-
-def fitness_plot(population: pd.DataFrame, fitness: str, parent: float | None, path: Path,
-                 task: str = "classification") -> None:
-    """Best, median and worst validation ``fitness`` of each generation (a metric of ``task``)."""
-    metric = next(m for m in task_metrics(task) if m.name == fitness)
-    lower_is_better = not metric.higher_is_better
-    column = f"val_{fitness}"
-    grouped = population.groupby("generation")[column]
-    best = grouped.min() if lower_is_better else grouped.max()
-    worst = grouped.max() if lower_is_better else grouped.min()
-    figure = Figure(figsize=(6.4, 4.0))
-    axes = figure.subplots()
-    axes.plot(best.index, best.values, "o-", label="best")
-    axes.plot(grouped.median().index, grouped.median().values, "s-", label="median")
-    axes.plot(worst.index, worst.values, "v-", label="worst")
-    if parent is not None:
-        axes.axhline(parent, color="black", linestyle="--", linewidth=1, label="parent")
-    label = {"nll": "NLL"}.get(fitness, fitness)
-    axes.set_title(f"Validation {label} per generation (lower is better)" if lower_is_better
-                   else f"Validation {label} per generation")
-    axes.set_xlabel("generation")
-    axes.set_ylabel(f"validation {label}")
-    axes.set_xticks(list(best.index))
-    axes.legend()
-    _save(figure, path)
-
 
 def _growth_plot(metrics: dict, path: Path) -> None:
     growth = metrics["growth"]

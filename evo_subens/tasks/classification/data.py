@@ -9,7 +9,7 @@ in-memory arrays) and :mod:`.images` (image folders, CIFAR)::
     >>> splits = load_dataset(DataConfig(name="csv", path="cancer.csv", target="diagnosis"))
 
 A new format is one ``DataConfig -> DatasetSplits`` function in ``DATASETS`` (and its name in
-``evo_subens.core.config.DATASET_NAMES``); for a one-off dataset, ``data.name: custom`` with
+``tasks.classification.config.DATASET_NAMES``); for a one-off dataset, ``data.name: custom`` with
 ``data.loader: module:function`` needs no change here.
 """
 

@@ -101,6 +101,7 @@ class ProcgenLevels(gym.Env):
     def __init__(self, game: str, max_episode_steps: int | None = None):
         if game not in PROCGEN_GAMES:
             raise ValueError(f"unknown ProcGen game {game!r}; one of {', '.join(PROCGEN_GAMES)}")
+        _envpool()  # a missing EnvPool is said when the environment is made, not at its first episode
         self.game = game
         self.task_id = game.capitalize() + "Easy-v0"
         self.max_episode_steps = max_episode_steps

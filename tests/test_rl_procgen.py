@@ -139,10 +139,19 @@ def test_training_copies_play_the_training_levels_in_order() -> None:
 def test_tiny_procgen_run_with_the_impala_policy(tmp_path) -> None:
     config = dict(TINY_PROCGEN, output_dir=str(tmp_path / "runs"))
     config_from_dict(config)
-    result = evo_subens.run(config)
+    with torch_threads(1):  # PPO runs in this process: one torch thread leaves EnvPool's thread a core
+        result = evo_subens.run(config)
     population, metrics = result.population, result.metrics
     assert len(population) == 1 + 2 and "val_return" in population.columns
     for who in (metrics["parent"], metrics["ensemble"]):
         assert who["test"]["episodes"] == 2
     assert "gated" in metrics["ensembles"]
     assert metrics["cost"]["parent_env_steps"] == 256
+
+
+def test_the_procgen_recipe_is_a_valid_config() -> None:
+    from conftest import REPO
+
+    cfg = config_from_dict(__import__("yaml").safe_load((REPO / "configs" / "procgen.yaml").read_text()))
+    assert cfg.env.id == "procgen:coinrun" and cfg.policy.name == "impala_cnn" and cfg.ensemble.rule == "gated"
+    assert (cfg.env.train_seed, cfg.env.train_levels) == (0, 200)

@@ -11,10 +11,14 @@ CONFIG ?= configs/default.yaml
 SEED ?= 0
 STAMP := $(VENV)/.installed
 
-# System packages: Debian's Fashion-MNIST (configs/fashion-mnist.yaml, the benchmarks and its tests, which
-# skip without it). Installed with apt-get when this runs as root, else one line says what to install.
-SYSTEM_PACKAGES ?= dataset-fashion-mnist
+# System packages, each skipped when what it provides is there: Debian's Fashion-MNIST
+# (configs/fashion-mnist.yaml, the benchmarks and its tests, which skip without it) and the Qt 5 runtime
+# that EnvPool's ProcGen links against (procgen:<game> environments and their tests, which fail without
+# it). Installed with apt-get when this runs as root, else one line each says what to install.
+SYSTEM_PACKAGES ?= dataset-fashion-mnist libqt5gui5
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+QT5_GUI_LIB ?= $(firstword $(wildcard /usr/lib/*/libQt5Gui.so.5 /usr/lib64/libQt5Gui.so.5 /usr/lib/libQt5Gui.so.5) \
+	/usr/lib/libQt5Gui.so.5)
 APT_GET ?= apt-get
 AS_ROOT ?= $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
@@ -33,14 +37,28 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 system-packages:
-	@if [ -d "$(FASHION_MNIST_DIR)" ]; then :; \
+	@missing=""; needs=""; \
+	for package in $(SYSTEM_PACKAGES); do \
+		case $$package in \
+			dataset-fashion-mnist) there="$(FASHION_MNIST_DIR)"; \
+				why="Fashion-MNIST configs and tests need the system package";; \
+			libqt5gui5) there="$(QT5_GUI_LIB)"; \
+				why="ProcGen environments (procgen:<game>) and their tests need the system package";; \
+			*) there=""; why="this project needs the system package"; \
+				dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q "ok installed" && continue;; \
+		esac; \
+		if [ -n "$$there" ] && [ -e "$$there" ]; then continue; fi; \
+		missing="$$missing $$package"; needs="$$needs$$why $$package|"; \
+	done; \
+	missing=$${missing# }; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$(AS_ROOT)" = yes ] && command -v $(APT_GET) >/dev/null; then \
-		echo "installing $(SYSTEM_PACKAGES) with apt-get"; \
-		{ $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq $(SYSTEM_PACKAGES); } \
-			|| echo "note: apt-get could not install $(SYSTEM_PACKAGES); Fashion-MNIST configs and tests need it"; \
+		echo "installing $$missing with apt-get"; \
+		{ $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq $$missing; } \
+			|| echo "note: apt-get could not install $$missing; $$(echo "$${needs%|}" | sed 's/|/; /g')"; \
 	else \
-		echo "note: Fashion-MNIST configs and tests need the system package $(SYSTEM_PACKAGES):" \
-			"sudo apt-get install $(SYSTEM_PACKAGES)"; \
+		echo "$${needs%|}" | tr '|' '\n' | while read -r line; do \
+			echo "note: $$line: sudo apt-get install $${line##* }"; done; \
 	fi
 
 run: $(STAMP) system-packages

@@ -72,11 +72,7 @@ def test_train_levels_cycle_a_bounded_seed_set() -> None:
     assert [next(unbounded) for _ in range(3)] == [5, 6, 7]
 
 
-def test_procgen_and_unknown_minatar_games_are_refused_clearly() -> None:
-    with pytest.raises(ConfigError, match="ProcGen .* not supported yet"):
-        EnvConfig(id="procgen:coinrun").check()
-    with pytest.raises(NotImplementedError, match="not supported yet"):
-        make_env(EnvConfig(id="procgen:coinrun"))
+def test_unknown_minatar_games_are_refused_clearly() -> None:
     with pytest.raises(ConfigError, match="game among asterix, breakout"):
         EnvConfig(id="minatar:pong").check()
 

@@ -15,6 +15,10 @@ from ...core.options import option
 from ...errors import ConfigError
 
 MINATAR_GAMES = ("asterix", "breakout", "freeway", "seaquest", "space_invaders")
+PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
+                 "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
+# ProcGen names a level by a C int: seeds (levels) of a procgen:<game> environment stay below this.
+PROCGEN_LEVELS = 2**31 - 1
 POLICIES = ("mlp", "minatar_cnn", "nature_cnn", "impala_cnn")
 
 
@@ -36,8 +40,9 @@ def _show(interval: tuple[int, float]) -> str:
 class EnvConfig:
     """The environment: which one, how many copies per process, and the seeds of each kind of episode."""
 
-    id: str = option("CartPole-v1", "a gymnasium id (CartPole-v1, Acrobot-v1, ...), or minatar:<game> "
-                     f"({', '.join(MINATAR_GAMES)}); procgen:<game> is not supported yet")
+    id: str = option("CartPole-v1", "a gymnasium id (CartPole-v1, Acrobot-v1, ...), minatar:<game> "
+                     f"({', '.join(MINATAR_GAMES)}) or procgen:<game>, easy mode through EnvPool, where a "
+                     f"seed is a level ({', '.join(PROCGEN_GAMES)})")
     num_envs: int = option(8, "vectorised copies of the environment per process (training and scoring)", ge=1)
     train_seed: int = option(1_000_000, "first training seed: the k-th training episode to start (over all "
                              "copies) is played with seed train_seed + k (modulo train_levels when set)", ge=0)
@@ -65,9 +70,9 @@ class EnvConfig:
     def check(self, prefix: str = "env") -> None:
         """Refuse an environment id this package cannot make and seed sets that overlap."""
         kind, sep, game = self.id.partition(":")
-        if sep and kind == "procgen":
-            raise ConfigError(f"{prefix}.id", "a gymnasium or minatar:<game> id: ProcGen (through EnvPool) is "
-                              "not supported yet", self.id)
+        if sep and kind == "procgen" and game not in PROCGEN_GAMES:
+            raise ConfigError(f"{prefix}.id", "procgen:<game> with a game among " + ", ".join(PROCGEN_GAMES),
+                              self.id)
         if sep and kind == "minatar" and game not in MINATAR_GAMES:
             raise ConfigError(f"{prefix}.id", "minatar:<game> with a game among " + ", ".join(MINATAR_GAMES),
                               self.id)
@@ -84,6 +89,14 @@ class EnvConfig:
                 raise ConfigError(f"{prefix}.{name}_seed", f"{name} seeds {_show(interval)} disjoint from the "
                                   f"training seeds {_show(train)} (train_seed, train_levels): scoring on "
                                   "training episodes rewards memorising them", first)
+        if sep and kind == "procgen":
+            for name, interval, first in (("train", train, self.train_seed),
+                                          ("validation", validation, self.validation_seed),
+                                          ("test", test, self.test_seed)):
+                end = first + 1 if interval[1] == float("inf") else interval[1]  # unbounded: the first
+                if end > PROCGEN_LEVELS:
+                    raise ConfigError(f"{prefix}.{name}_seed", f"{name} seeds {_show(interval)} below "
+                                      f"{PROCGEN_LEVELS} (a ProcGen level is a C int)", first)
 
 
 @dataclass

@@ -2,7 +2,12 @@
 from a known seed, and :func:`episode_returns`, which plays exactly one episode per seed.
 
 Every observation leaves this module channels-first (a MinAtar grid (10, 10, C) becomes (C, 10, 10)), so
-the policies see one layout; tensors handed to a policy are float32.
+the policies see one layout; tensors handed to a policy are float32 (ProcGen's frames stay uint8 pixels,
+0-255, until then: the pixel networks divide by 255).
+
+ProcGen (``procgen:<game>``, through EnvPool) is the one family where a seed names a level rather than an
+episode's random stream: an episode with seed ``s`` plays level ``s``, and ``env.train_levels: 200`` with
+``train_seed: 0`` is the ProcGen protocol's ``num_levels=200, start_level=0``. See :class:`ProcgenLevels`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from .config import MINATAR_GAMES, EnvConfig
+from .config import MINATAR_GAMES, PROCGEN_GAMES, EnvConfig
 
 Policy = Callable[[torch.Tensor], torch.Tensor]  # observations (B, ...) -> action logits (B, A)
 
@@ -58,11 +63,91 @@ def _minatar(game: str, max_episode_steps: int | None) -> gym.Env:
     return _ChannelsFirst(_FreshStickyAction(gym.make(name, max_episode_steps=max_episode_steps)))
 
 
+def _envpool():
+    try:
+        import envpool
+    except ImportError as error:
+        raise ImportError("procgen:<game> environments need EnvPool: pip install -e '.[rl]' (envpool on "
+                          "PyPI)") from error
+    return envpool
+
+
+class ProcgenLevels(gym.Env):
+    """One ProcGen game (easy mode, through EnvPool) where ``reset(seed=s)`` starts level ``s``.
+
+    EnvPool fixes a ProcGen environment's levels when it is made and ignores ``reset(seed=...)``: each of
+    its copies draws every episode's level from ``[start_level, start_level + num_levels)`` with a generator
+    seeded at construction, so episodes of one EnvPool environment with ``num_levels=200`` play levels in
+    an order that depends on how many episodes came before. Here level ``s`` is made as an EnvPool
+    environment of one copy with ``start_level=s, num_levels=1``: its every episode is level ``s`` and
+    ProcGen re-seeds the game's own generator with the level at every reset, so an episode is a function
+    of its seed and the actions taken (the same frames and rewards from a fresh environment or a reused
+    one; tests/test_rl_procgen.py). A reset to the level already loaded reuses it; another level costs
+    about 2 ms (making, resetting and closing one; the first in a process ~3 s: EnvPool loads ProcGen's
+    assets), against ~0.3 ms per step, so a new environment per episode costs little.
+
+    Observations are EnvPool's channels-first uint8 frames (3, 64, 64); 15 actions. ``max_episode_steps``
+    truncates an episode here: EnvPool's own option of that name does not end ProcGen episodes, which stop
+    only at the game's time limit (1000 steps for most games, bigfish 6000), reported as termination.
+
+    EnvPool steps the game in a worker thread of its own. When torch's OpenMP threads spin-wait after a
+    forward pass and the machine has no idle core, that thread waits for one: on 2 busy cores a small
+    IMPALA policy played ~24 steps/s with torch's default 2 threads, ~300 with one thread (as the workers
+    that score candidates run, ``workers.threads_per_actor: 1``) or with ``OMP_WAIT_POLICY=PASSIVE`` in the
+    environment of the process (read when torch loads)."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, game: str, max_episode_steps: int | None = None):
+        if game not in PROCGEN_GAMES:
+            raise ValueError(f"unknown ProcGen game {game!r}; one of {', '.join(PROCGEN_GAMES)}")
+        _envpool()  # a missing EnvPool is said when the environment is made, not at its first episode
+        self.game = game
+        self.task_id = game.capitalize() + "Easy-v0"
+        self.max_episode_steps = max_episode_steps
+        self.observation_space = gym.spaces.Box(0, 255, (3, 64, 64), np.uint8)
+        self.action_space = gym.spaces.Discrete(15)
+        self.level: int | None = None
+        self.elapsed = 0
+        self._pool = None
+
+    def _make(self, level: int):
+        try:
+            return _envpool().make(self.task_id, env_type="gymnasium", num_envs=1, num_threads=1, seed=level,
+                                   num_levels=1, start_level=level)
+        except ImportError as error:  # EnvPool's ProcGen links against Qt 5, which its wheel does not bring
+            raise ImportError(f"procgen:{self.game}: {error} (Debian/Ubuntu: apt-get install libqt5gui5, "
+                              "which `make system-packages` does as root)") from error
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        """Start level ``seed`` (None: the level of the last episode again, level 0 at first)."""
+        level = int(seed) if seed is not None else (self.level if self.level is not None else 0)
+        if self._pool is None or level != self.level:
+            self.close()
+            self._pool = self._make(level)
+            self.level = level
+        obs, _ = self._pool.reset()
+        self.elapsed = 0
+        return obs[0], {"level": level}
+
+    def step(self, action) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, reward, terminated, truncated, _ = self._pool.step(np.array([action], dtype=np.int32))
+        self.elapsed += 1
+        capped = self.max_episode_steps is not None and self.elapsed >= self.max_episode_steps
+        return (obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]) or capped and not terminated[0],
+                {"level": self.level})
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
 def make_env(env_cfg: EnvConfig) -> gym.Env:
-    """One environment for ``env_cfg.id``: a gymnasium id, or ``minatar:<game>``."""
+    """One environment for ``env_cfg.id``: a gymnasium id, ``minatar:<game>`` or ``procgen:<game>``."""
     kind, sep, game = env_cfg.id.partition(":")
     if sep and kind == "procgen":
-        raise NotImplementedError(f"{env_cfg.id}: ProcGen environments (through EnvPool) are not supported yet")
+        return ProcgenLevels(game, env_cfg.max_episode_steps)
     if sep and kind == "minatar":
         if game not in MINATAR_GAMES:
             raise ValueError(f"unknown MinAtar game {game!r}; one of {', '.join(MINATAR_GAMES)}")

@@ -22,6 +22,11 @@ Every other PPO setting (``gamma``, ``gae_lambda``, ``clip``, ``ent_coef``, ``vf
 ``max_grad_norm``, ``norm_adv``) is the ``ppo`` section's. Tuning is a function of (weights, configs,
 seed): the action draws and minibatch orders are seeded with the family's tuning seed and the episodes'
 seeds are fixed, so a genome is tuned to the same weights in any process (on the CPU).
+
+Masks of the sparse and stochastic families cover every Linear layer but the actor (``classifier``), so
+the critic is pruned too unless ``children.layers`` spares it (e.g. ``["body.*"]``); while a stochastic
+child's mask is annealed, the action logits are computed under the step's sampled mask and the values
+with the critic unmasked (the mask is fixed, critic included, once annealing ends).
 """
 
 from __future__ import annotations

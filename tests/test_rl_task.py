@@ -122,8 +122,6 @@ def test_killed_rl_run_resumes_to_the_same_result(rl_run: evo_subens.RunResult, 
 def test_rl_refuses_what_it_cannot_do_yet(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="search.fitness"):
         config_from_dict(rl_config(tmp_path, search={"fitness": "accuracy"}))
-    with pytest.raises(ConfigError, match="children.family"):
-        evo_subens.run(rl_config(tmp_path, children={"family": "sparse"}))
     with pytest.raises(ConfigError, match="ensemble.rule"):
         config_from_dict(dict(rl_config(tmp_path), task="classification", search={"fitness": "nll"},
                               ensemble={"rule": "vote"}))

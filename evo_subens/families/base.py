@@ -8,7 +8,7 @@ worker, on a model that holds the parent's weights). Registering it
 compact JSON strings so they cross process boundaries in a few bytes and sit in the population log as is.
 
 Families know nothing of the task: a family that trains its children is given a :class:`ChildTrainer`
-by the task (classification: SGD on the training split).
+by the task (classification: SGD on the training split; rl: PPO on training episodes).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Proximal Policy Optimisation, in one file read top to bottom (after CleanRL's ``ppo.py``).
 
 :func:`train_ppo` trains a policy in place: a parent from scratch, or an existing policy for a few steps
-(a pruned child, re-applying its mask after every optimiser step through ``after_step``). One batch is
+(a pruned child, re-applying its mask after every optimiser step through ``after_step``; a child whose mask
+is sampled per step, through ``forward``). One batch is
 ``num_envs * num_steps`` transitions from :class:`~.envs.SeededVectorEnv`, whose training episodes start
 from the seeds ``EnvConfig.train_seed`` names; advantages are GAE(lambda); each batch is used for
 ``update_epochs`` passes of ``num_minibatches`` clipped-surrogate steps.
@@ -26,11 +27,25 @@ from .config import EnvConfig, PPOConfig
 from .envs import SeededVectorEnv, training_seeds
 
 Progress = Callable[[str], None]
+# forward(policy, obs, step) -> action logits at optimiser step ``step`` (the families' ChildTrainer hook)
+Forward = Callable[[nn.Module, torch.Tensor, int], torch.Tensor]
+
+
+def updates_and_steps(env_cfg: EnvConfig, ppo_cfg: PPOConfig) -> tuple[int, int]:
+    """(batches, optimiser steps) :func:`train_ppo` takes: ``ppo_cfg.total_steps`` rounded up to whole batches
+    of ``env_cfg.num_envs * ppo_cfg.num_steps`` transitions, each used for ``update_epochs`` passes of its
+    minibatches."""
+    batch_size = env_cfg.num_envs * ppo_cfg.num_steps
+    minibatch_size = max(1, batch_size // ppo_cfg.num_minibatches)
+    updates = -(-ppo_cfg.total_steps // batch_size)  # ceil: at least the asked-for steps
+    return updates, updates * ppo_cfg.update_epochs * -(-batch_size // minibatch_size)
 
 
 def train_ppo(policy: nn.Module, env_cfg: EnvConfig, ppo_cfg: PPOConfig, seed: int, progress: Progress = print,
               on_update: Callable[[dict], bool | None] | None = None,
-              after_step: Callable[[nn.Module], None] | None = None, log_every: int | None = None) -> dict:
+              after_step: Callable[[nn.Module], None] | None = None, log_every: int | None = None, *,
+              forward: Forward | None = None, schedule: Callable[[int, int], float] | None = None,
+              weight_decay: float = 0.0) -> dict:
     """Train ``policy`` (an :class:`~.policies.ActorCritic`: ``logits_and_value(obs)``) in place for
     ``ppo_cfg.total_steps`` environment steps (rounded up to whole batches) on the policy's device.
 
@@ -39,6 +54,12 @@ def train_ppo(policy: nn.Module, env_cfg: EnvConfig, ppo_cfg: PPOConfig, seed: i
     pruning mask. A progress line (steps/s, mean episodic return) is printed every ``log_every`` updates
     (default: about ten lines per run) and after the last.
 
+    ``forward(policy, obs, step)`` replaces ``policy(obs)`` for the action logits, in the rollouts and in the
+    updates (``step``: optimiser steps taken so far, so a rollout acts with the mask of the step after it);
+    the values stay ``policy.value(obs)``. ``schedule(step, total)`` replaces ``anneal_lr``: the learning
+    rate of optimiser step ``step`` of ``total`` is ``ppo_cfg.lr * schedule(step, total)``. Adam's
+    ``weight_decay`` is 0 for PPO proper.
+
     Returns ``{"steps", "episodes", "updates", "seconds", "mean_return"}``: ``mean_return`` is the mean return
     of the last (up to) 20 training episodes that finished, NaN when none did."""
     device = next(policy.parameters()).device
@@ -46,11 +67,18 @@ def train_ppo(policy: nn.Module, env_cfg: EnvConfig, ppo_cfg: PPOConfig, seed: i
     num_envs, num_steps = envs.num_envs, ppo_cfg.num_steps
     batch_size = num_envs * num_steps
     minibatch_size = max(1, batch_size // ppo_cfg.num_minibatches)
-    num_updates = -(-ppo_cfg.total_steps // batch_size)  # ceil: at least the asked-for steps
+    num_updates, total_opt_steps = updates_and_steps(env_cfg, ppo_cfg)
     log_every = log_every or max(1, num_updates // 10)
     sampler = torch.Generator(device=device).manual_seed(seed)
     shuffler = np.random.default_rng(seed)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=ppo_cfg.lr, eps=1e-5)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=ppo_cfg.lr, eps=1e-5, weight_decay=weight_decay)
+    opt_step = 0
+
+    def heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Action logits and values of observations ``x`` at the current optimiser step."""
+        if forward is None:
+            return policy.logits_and_value(x)
+        return forward(policy, x, opt_step), policy.value(x)
 
     # Rollout storage, one row per step
     obs_shape = envs.single_observation_space.shape
@@ -68,14 +96,14 @@ def train_ppo(policy: nn.Module, env_cfg: EnvConfig, ppo_cfg: PPOConfig, seed: i
     next_done = torch.zeros(num_envs, device=device)
     try:
         for update in range(1, num_updates + 1):
-            if ppo_cfg.anneal_lr:  # linear decay to 0 at the last update
+            if ppo_cfg.anneal_lr and schedule is None:  # linear decay to 0 at the last update
                 optimizer.param_groups[0]["lr"] = ppo_cfg.lr * (1.0 - (update - 1.0) / num_updates)
 
             # Collect a batch with the current policy
             for step in range(num_steps):
                 obs[step], dones[step] = next_obs, next_done
                 with torch.no_grad():
-                    logits, value = policy.logits_and_value(next_obs)
+                    logits, value = heads(next_obs)
                     log_probs = torch.log_softmax(logits, dim=-1)
                     action = torch.multinomial(log_probs.exp(), 1, generator=sampler).squeeze(-1)
                 actions[step], values[step] = action, value
@@ -112,7 +140,9 @@ def train_ppo(policy: nn.Module, env_cfg: EnvConfig, ppo_cfg: PPOConfig, seed: i
                 order = torch.as_tensor(shuffler.permutation(batch_size), device=device)
                 for first in range(0, batch_size, minibatch_size):
                     mb = order[first:first + minibatch_size]
-                    logits, new_value = policy.logits_and_value(b_obs[mb])
+                    if schedule is not None:
+                        optimizer.param_groups[0]["lr"] = ppo_cfg.lr * schedule(opt_step, total_opt_steps)
+                    logits, new_value = heads(b_obs[mb])
                     log_probs = torch.log_softmax(logits, dim=-1)
                     new_logprob = log_probs.gather(-1, b_actions[mb, None]).squeeze(-1)
                     entropy = -(log_probs.exp() * log_probs).sum(-1)
@@ -135,6 +165,7 @@ def train_ppo(policy: nn.Module, env_cfg: EnvConfig, ppo_cfg: PPOConfig, seed: i
                     loss.backward()
                     nn.utils.clip_grad_norm_(policy.parameters(), ppo_cfg.max_grad_norm)
                     optimizer.step()
+                    opt_step += 1
                     if after_step is not None:
                         after_step(policy)
 

@@ -7,7 +7,9 @@ of fixed, seeded validation episodes, members acting together as an ensemble pol
 Seeds keep the three kinds of episode apart: training episodes (PPO) start from ``env.train_seed``, the
 validation episodes that score candidates from ``env.validation_seed`` (the tail ``ensemble.holdout`` of
 them is held back to check decisions), the final test episodes from ``env.test_seed``; the config check
-refuses overlapping sets.
+refuses overlapping sets. Families that train children tune them with PPO on training episodes, and
+``finetune.epochs`` fine-tunes members the same way; :mod:`.training` says what the tune and fine-tune
+sections' fields mean for PPO.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .evaluation import RLPayload
 from .metrics import VALIDATION_METRICS
 from .policies import build_policy
 from .ppo import train_ppo
+from .training import tuning_env_steps
 from .ensemble import EnsemblePolicy
 from .results import policy_results, summary_lines, verdict
 
@@ -46,11 +49,7 @@ class RLTask(Task):
             raise UserError("the rl task takes no data: its episodes come from the environment (env.id)")
         if cfg.search.racing:
             raise ConfigError("search.racing", "false for the rl task (racing bounds classification metrics)", True)
-        if make_family(cfg.children).trains_children or cfg.finetune.epochs:
-            field = "finetune.epochs" if cfg.finetune.epochs else "children.family"
-            raise ConfigError(field, "no training of children or members for the rl task yet (noisy children, "
-                                     "finetune.epochs: 0)", getattr(cfg.finetune, "epochs") if cfg.finetune.epochs
-                              else cfg.children.family)
+        self._check_training()
         if cfg.ensemble.selection != "topk":
             raise ConfigError("ensemble.selection", "topk for the rl task", cfg.ensemble.selection)
         self.progress(f"[env] {cfg.env.id}")
@@ -62,6 +61,21 @@ class RLTask(Task):
                                                   f"({len(seeds)} in all)", cfg.ensemble.holdout)
         self.selection_seeds = tuple(seeds[:len(seeds) - held])
         self.holdout_seeds = tuple(seeds[len(seeds) - held:])
+
+    def _check_training(self) -> None:
+        """Refuse tune and fine-tune settings PPO cannot honour (see :mod:`.training`)."""
+        cfg = self.cfg
+        tune = cfg.children.tuning() if make_family(cfg.children).trains_children else None
+        sections = [("children.tune", tune), ("finetune", cfg.finetune)]
+        for path, section in sections:
+            if section is None or not section.epochs:
+                continue
+            if section.optimizer != "adam":
+                raise ConfigError(f"{path}.optimizer", "adam for the rl task (PPO's optimiser; set lr on PPO's "
+                                                       "scale too, e.g. 2.5e-4)", section.optimizer)
+        if tune is not None and tune.epochs and tune.bagging:
+            raise ConfigError("children.tune.bagging", "false for the rl task (training episodes are a stream, "
+                                                       "there is no split to subsample)", True)
 
     def describe_data(self) -> str:
         env = self.cfg.env
@@ -96,7 +110,8 @@ class RLTask(Task):
         return RLPayload(policy=cfg.policy, obs_shape=self.obs_shape, num_actions=self.num_actions,
                          parent_state=parent_state, parent_id=parent_id, children=cfg.children, env=cfg.env,
                          seeds=self.selection_seeds, threads=cfg.workers.threads_per_actor,
-                         use_gpu=cfg.workers.num_gpus_per_actor > 0)
+                         use_gpu=cfg.workers.num_gpus_per_actor > 0, ppo=cfg.ppo,
+                         finetune=cfg.finetune if cfg.finetune.epochs else None)
 
     def _policy(self, state: dict) -> nn.Module:
         model = self.new_model()
@@ -151,10 +166,16 @@ class RLTask(Task):
             return policy_results(parent.eval(), members, member_ids, self.cfg)
 
     def cost(self, *, candidates: int, selected: int, members: int) -> dict:
-        env = self.cfg.env
-        batch = env.num_envs * self.cfg.ppo.num_steps  # PPO trains in whole batches
-        parent_steps = 0 if self.cfg.model.parent_path else -(-self.cfg.ppo.total_steps // batch) * batch
-        return {"parent_env_steps": parent_steps,
+        """Environment steps of PPO (parent, tuned children, fine-tuned members: whole batches, as configured)
+        and validation episodes played."""
+        cfg = self.cfg
+        env = cfg.env
+        batch = env.num_envs * cfg.ppo.num_steps  # PPO trains in whole batches
+        parent_steps = 0 if cfg.model.parent_path else -(-cfg.ppo.total_steps // batch) * batch
+        tune = cfg.children.tuning() if make_family(cfg.children).trains_children else None
+        tune_steps = tuning_env_steps(env, cfg.ppo, tune) if tune is not None else 0
+        return {"parent_env_steps": parent_steps, "tuning_env_steps": candidates * tune_steps,
+                "finetune_env_steps": selected * tuning_env_steps(env, cfg.ppo, cfg.finetune),
                 "evaluation_episodes": candidates * env.validation_episodes, "candidates": candidates,
                 "selected": selected, "members": members}
 

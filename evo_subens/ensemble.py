@@ -31,8 +31,8 @@ from .core.logs import read_run_config
 from .data_info import DataInfo, InputTransform, read_data_info
 from .errors import RunDirError
 from .families import make_family
-from .nn import load_state_file, state_copy
-from .tasks.classification.models import build_model, load_parent_state
+from .nn import load_parent_state, load_state_file, state_copy
+from .tasks.classification.models import build_model
 
 __all__ = ["Ensemble", "load_ensemble"]
 

@@ -15,19 +15,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import pickle
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...core.config import ModelConfig
-from ...errors import ConfigError, ParentFileError
+from ...errors import ConfigError
 from ...imports import import_object
-from ...nn import load_state_file
+from ...nn import load_parent_state  # re-exported: parents were loaded from here before nn.py held it
 from ...nn import output_parameter_names as classifier_parameter_names  # a classifier's output layer
 
 __all__ = [
@@ -314,72 +311,6 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
         raise ConfigError("model.architecture", f"a 'module:Class' that builds a torch.nn.Module "
                                                 f"(it built a {type(model).__name__})", cfg.architecture)
     return model
-
-
-def _some(keys: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def _unpickler_reason(exc: Exception) -> str:
-    """The specific cause inside torch's weights_only error, without its paragraphs of advice about
-    ``weights_only=False`` (which is never an option here)."""
-    text = str(exc)
-    match = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)
-    reason = " ".join((match.group(1) if match else text).split())
-    return reason.split(". Please use")[0] or type(exc).__name__
-
-
-def load_parent_state(path: str | Path, model: nn.Module) -> None:
-    """Load a state_dict file into ``model`` (strict): a ``torch.save`` file, of which only tensors are
-    unpickled (``weights_only=True``), or a safetensors file. Every failure is a :class:`ParentFileError`
-    naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise ParentFileError(f"parent weights file {path} does not exist")
-    if not path.is_file():
-        raise ParentFileError(f"parent weights file {path} is not a file")
-    if path.stat().st_size == 0:
-        raise ParentFileError(f"parent weights file {path} is empty")
-    try:
-        state = load_state_file(path)
-    except pickle.UnpicklingError as exc:
-        raise ParentFileError(f"cannot read parent weights file {path}: it is corrupt or not a plain "
-                              f"state_dict saved with torch.save (only tensors are loaded; "
-                              f"{_unpickler_reason(exc)})") from None
-    except Exception as exc:  # the readers raise many types on truncated/foreign files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ParentFileError(f"cannot read parent weights file {path}: {type(exc).__name__}"
-                              + (f": {first_line}" if first_line else "")) from None
-
-    if not isinstance(state, Mapping):
-        raise ParentFileError(f"parent weights file {path} is not a state_dict: it holds a "
-                              f"{type(state).__name__}, expected a mapping of parameter names to tensors")
-    bad = [repr(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ParentFileError(f"parent weights file {path} is not a state_dict: entries that are not "
-                              f"name -> tensor: {_some(bad)}")
-
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_some(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_some(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatches: {_some(shapes)}")
-    if problems:
-        raise ParentFileError(f"parent weights file {path} does not fit the architecture "
-                              f"{type(model).__name__}: " + "; ".join(problems))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:  # custom modules may reject what the key/shape check let through
-        raise ParentFileError(f"parent weights file {path} does not fit the architecture "
-                              f"{type(model).__name__}: {exc}") from None
 
 
 @contextlib.contextmanager

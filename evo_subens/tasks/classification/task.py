@@ -27,8 +27,8 @@ from .splits import DatasetSplits, Split, describe_preprocessing, hold_out, spli
 from .tabular import as_arrays, save_npz
 from .evaluation import EvaluationPayload
 from .metrics import VALIDATION_METRICS, classification_metrics
-from .models import build_model, load_parent_state
-from ...nn import count_parameters
+from .models import build_model
+from ...nn import count_parameters, load_parent_state
 from .results import ensemble_test_metrics, summary_table, validation_metrics, verdict, warnings, with_parent
 from .selection import accept_members, greedy_selection
 from .training import predict_members, predict_probs, train

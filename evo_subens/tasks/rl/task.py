@@ -25,7 +25,7 @@ from ...core.search import CandidateRecord, Ranking, select_members
 from ...core.worker import torch_threads
 from ...errors import ConfigError, UserError
 from ...families import make_family
-from ...nn import count_parameters
+from ...nn import count_parameters, load_parent_state
 from ..base import Task
 from .envs import env_spaces, episode_returns
 from .evaluation import RLPayload
@@ -87,8 +87,6 @@ class RLTask(Task):
         return build_policy(self.cfg.policy, self.obs_shape, self.num_actions)
 
     def load_parent(self, path: str | Path, model: nn.Module) -> None:
-        from ..classification.models import load_parent_state  # the same checked state_dict loading
-
         load_parent_state(path, model)
 
     def train_parent(self, model: nn.Module) -> None:

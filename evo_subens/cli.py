@@ -143,6 +143,15 @@ def _cmd_bench_rl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_rl_throughput(args: argparse.Namespace) -> int:
+    from .bench.rl_throughput import rl_throughput
+
+    rl_throughput(envs=args.envs.split(","), actors=[int(a) for a in args.actors.split(",")],
+                  population=args.population, episodes=args.episodes, num_envs=args.num_envs, density=args.density,
+                  parent_steps=args.parent_steps, repeats=args.repeats, methods=args.methods.split(","))
+    return 0
+
+
 def _cmd_bench_sparsity(args: argparse.Namespace) -> int:
     from .bench.sparsity import sparsity_table
 
@@ -294,9 +303,10 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     stochastic_parser.set_defaults(handler=_cmd_bench_stochastic)
     rl_parser = bench_commands.add_parser(
         "rl", help="ensemble policies vs their PPO parent on unseen episodes (MinAtar; procgen:<game> too)",
-        description="For each game and seed one PPO parent (minatar_cnn; impala_cnn for procgen:<game>) shared by "
-                    "every arm; each arm's ensemble vs the parent on 50 unseen test episodes: mean +- standard "
-                    "error over seeds of the test return, its IQM and the ensemble's gain.")
+        description="For each game and seed one PPO parent (minatar_cnn; for procgen:<game> nature_cnn on 200 "
+                    "training levels) shared by every arm; each arm's ensemble vs the parent on 50 unseen test "
+                    "episodes: mean +- standard error over seeds of the test return, its IQM and the ensemble's "
+                    "gain, and how often a gated ensemble's members voted.")
     rl_parser.add_argument("--games", default="breakout,space_invaders",
                            help="comma-separated MinAtar games (or procgen:<game>)")
     rl_parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
@@ -307,6 +317,24 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     rl_parser.add_argument("--output-dir", default="runs/bench-rl", help="where the runs go")
     rl_parser.add_argument("--executor", default="ray", choices=("ray", "local"), help="where candidates are scored")
     rl_parser.set_defaults(handler=_cmd_bench_rl)
+    rl_throughput_parser = bench_commands.add_parser(
+        "rl-throughput", help="candidate evaluation in env steps/s: the engine vs its limit and stock EvoTorch",
+        description="Trains a small PPO parent per environment, then scores a generation of noisy children in "
+                    "Ray actors: env steps/s of the engine, of the parent's own episodes in the same actors (the "
+                    "limit), and of EvoTorch's GymNE and VecGymNE with the same policy network.")
+    rl_throughput_parser.add_argument("--envs", default="CartPole-v1,minatar:breakout",
+                                      help="comma-separated env ids (gymnasium, minatar:<game>, procgen:<game>)")
+    rl_throughput_parser.add_argument("--actors", default="1,2", help="comma-separated actor counts")
+    rl_throughput_parser.add_argument("--population", type=int, default=16, help="candidates per generation")
+    rl_throughput_parser.add_argument("--episodes", type=int, default=8, help="validation episodes per candidate")
+    rl_throughput_parser.add_argument("--num-envs", type=int, default=8,
+                                      help="episodes an engine actor plays side by side")
+    rl_throughput_parser.add_argument("--density", type=float, default=0.1, help="share of weights perturbed")
+    rl_throughput_parser.add_argument("--parent-steps", type=int, default=20_000, help="PPO steps of the parent")
+    rl_throughput_parser.add_argument("--repeats", type=int, default=3, help="timed generations per method")
+    rl_throughput_parser.add_argument("--methods", default="limit,engine,stock GymNE,stock VecGymNE",
+                                      help="comma-separated methods to run")
+    rl_throughput_parser.set_defaults(handler=_cmd_bench_rl_throughput)
     sparsity_parser = bench_commands.add_parser(
         "sparsity", help="how much sparsity a model affords: tuned random-mask children vs their parent",
         description="Trains the config's parent once, tunes --members random-mask children (connections, global) "

@@ -321,8 +321,10 @@ def test_ensemble_policy_acts_by_its_rule() -> None:
     torch.testing.assert_close(mean(obs).exp(), mean.member_probs(obs).mean(0))
     assert mean(obs).argmax(-1).tolist() == [0, 1]
     assert ens.EnsemblePolicy(members, "vote")(obs).argmax(-1).tolist() == [1, 1]
-    gated = ens.EnsemblePolicy(members, "gated", parent=parent)(obs)
+    gated_policy = ens.EnsemblePolicy(members, "gated", parent=parent)
+    gated = gated_policy(obs)
     assert gated.argmax(-1).tolist() == [1, 0]
+    assert (gated_policy.consulted, gated_policy.decisions) == (1, 2)  # the members voted on row 0 only
     assert math.isinf(gated[0, 0].item())  # the vote is a certain choice; the parent's row keeps its probabilities
     torch.testing.assert_close(gated[1], torch.log_softmax(torch.tensor([3.0, 0.0]), -1))
     with pytest.raises(ValueError, match="needs the parent"):

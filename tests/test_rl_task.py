@@ -51,6 +51,11 @@ def test_rl_run_logs_returns_and_reports_the_ensemble(rl_run: evo_subens.RunResu
     assert "val_return" in population.columns and "val_accuracy" not in population.columns
     assert len(population) == 1 + 6 * 2
     assert set(metrics["ensembles"]) == {"mean", "vote", "gated"}
+    assert 0 <= metrics["ensembles"]["gated"]["test"]["gate_open"] <= 1
+    # The cost record counts the validation episodes' env steps as played (a measurement, never a criterion).
+    assert population["val_env_steps"].between(8, 8 * 100).all()
+    assert metrics["cost"]["evaluation_env_steps"] == population.loc[population["generation"] >= 0,
+                                                                     "val_env_steps"].sum()
     for who in (metrics["parent"], metrics["ensemble"]):
         assert set(who) >= {"test", "train"} and who["test"]["episodes"] == 8
     members = population[population["is_member"]]
@@ -62,7 +67,7 @@ def test_report_of_an_rl_run(rl_run: evo_subens.RunResult) -> None:
     from evo_subens.report.run_report import write_report
 
     report = write_report(rl_run.run_dir, progress=lambda line: None).read_text()
-    assert "| parent |" in report and "ensemble, gated" in report and (rl_run.run_dir / "fitness.png").is_file()
+    assert "| parent |" in report and "ensemble, gated" in report and "of test steps" in report and (rl_run.run_dir / "fitness.png").is_file()
     with pytest.raises(evo_subens.RunDirError, match="is a run of the rl task"):
         evo_subens.load_ensemble(rl_run.run_dir)
 

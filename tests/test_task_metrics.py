@@ -8,6 +8,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import nn
 
@@ -99,3 +100,26 @@ def test_ranking_ties_and_nan() -> None:
     assert ranking.better(records[1], records[0]) and not ranking.better(records[0], records[1])
     by_length = Ranking(METRICS, "length")
     assert [r.candidate for r in sorted(records, key=by_length.key)] == [1, 0, 3, 2]
+
+
+def test_a_measurement_metric_is_logged_but_never_ranks() -> None:
+    measured = (Metric("return", higher_is_better=True), Metric("env_steps", higher_is_better=False, ranks=False))
+
+    def record(candidate: int, ret: float, steps: float) -> CandidateRecord:
+        return CandidateRecord(0, candidate, -1, f"g{candidate}", ret, {"return": ret, "env_steps": steps}, 0.0, -1)
+
+    ranking = Ranking(measured, "return")
+    records = [record(0, 5.0, 900.0), record(1, 5.0, 10.0)]
+    # Equal returns: the candidate id decides, not the steps the episodes happened to take.
+    assert [r.candidate for r in sorted(records, key=ranking.key)] == [0, 1]
+    assert not ranking.better(records[1], records[0])
+    with pytest.raises(ValueError, match="ranking metrics"):
+        Ranking(measured, "env_steps")
+
+
+def test_search_fitness_must_be_a_ranking_metric() -> None:
+    from evo_subens.core.config import config_from_dict
+    from evo_subens.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="search.fitness"):
+        config_from_dict({"task": "rl", "search": {"fitness": "env_steps"}})

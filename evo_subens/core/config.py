@@ -299,7 +299,7 @@ class RunConfig:
                               self.ensemble.rule)
         from ..tasks import task_metrics  # here, not at the top: a task's modules may import this one
 
-        metrics = [m.name for m in task_metrics(self.task)]
+        metrics = [m.name for m in task_metrics(self.task) if m.ranks]
         if self.search.fitness not in metrics:
             raise ConfigError("search.fitness", f"one of the {self.task} task's metrics: {', '.join(metrics)}",
                               self.search.fitness)

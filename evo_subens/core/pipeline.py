@@ -183,7 +183,7 @@ class Pipeline:
         held = ""
         if check[f"holdout_{cfg.search.fitness}"] is not None:
             held = "  best on held-back: " + " ".join(f"{m.short} {check['holdout_' + m.name]:.4f}"
-                                                        for m in self.task.metrics)
+                                                        for m in self.task.metrics if m.ranks)
         return (f"[search] generation {search.generation}/{cfg.search.generations}  val {cfg.search.fitness}: "
                 f"best {best.fitness:.4f}  median {median.fitness:.4f}  worst {worst.fitness:.4f}  "
                 f"elite best {search.elites[0].fitness if search.elites else math.nan:.4f}{held}  "
@@ -279,7 +279,7 @@ class Pipeline:
         if state.selection:
             metrics["selection"] = state.selection
         metrics["method"] = "subnetworks"
-        metrics["cost"] = task.cost(candidates=len(search.records), selected=len(chosen), members=len(members))
+        metrics["cost"] = task.cost(records=search.records, selected=len(chosen), members=len(members))
         metrics["verdict"] = task.verdict(metrics)
         write_json(self.run_dir / "metrics.json", metrics)
         state.stage, state.grow = "done", None

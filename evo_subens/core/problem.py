@@ -75,8 +75,9 @@ class SubnetworkProblem(Problem):
                  subbatch_size: int | None = None):
         self.metrics = tuple(payload.metrics)
         names = [m.name for m in self.metrics]
-        if fitness not in names:
-            raise ConfigError("search.fitness", f"one of the task's metrics ({', '.join(names)})", fitness)
+        criteria = [m.name for m in self.metrics if m.ranks]
+        if fitness not in criteria:
+            raise ConfigError("search.fitness", f"one of the task's ranking metrics ({', '.join(criteria)})", fitness)
         self.fitness_index = names.index(fitness)
         # No solution stats: the search keeps its own elites, and EvoTorch's best-so-far tracking fails on a
         # batch with no finite fitness (every child diverged).

@@ -83,10 +83,11 @@ class Ranking:
     fitness: str
 
     def __post_init__(self) -> None:
-        names = [m.name for m in self.metrics]
+        criteria = [m for m in self.metrics if m.ranks]
+        names = [m.name for m in criteria]
         if self.fitness not in names:
-            raise ValueError(f"fitness {self.fitness!r} is not one of the task's metrics {names}")
-        ordered = [m for m in self.metrics if m.name == self.fitness] + [m for m in self.metrics if m.name != self.fitness]
+            raise ValueError(f"fitness {self.fitness!r} is not one of the task's ranking metrics {names}")
+        ordered = [m for m in criteria if m.name == self.fitness] + [m for m in criteria if m.name != self.fitness]
         object.__setattr__(self, "ordered", tuple(ordered))
 
     @property

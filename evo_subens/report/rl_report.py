@@ -39,6 +39,10 @@ def rl_report(run_dir: Path, config: dict, metrics: dict) -> Path:
     verdict = metrics["verdict"]
     lines += ["", f"Ensemble vs parent on test episodes: mean return {verdict['test_return_gain']:+.2f}, IQM "
                   f"{verdict['test_iqm_gain']:+.2f}.", ""]
+    opened = metrics["ensembles"].get("gated", {}).get("test", {}).get("gate_open")
+    if opened is not None:
+        lines += [f"Gated rule: the parent's normalised entropy exceeded {config['ensemble']['gate_threshold']} "
+                  f"(the members voted) on {opened:.1%} of test steps.", ""]
     if metrics.get("cost"):
         lines += ["Cost: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in metrics["cost"].items()), ""]
     if (run_dir / "population.parquet").is_file():

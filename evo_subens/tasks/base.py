@@ -46,11 +46,14 @@ StatesOf = Callable[[list["CandidateRecord"]], list[State]]
 @dataclass(frozen=True)
 class Metric:
     """A validation metric a task scores candidates on: logged as ``val_<name>``; ``search.fitness`` names
-    the one that ranks candidates, the others break ties in the order the task declares them."""
+    the one that ranks candidates, the others break ties in the order the task declares them. A metric with
+    ``ranks=False`` is a measurement only (e.g. the environment steps an evaluation took): logged, never a
+    criterion."""
 
     name: str
     higher_is_better: bool
     label: str = ""  # its name in progress lines (default: the name)
+    ranks: bool = True
 
     @property
     def short(self) -> str:
@@ -128,8 +131,9 @@ class Task(ABC):
         The test data is touched here only, after every decision."""
 
     @abstractmethod
-    def cost(self, *, candidates: int, selected: int, members: int) -> dict:
-        """What the run spent (training, evaluation), for ``metrics.json``."""
+    def cost(self, *, records: Sequence["CandidateRecord"], selected: int, members: int) -> dict:
+        """What the run spent (training, evaluation) on its candidates ``records``, ``selected`` of them
+        chosen and ``members`` kept, for ``metrics.json``."""
 
     @abstractmethod
     def verdict(self, metrics: dict) -> dict:

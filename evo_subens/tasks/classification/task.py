@@ -226,8 +226,8 @@ class ClassificationTask(Task):
             test_probs, test_y))
         return metrics
 
-    def cost(self, *, candidates: int, selected: int, members: int) -> dict:
-        return subnetwork_cost(self.cfg, self.data, candidates=candidates, selected=selected, members=members,
+    def cost(self, *, records, selected: int, members: int) -> dict:
+        return subnetwork_cost(self.cfg, self.data, candidates=len(records), selected=selected, members=members,
                                validation=len(self.selection))
 
     def verdict(self, metrics: dict) -> dict:

@@ -93,6 +93,9 @@ class EnsemblePolicy(nn.Module):
         self.members = nn.ModuleList(members)
         self.parent = parent
         self.rule, self.threshold, self.tie = rule, threshold, tie
+        # Under ``gated``: the observations it has acted on and those where the members were consulted
+        # (the gate's opening rate tells whether a gated ensemble differs from its parent at all).
+        self.decisions = self.consulted = 0
 
     def member_probs(self, obs: torch.Tensor) -> torch.Tensor:
         """(M, B, A) softmax probabilities of the members."""
@@ -108,4 +111,7 @@ class EnsemblePolicy(nn.Module):
             return _log_one_hot(vote(probs, self.tie), actions, probs[0])
         parent = torch.log_softmax(self.parent(obs), dim=-1)
         voted = _log_one_hot(vote(probs, self.tie), actions, parent)
-        return torch.where(gate(parent.exp(), self.threshold)[:, None], voted, parent)
+        unsure = gate(parent.exp(), self.threshold)
+        self.decisions += len(unsure)
+        self.consulted += int(unsure.sum())
+        return torch.where(unsure[:, None], voted, parent)

@@ -81,7 +81,8 @@ class PolicyEvaluator(Evaluator):
                 played = self.returns()
                 if self.family.trains_children:
                     self._trained[genome] = state_copy(self.model)
-            scores.append(CandidateScore((float(played.returns.mean()),), time.perf_counter() - started))
+            scores.append(CandidateScore((float(played.returns.mean()), float(played.steps)),
+                                         time.perf_counter() - started))
         return scores
 
     def child_state(self, genome: str) -> dict[str, torch.Tensor]:

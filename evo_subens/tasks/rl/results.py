@@ -25,10 +25,18 @@ def policy_results(parent: nn.Module, members: list[nn.Module], member_ids: list
     def measure(policy: nn.Module) -> dict:
         return {name: _returns(policy, env, seeds) for name, seeds in splits.items()}
 
+    def measure_ensemble(rule: str) -> dict:
+        results = {}
+        for name, seeds in splits.items():
+            policy = EnsemblePolicy(members, rule, parent, cfg.ensemble.gate_threshold)
+            results[name] = _returns(policy, env, seeds)
+            if rule == "gated":  # the share of steps where the parent was unsure and the members voted
+                results[name]["gate_open"] = policy.consulted / max(policy.decisions, 1)
+        return results
+
     metrics = {"parent": measure(parent),
                "members": [dict(candidate=c, **measure(m)) for c, m in zip(member_ids, members)],
-               "ensembles": {rule: measure(EnsemblePolicy(members, rule, parent, cfg.ensemble.gate_threshold))
-                             for rule in RULES}}
+               "ensembles": {rule: measure_ensemble(rule) for rule in RULES}}
     metrics["ensemble"] = dict(metrics["ensembles"][cfg.ensemble.rule], rule=cfg.ensemble.rule)
     metrics["generalisation_gap"] = {
         name: m["train"]["mean"] - m["test"]["mean"]
@@ -62,6 +70,9 @@ def summary_lines(metrics: dict, offered: int) -> list[str]:
     for rule, m in metrics["ensembles"].items():
         mark = " *" if rule == metrics["ensemble"]["rule"] else ""
         lines.append(row(f"ensemble {rule} ({members}/{offered}){mark}", m))
+    if "gate_open" in metrics["ensembles"].get("gated", {}).get("test", {}):
+        lines.append(f"gated: the members voted on {metrics['ensembles']['gated']['test']['gate_open']:.1%} of "
+                     f"test steps (the parent's normalised entropy above the gate threshold)")
     v = metrics["verdict"]
     lines.append(f"verdict: ensemble ({metrics['ensemble']['rule']}) vs parent on unseen test episodes: mean return "
                  f"{v['test_return_gain']:+.2f}, IQM {v['test_iqm_gain']:+.2f}; generalisation gap (train - test) "

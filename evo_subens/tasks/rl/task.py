@@ -163,10 +163,12 @@ class RLTask(Task):
         with self._threads():
             return policy_results(parent.eval(), members, member_ids, self.cfg)
 
-    def cost(self, *, candidates: int, selected: int, members: int) -> dict:
+    def cost(self, *, records, selected: int, members: int) -> dict:
         """Environment steps of PPO (parent, tuned children, fine-tuned members: whole batches, as configured)
-        and validation episodes played."""
+        and of the candidates' validation episodes (as played: their lengths depend on the policies)."""
         cfg = self.cfg
+        candidates = len(records)
+        played = sum(int(r.metrics["env_steps"]) for r in records if not math.isnan(r.metrics["env_steps"]))
         env = cfg.env
         batch = env.num_envs * cfg.ppo.num_steps  # PPO trains in whole batches
         parent_steps = 0 if cfg.model.parent_path else -(-cfg.ppo.total_steps // batch) * batch
@@ -174,7 +176,8 @@ class RLTask(Task):
         tune_steps = tuning_env_steps(env, cfg.ppo, tune) if tune is not None else 0
         return {"parent_env_steps": parent_steps, "tuning_env_steps": candidates * tune_steps,
                 "finetune_env_steps": selected * tuning_env_steps(env, cfg.ppo, cfg.finetune),
-                "evaluation_episodes": candidates * env.validation_episodes, "candidates": candidates,
+                "evaluation_episodes": candidates * env.validation_episodes, "evaluation_env_steps": played,
+                "candidates": candidates,
                 "selected": selected, "members": members}
 
     def verdict(self, metrics: dict) -> dict:

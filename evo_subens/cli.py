@@ -313,7 +313,7 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     rl_parser.add_argument("--steps", type=int, default=200_000, help="PPO env steps of each parent")
     rl_parser.add_argument("--arms", default="noisy,pseudo",
                            help="comma-separated: noisy (noisy children, mean rule), pseudo (final-layer noise, "
-                                "entropy-gated vote)")
+                                "entropy-gated vote), pseudo@T (the same with gate threshold T, e.g. pseudo@0.5)")
     rl_parser.add_argument("--output-dir", default="runs/bench-rl", help="where the runs go")
     rl_parser.add_argument("--executor", default="ray", choices=("ray", "local"), help="where candidates are scored")
     rl_parser.set_defaults(handler=_cmd_bench_rl)

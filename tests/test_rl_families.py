@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -28,7 +29,7 @@ from evo_subens.tasks.rl.config import EnvConfig, PolicyConfig, PPOConfig
 from evo_subens.tasks.rl.policies import build_policy
 from evo_subens.tasks.rl.training import PPOTrainer
 
-from test_resume import _assert_same_run, _cli, _killed_run, _resumed
+from test_resume import RUNTIME_COLUMNS, _assert_same_run, _cli, _killed_run, _resumed
 from test_rl_task import rl_config
 
 # PPO scale: Adam at 2.5e-4, one batch (4 copies x 128 steps) per tuned child.
@@ -98,6 +99,22 @@ def test_sparse_rl_run_tunes_masked_children(sparse_run: evo_subens.RunResult) -
     assert len(members) == 3
     for genome, weights in members:
         assert_masked(evaluator, genome, weights, parent)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ppo_tuned_children_on_ray_actors_equal_in_process(sparse_run, parent_path: str, ray_session,
+                                                           tmp_path: Path) -> None:
+    """Children tuned with PPO in two Ray actors score, rank and store exactly as in-process."""
+    run = evo_subens.run(config(tmp_path / "runs", name="sparse-ray", children=SPARSE,
+                                model={"parent_path": parent_path}, workers={"executor": "ray", "num_actors": 2}))
+    pd.testing.assert_frame_equal(run.population.drop(columns=RUNTIME_COLUMNS),
+                                  sparse_run.population.drop(columns=RUNTIME_COLUMNS))
+    assert {"actor-0", "actor-1"} <= set(run.population["worker"])  # both actors tuned children
+    for ours, theirs in zip(stored_members(run.run_dir, evaluator_of(run.run_dir)),
+                            stored_members(sparse_run.run_dir, evaluator_of(sparse_run.run_dir))):
+        assert ours[0] == theirs[0] and digest(ours[1]) == digest(theirs[1])
+    assert run.metrics["ensemble"] == sparse_run.metrics["ensemble"]
 
 
 @pytest.mark.slow

@@ -21,7 +21,8 @@ from ..core.runner import run
 
 # Each arm: the children and the ensemble rule. "pseudo" is the ProcGen work's pseudo-ensemble: copies of
 # the parent with noise on the final layer only, consulted when the parent's normalised entropy exceeds
-# 0.975, by majority vote.
+# 0.975, by majority vote; "pseudo@T" is the same with gate threshold T (0.975 suits ProcGen's 15 actions: a
+# confident policy over MinAtar's 3-6 actions rarely comes that close to uniform, and the gate never opens).
 ARMS: dict[str, dict] = {
     "noisy": {"children": {"family": "noisy", "density": 0.1, "sigma": 0.5, "sigma_mode": "relative"},
               "ensemble": {"rule": "mean"}},
@@ -61,8 +62,11 @@ def _config(game: str, seed: int, steps: int, arm: str, output_dir: Path, execut
         "ensemble": {"size": 4, "holdout": 0.25, "acceptance": False},
         "model": {"parent_path": str(parent) if parent else None},
     }
-    for key, value in ARMS[arm].items():
+    base, _, threshold = arm.partition("@")
+    for key, value in ARMS[base].items():
         config[key] = {**config.get(key, {}), **value}
+    if threshold:
+        config["ensemble"]["gate_threshold"] = float(threshold)
     return config
 
 
@@ -88,9 +92,9 @@ def _metrics(config: dict) -> dict:
 def rl_bench(*, games: list[str], seeds: list[int], steps: int, arms: list[str], output_dir: str = "runs/bench-rl",
              executor: str = "ray") -> dict:
     """Run (or read back) every game x arm x seed and print the comparison; returns the collected numbers."""
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if a.partition("@")[0] not in ARMS]
     if unknown:
-        raise ValueError(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
+        raise ValueError(f"unknown arms {unknown}; known: {', '.join(ARMS)} (pseudo@T: gate threshold T)")
     root = Path(output_dir)
     started = time.perf_counter()
     results: dict = {}
@@ -103,12 +107,12 @@ def rl_bench(*, games: list[str], seeds: list[int], steps: int, arms: list[str],
                 results.setdefault((game, arm), []).append(metrics)
     print(f"\nPPO parent: {steps:,} env steps per seed; test: 50 unseen episodes per policy; "
           f"{time.perf_counter() - started:.0f}s")
-    print(f"{'game':<16}{'arm':<8}{'parent return':>18}{'ensemble return':>18}{'gain':>16}"
+    print(f"{'game':<22}{'arm':<12}{'parent return':>18}{'ensemble return':>18}{'gain':>16}"
           f"{'parent IQM':>18}{'ensemble IQM':>18}{'gate open':>11}")
     for (game, arm), runs in results.items():
         parent = [m["parent"]["test"]["mean"] for m in runs]
         ensemble = [m["ensemble"]["test"]["mean"] for m in runs]
-        print(f"{game:<16}{arm:<8}{_mean_se(parent):>18}{_mean_se(ensemble):>18}"
+        print(f"{game:<22}{arm:<12}{_mean_se(parent):>18}{_mean_se(ensemble):>18}"
               f"{_mean_se([e - p for e, p in zip(ensemble, parent)]):>16}"
               f"{_mean_se([m['parent']['test']['iqm'] for m in runs]):>18}"
               f"{_mean_se([m['ensemble']['test']['iqm'] for m in runs]):>18}{_gate_open(runs):>11}")

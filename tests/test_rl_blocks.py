@@ -3,6 +3,8 @@ episode returns, actor-critic policies, PPO, ensemble action rules and return st
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import subprocess
@@ -169,6 +171,10 @@ def test_minatar_episodes_are_channels_first_and_a_function_of_their_seed() -> N
     three = episode_returns(policy, cfg, range(8), num_envs=3, deterministic=False)
     np.testing.assert_array_equal(one.returns, three.returns)
     assert one.steps == three.steps
+    # env.actions: sampled is what scoring and testing then play; greedy (the default) differs from it.
+    sampled = dataclasses.replace(cfg, actions="sampled")
+    np.testing.assert_array_equal(episode_returns(policy, sampled, range(8), num_envs=2).returns, one.returns)
+    assert episode_returns(policy, cfg, range(8)).steps != one.steps
 
 
 # Policies ----------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def _config(game: str, seed: int, steps: int, arm: str, output_dir: Path, execut
         # The ProcGen protocol (200 training levels, unseen test levels) with the CPU's policy: the small
         # Nature CNN (the IMPALA CNN trains at ~40 env steps/s on 2 cores; see configs/procgen.yaml).
         env.update(num_envs=16, train_seed=0, train_levels=200, validation_seed=200_000, test_seed=300_000,
-                   max_episode_steps=None)
+                   max_episode_steps=None, actions="sampled")
         ppo.update(num_steps=256, gamma=0.999, update_epochs=3, num_minibatches=8)
         policy = "nature_cnn"
     config = {

@@ -56,6 +56,10 @@ class EnvConfig:
     test_seed: int = option(10_000, "first test seed: test episode i uses test_seed + i", ge=0)
     max_episode_steps: int | None = option(None, "cap on an episode's steps (truncation); null = the "
                                            "environment's own limit", ge=1)
+    actions: str = option("greedy", "how a policy acts when it is scored and tested: greedy (the argmax) or "
+                          "sampled (drawn from its action distribution with a generator keyed by the episode's "
+                          "seed, so a return stays a function of policy and seed; ProcGen policies are "
+                          "evaluated sampled, greedy ones get stuck)", choices=("greedy", "sampled"))
 
     @property
     def validation_seeds(self) -> list[int]:

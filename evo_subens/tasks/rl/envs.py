@@ -243,15 +243,17 @@ def _sampled(logits: torch.Tensor, rngs: list[np.random.Generator]) -> np.ndarra
 
 @torch.no_grad()
 def episode_returns(policy: Policy, env_cfg: EnvConfig, seeds: Sequence[int], num_envs: int | None = None,
-                    deterministic: bool = True, device: str | torch.device = "cpu") -> EpisodeReturns:
+                    deterministic: bool | None = None, device: str | torch.device = "cpu") -> EpisodeReturns:
     """Play one episode per seed (episode i always starts from ``seeds[i]``: common random numbers) and return
     their undiscounted returns and the steps taken.
 
     Up to ``num_envs`` (default ``env_cfg.num_envs``) episodes run side by side and the policy sees their
     observations as one batch; a copy that finishes starts the next seed's episode. Actions are the argmax
     of the logits (ties: the lowest index) or, with ``deterministic=False``, drawn from their softmax with a
-    generator keyed by the episode's seed; either way the returns do not depend on ``num_envs``.
-    ``policy`` maps float32 observations (B, ...) on ``device`` to logits (B, A)."""
+    generator keyed by the episode's seed (default: as ``env_cfg.actions`` says); either way the returns do
+    not depend on ``num_envs``. ``policy`` maps float32 observations (B, ...) on ``device`` to logits (B, A)."""
+    if deterministic is None:
+        deterministic = env_cfg.actions == "greedy"
     seeds = [int(s) for s in seeds]
     slots = min(num_envs or env_cfg.num_envs, len(seeds)) or 1
     envs = [make_env(env_cfg) for _ in range(slots)]

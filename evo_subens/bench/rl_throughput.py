@@ -46,7 +46,7 @@ from torch import nn
 
 from ..core.config import ChildrenConfig, WorkersConfig
 from ..core.problem import ACTOR_ENV, actor_options, make_problem
-from ..core.worker import parent_fingerprint
+from ..core.worker import parent_fingerprint, torch_threads
 from ..families import make_family
 from ..nn import state_copy
 from ..tasks.rl.config import EnvConfig, PolicyConfig, PPOConfig
@@ -191,7 +191,8 @@ def _parent(env_cfg: EnvConfig, policy_cfg: PolicyConfig, steps: int) -> tuple[n
     torch.manual_seed(0)
     policy = build_policy(policy_cfg, obs_shape, actions)
     if steps:
-        train_ppo(policy, env_cfg, PPOConfig(total_steps=steps), seed=0, progress=lambda line: None)
+        with torch_threads(1):  # beside EnvPool's stepping thread (see RLTask._threads)
+            train_ppo(policy, env_cfg, PPOConfig(total_steps=steps), seed=0, progress=lambda line: None)
     return policy.eval(), obs_shape, actions
 
 

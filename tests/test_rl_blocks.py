@@ -341,6 +341,28 @@ def test_ensemble_policy_acts_by_its_rule() -> None:
     assert result.returns.shape == (2,) and result.steps > 0
 
 
+def test_a_sampled_ensemble_votes_on_its_members_draws() -> None:
+    """Sampled, every member draws with the observation's uniform and the majority acts; copies of one
+    policy then act exactly as that policy sampled, whatever the rule."""
+    obs = torch.zeros(2, 1)
+    members = [_Fixed([[0.0, 0.0]] * 2), _Fixed([[math.log(9), 0.0]] * 2), _Fixed([[0.0, math.log(4)]] * 2)]
+    # Probabilities [.5 .5], [.9 .1], [.2 .8]: u = 0.6 draws 1, 0, 1; u = 0.1 draws 0, 0, 0.
+    uniforms = np.array([0.6, 0.1])
+    assert ens.EnsemblePolicy(members, "vote").sample_actions(obs, uniforms).tolist() == [1, 0]
+    assert ens.EnsemblePolicy(members, "mean").sample_actions(obs, uniforms).tolist() == [1, 0]  # mean [.53 .47]
+    parent = _Fixed([[0.0, 0.0], [5.0, 0.0]])  # unsure on row 0 only
+    gated = ens.EnsemblePolicy(members, "gated", parent=parent)
+    assert gated.sample_actions(obs, np.array([0.6, 0.995])).tolist() == [1, 1]  # row 1: the parent's draw
+    assert (gated.consulted, gated.decisions) == (1, 2)
+    policy = _cartpole_policy(0)
+    sampled = dataclasses.replace(CARTPOLE, actions="sampled")
+    alone = episode_returns(policy, sampled, range(6), num_envs=2)
+    for rule in ens.RULES:
+        copies = ens.EnsemblePolicy([policy] * 3, rule, parent=policy)
+        together = episode_returns(copies, sampled, range(6), num_envs=3)
+        np.testing.assert_array_equal(together.returns, alone.returns)
+
+
 # Statistics --------------------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,10 @@ rule returns one action per observation, (B,) long.
 
 :class:`EnsemblePolicy` wraps members (and a parent) as one module whose ``forward(obs)`` returns the log of
 its action distribution, so :func:`~.envs.episode_returns` plays it like a single policy: argmax gives the
-rule's action, sampling draws from the mean (``mean``) or from the parent where the parent acts (``gated``).
+rule's action. Sampled (``env.actions: sampled``), it draws through :meth:`EnsemblePolicy.sample_actions`:
+from the mean (``mean``); or every member draws with the same uniform and the majority of those draws acts
+(``vote``, and ``gated`` where the gate opens; elsewhere the parent draws). A vote of the members' argmax
+actions would turn a sampled policy greedy.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
+
+from .envs import inverse_cdf
 
 RULES = ("mean", "vote", "gated")
 TIES = ("mean", "lowest")
@@ -45,12 +51,14 @@ def mean_action(member_probs: torch.Tensor, sample: bool = False,
     return mean.argmax(-1)
 
 
-def vote(member_probs: torch.Tensor, tie: str = "mean") -> torch.Tensor:
-    """The majority of the members' argmax actions; ``tie``: "mean" or "lowest" (see the module doc)."""
+def vote(member_probs: torch.Tensor, tie: str = "mean", choices: torch.Tensor | None = None) -> torch.Tensor:
+    """The majority of the members' actions ``choices`` (M, B) (default: their argmax actions); ``tie``:
+    "mean" or "lowest" (see the module doc)."""
     if tie not in TIES:
         raise ValueError(f"tie must be one of {TIES}, got {tie!r}")
     actions = member_probs.shape[-1]
-    counts = nn.functional.one_hot(member_probs.argmax(-1), actions).sum(0)  # (B, A)
+    choices = member_probs.argmax(-1) if choices is None else choices
+    counts = nn.functional.one_hot(choices, actions).sum(0)  # (B, A)
     tied = counts == counts.max(-1, keepdim=True).values
     if tie == "lowest":
         return tied.int().argmax(-1)  # argmax returns the first maximal index
@@ -99,7 +107,16 @@ class EnsemblePolicy(nn.Module):
 
     def member_probs(self, obs: torch.Tensor) -> torch.Tensor:
         """(M, B, A) softmax probabilities of the members."""
-        return torch.stack([torch.softmax(member(obs), dim=-1) for member in self.members])
+        return torch.softmax(self._member_logits(obs), dim=-1)
+
+    def _member_logits(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(obs) for member in self.members])
+
+    def _gate(self, parent_logits: torch.Tensor) -> torch.Tensor:
+        unsure = gate(torch.softmax(parent_logits, dim=-1), self.threshold)
+        self.decisions += len(unsure)
+        self.consulted += int(unsure.sum())
+        return unsure
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """(B, A) log-probabilities of the ensemble's action distribution (its argmax: the rule's action)."""
@@ -111,7 +128,19 @@ class EnsemblePolicy(nn.Module):
             return _log_one_hot(vote(probs, self.tie), actions, probs[0])
         parent = torch.log_softmax(self.parent(obs), dim=-1)
         voted = _log_one_hot(vote(probs, self.tie), actions, parent)
-        unsure = gate(parent.exp(), self.threshold)
-        self.decisions += len(unsure)
-        self.consulted += int(unsure.sum())
-        return torch.where(unsure[:, None], voted, parent)
+        return torch.where(self._gate(parent)[:, None], voted, parent)
+
+    def sample_actions(self, obs: torch.Tensor, uniforms: np.ndarray) -> np.ndarray:
+        """(B,) actions drawn with one uniform per observation: ``mean`` draws from the mean distribution;
+        under ``vote`` every member draws with the observation's uniform (coupled draws: identical members
+        draw the same action) and the majority acts; ``gated`` draws from the parent, or takes the members'
+        vote of their draws where the gate opens."""
+        logits = self._member_logits(obs)
+        if self.rule == "mean":
+            return inverse_cdf(torch.log(torch.softmax(logits, dim=-1).mean(0)), uniforms)
+        probs = torch.softmax(logits, dim=-1)
+        voted = vote(probs, self.tie, torch.as_tensor(inverse_cdf(logits, uniforms), device=probs.device)).cpu().numpy()
+        if self.rule == "vote":
+            return voted
+        parent = self.parent(obs)
+        return np.where(self._gate(parent).cpu().numpy(), voted, inverse_cdf(parent, uniforms))

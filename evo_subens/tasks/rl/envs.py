@@ -232,13 +232,23 @@ class EpisodeReturns(NamedTuple):
     steps: int
 
 
-def _sampled(logits: torch.Tensor, rngs: list[np.random.Generator]) -> np.ndarray:
-    """One action per row drawn from softmax(logits) with that row's own generator (inverse CDF), so an
-    episode's draws do not depend on which other episodes share the batch."""
+def inverse_cdf(logits: torch.Tensor, uniforms: np.ndarray) -> np.ndarray:
+    """The actions (..., B) that uniforms (B,) in [0, 1) select from softmax(logits) (..., B, A) by inverse
+    CDF: a draw from each row's distribution, and the same uniform gives the same action for the same
+    distribution (leading axes share the row's uniform: coupled draws)."""
     probs = torch.softmax(logits.double(), dim=-1).cpu().numpy()
-    uniforms = np.array([rng.random() for rng in rngs])
     actions = (probs.cumsum(axis=-1) < uniforms[:, None]).sum(axis=-1)
     return np.minimum(actions, probs.shape[-1] - 1)
+
+
+def _sampled(policy: Policy, batch: torch.Tensor, rngs: list[np.random.Generator]) -> np.ndarray:
+    """One action per row drawn with that row's own generator (inverse CDF), so an episode's draws do not
+    depend on which other episodes share the batch. A policy with ``sample_actions(obs, uniforms)`` (an
+    ensemble whose members each draw) draws by itself from the same uniforms."""
+    uniforms = np.array([rng.random() for rng in rngs])
+    if hasattr(policy, "sample_actions"):
+        return policy.sample_actions(batch, uniforms)
+    return inverse_cdf(policy(batch), uniforms)
 
 
 @torch.no_grad()
@@ -279,11 +289,10 @@ def episode_returns(policy: Policy, env_cfg: EnvConfig, seeds: Sequence[int], nu
             if not active:
                 break
             batch = torch.as_tensor(np.stack([obs[s] for s in active]), dtype=torch.float32, device=device)
-            logits = policy(batch)
             if deterministic:
-                actions = logits.argmax(dim=-1).cpu().numpy()
+                actions = policy(batch).argmax(dim=-1).cpu().numpy()
             else:
-                actions = _sampled(logits, [rngs[s] for s in active])
+                actions = _sampled(policy, batch, [rngs[s] for s in active])
             for slot, action in zip(active, actions):
                 obs[slot], reward, terminated, truncated, _ = envs[slot].step(int(action))
                 returns[episode[slot]] += float(reward)

@@ -23,7 +23,8 @@ method scores ``population`` candidates per generation on ``episodes`` validatio
 
 Rates are environment steps per second (episode lengths differ between methods as their policies do; the
 mean episode length is printed beside them), the median of ``repeats`` generations after a warm-up
-generation that absorbs actor start-up. Methods run one after another in fresh actors.
+generation that absorbs actor start-up. Every method has actors of its own, all alive together, and the
+methods take turns, one generation each per round, so the drift of a shared machine hits them alike.
 
     evo-subens bench rl-throughput --envs CartPole-v1,minatar:breakout --actors 1,2
 """
@@ -196,23 +197,28 @@ def _parent(env_cfg: EnvConfig, policy_cfg: PolicyConfig, steps: int) -> tuple[n
     return policy.eval(), obs_shape, actions
 
 
-def _measure(factory: Callable[[], object], population: int, repeats: int) -> dict:
-    method = None
+def _measure(factories: dict[str, Callable[[], object]], population: int, repeats: int) -> dict[str, dict]:
+    """Rates of every method, taking turns; their actors are killed whatever happens."""
+    live: dict[str, object] = {}
     try:
-        method = factory()
-        method.generation(population)  # warm-up: actor start-up, payload transfer, first environments
-        rates, lengths = [], []
+        for name, factory in factories.items():
+            live[name] = factory()
+            live[name].generation(population)  # warm-up: actor start-up, payload transfer, first environments
+        rates: dict[str, list[float]] = {name: [] for name in live}
+        lengths: dict[str, list[float]] = {name: [] for name in live}
         for _ in range(repeats):
-            started = time.perf_counter()
-            steps, episodes = method.generation(population)
-            rates.append(steps / (time.perf_counter() - started))
-            lengths.append(steps / episodes)
+            for name, method in live.items():
+                started = time.perf_counter()
+                steps, episodes = method.generation(population)
+                rates[name].append(steps / (time.perf_counter() - started))
+                lengths[name].append(steps / episodes)
     finally:
-        if method is not None:
+        for method in live.values():
             method.close()
-        del method
-        gc.collect()
-    return {"steps_per_s": statistics.median(rates), "episode_length": statistics.fmean(lengths)}
+        live.clear()
+        gc.collect()  # EvoTorch's objects form reference cycles
+    return {name: {"steps_per_s": statistics.median(rates[name]), "episode_length": statistics.fmean(lengths[name])}
+            for name in rates}
 
 
 def rl_throughput(*, envs: list[str], actors: list[int] = (1, 2), population: int = 16, episodes: int = 8,
@@ -224,7 +230,8 @@ def rl_throughput(*, envs: list[str], actors: list[int] = (1, 2), population: in
         raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     logging.getLogger("evotorch").setLevel(logging.WARNING)
     if not ray.is_initialized():
-        ray.init(num_cpus=max(os.cpu_count() or 1, 2 * max(actors)), include_dashboard=False,
+        # Every method's actors are alive together (one CPU each as Ray counts; they take turns working).
+        ray.init(num_cpus=max(os.cpu_count() or 1, len(methods) * max(actors)), include_dashboard=False,
                  runtime_env={"env_vars": ACTOR_ENV})
     print(f"rl throughput: population {population}, {episodes} validation episodes per candidate, {num_envs} "
           f"episodes batched per actor (engine, limit), noisy children density {density}, actors x 1 thread, "
@@ -249,11 +256,10 @@ def rl_throughput(*, envs: list[str], actors: list[int] = (1, 2), population: in
                 "stock GymNE": lambda: GymNEMethod(parent, env_cfg, workers, episodes, density),
                 "stock VecGymNE": lambda: VecGymNEMethod(parent, env_cfg, workers, episodes, density),
             }
-            limit = None
+            measured = _measure({m: factories[m] for m in methods}, population, repeats)
+            limit = measured.get("limit", {}).get("steps_per_s")
             for method in methods:
-                row = {"env": env_id, "actors": count, "method": method,
-                       **_measure(factories[method], population, repeats)}
-                limit = row["steps_per_s"] if method == "limit" else limit
+                row = {"env": env_id, "actors": count, "method": method, **measured[method]}
                 row["ratio"] = row["steps_per_s"] / limit if limit else float("nan")
                 rows.append(row)
                 print(f"{env_id:<20}{count:>7}  {method:<16}{row['steps_per_s']:>10,.0f}{row['ratio']:>8.2f}"

@@ -1,5 +1,7 @@
 """Benchmarks (not tests): each compares methods side by side in one run and prints a table.
 
 - :mod:`.throughput`: candidates/s of the engine vs plain forward passes of the parent;
-- :mod:`.prune_tune`: Prune-and-Tune ensembles vs matched-budget baselines (PAT Table 1 shape).
+- :mod:`.prune_tune`: Prune-and-Tune ensembles vs matched-budget baselines (PAT Table 1 shape);
+- :mod:`.rl`: ensemble policies vs their PPO parent on unseen episodes (MinAtar, ProcGen);
+- :mod:`.rl_throughput`: env steps/s of policy evaluation vs the parent's own episodes and EvoTorch.
 """

@@ -55,6 +55,7 @@ from ..tasks.rl.envs import env_spaces, make_env
 from ..tasks.rl.evaluation import PolicyEvaluator, RLPayload
 from ..tasks.rl.policies import build_policy
 from ..tasks.rl.ppo import train_ppo
+from .throughput import split_evenly
 
 METHODS = ("limit", "engine", "stock GymNE", "stock VecGymNE")
 SIGMA = 0.05  # relative noise of the engine's children; the stock vectors get SIGMA x the parameters' std
@@ -76,18 +77,13 @@ class ParentRolloutActor:
         return steps, count * len(self.evaluator.payload.seeds)
 
 
-def _shares(population: int, actors: int) -> list[int]:
-    return [population // actors + (i < population % actors) for i in range(actors)]
-
-
 class LimitMethod:
-    def __init__(self, payload: RLPayload, workers: WorkersConfig, population: int):
-        self.population = population
+    def __init__(self, payload: RLPayload, workers: WorkersConfig):
         options = dict(actor_options(workers), max_restarts=0, max_task_retries=0)
         self.actors = [ParentRolloutActor.options(**options).remote(payload) for _ in range(workers.num_actors)]
 
     def generation(self, population: int) -> tuple[int, int]:
-        played = ray.get([a.play.remote(n) for a, n in zip(self.actors, _shares(population, len(self.actors)))])
+        played = ray.get([a.play.remote(n) for a, n in zip(self.actors, split_evenly(population, len(self.actors)))])
         return sum(s for s, _ in played), sum(e for _, e in played)
 
     def close(self) -> None:
@@ -251,7 +247,7 @@ def rl_throughput(*, envs: list[str], actors: list[int] = (1, 2), population: in
                                 parent_state=state, parent_id=parent_fingerprint(state), children=children,
                                 env=env_cfg, seeds=tuple(env_cfg.validation_seeds), threads=1)
             factories = {
-                "limit": lambda: LimitMethod(payload, workers, population),
+                "limit": lambda: LimitMethod(payload, workers),
                 "engine": lambda: EngineMethod(payload, workers, population),
                 "stock GymNE": lambda: GymNEMethod(parent, env_cfg, workers, episodes, density),
                 "stock VecGymNE": lambda: VecGymNEMethod(parent, env_cfg, workers, episodes, density),

@@ -96,7 +96,8 @@ class ForwardPassActor:
         return count
 
 
-def _shares(population: int, actors: int) -> list[int]:
+def split_evenly(population: int, actors: int) -> list[int]:
+    """How many of ``population`` candidates each of ``actors`` actors gets (differing by at most one)."""
     return [population // actors + (i < population % actors) for i in range(actors)]
 
 
@@ -114,7 +115,7 @@ class LimitMethod:
         ray.get([a.passes.remote(1) for a in self.actors])
 
     def step(self) -> None:
-        ray.get([a.passes.remote(n) for a, n in zip(self.actors, _shares(self.population, len(self.actors)))])
+        ray.get([a.passes.remote(n) for a, n in zip(self.actors, split_evenly(self.population, len(self.actors)))])
 
     def bytes_per_candidate(self) -> float:
         return 0.0  # nothing but a count per actor

@@ -25,6 +25,7 @@ examples:
   evo-subens config configs/default.yaml search.generations=5
   evo-subens bench throughput --models cnn,mlp10m
   evo-subens bench quality --seeds 0,1,2 --configs configs/study/mnist1d,configs/study/digits
+  evo-subens bench loop --seeds 0,1,2,3,4 --configs configs/study/loop/mnist1d
 """
 
 
@@ -113,6 +114,14 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
 
     quality(seeds=[int(s) for s in args.seeds.split(",")], config_dir=args.configs, data_root=args.data_root,
             output_dir=args.output_dir, executor=args.executor)
+    return 0
+
+
+def _cmd_bench_loop(args: argparse.Namespace) -> int:
+    from .bench.loop import loop_bench
+
+    loop_bench(seeds=[int(s) for s in args.seeds.split(",")], config_dirs=args.configs, data_root=args.data_root,
+               output_dir=args.output_dir, executor=args.executor)
     return 0
 
 
@@ -364,6 +373,16 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     quality_parser.add_argument("--configs", default="configs/study/mnist1d,configs/study/digits",
                                 help="comma-separated folders of YAML configs, one config per method")
     quality_parser.set_defaults(handler=_cmd_bench_quality)
+    loop_parser = bench_commands.add_parser(
+        "loop", help="the population loop against simple arms at the same training budget",
+        description="Runs every config of each folder in --configs (one folder per dataset: loop.yaml, the loop "
+                    "under test, and the arms it must beat at the same budget in epochs) for each seed and prints "
+                    "per folder mean +- standard error of test accuracy, test NLL and held-back validation NLL, "
+                    "and each arm's paired difference from the loop. Finished runs are read back.")
+    _add_seeded_bench_options(loop_parser, "runs/bench-loop", "where candidates are tuned and scored")
+    loop_parser.add_argument("--configs", default="configs/study/loop/mnist1d",
+                             help="comma-separated folders of YAML configs, one per arm, loop.yaml among them")
+    loop_parser.set_defaults(handler=_cmd_bench_loop)
 
 
 def _interrupted(args: argparse.Namespace) -> str:

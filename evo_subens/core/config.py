@@ -160,6 +160,15 @@ class SearchConfig:
     step_factor: float = option(0.7, "noisy: the factor step_size applies to sigma", gt=0, le=1)
     patience: int = option(1, "stop the search once this many generations in a row have not improved the "
                               "best validation fitness (and say so); 0 = always run every generation", ge=0)
+    scoring: str = option("raw", "raw: candidates are scored as perturbed, the best are fine-tuned after the "
+                                 "search; tuned: every candidate is fine-tuned (the finetune section, one "
+                                 "whole schedule) in its worker before it is scored, its fitness is how much it "
+                                 "lowers the validation NLL of the ensemble it would join, and the ensemble is "
+                                 "the greedy choice among the parent and every tuned candidate (members are not "
+                                 "tuned again)", choices=("raw", "tuned"))
+    step_spread: float = option(0.5, "tuned scoring, noisy: each candidate's sigma is children.sigma x centre x "
+                                     "exp(step_spread x N(0, 1)); the centre moves to the geometric mean of the "
+                                     "ensemble members' scales after every generation; 0 = one sigma", ge=0)
 
 
 # Resources Ray manages itself; an actor asks for CPUs and GPUs through their own fields.
@@ -284,6 +293,8 @@ class RunConfig:
         if self.ensemble.size > kept:
             raise ConfigError("ensemble.size", f"at most search.population * search.generations = {kept} "
                                                "(the candidates the search evaluates)", self.ensemble.size)
+        if self.search.scoring == "tuned":
+            self._check_tuned_scoring()
         if self.search.elites > self.search.population:
             raise ConfigError("search.elites", f"at most search.population = {self.search.population}",
                               self.search.elites)
@@ -306,6 +317,21 @@ class RunConfig:
         v = self.data.validation_size
         if v >= 1 and v != int(v):
             raise ConfigError("data.validation_size", "a fraction in (0, 1) or a whole number of samples", v)
+
+    def _check_tuned_scoring(self) -> None:
+        """Tuned scoring fine-tunes candidates with the finetune section and ranks them in the ensemble."""
+        if self.finetune.epochs < 1:
+            raise ConfigError("finetune.epochs", "at least 1 with search.scoring=tuned (every candidate is "
+                                                 "fine-tuned before it is scored)", self.finetune.epochs)
+        if self.task != "classification":
+            raise ConfigError("search.scoring", f"raw for the {self.task} task (tuned scoring is built for "
+                                                "classification)", self.search.scoring)
+        if self.search.racing:
+            raise ConfigError("search.racing", "false with search.scoring=tuned (a tuned candidate is scored "
+                                               "whole)", self.search.racing)
+        if self.children.tuning() is not None:
+            raise ConfigError("search.scoring", f"raw for the {self.children.family} family, which tunes its "
+                                                "children itself (children.tune)", self.search.scoring)
 
     def _check_baseline(self) -> None:
         """The baseline methods' budget must cover their models, cycles and snapshots."""
@@ -415,6 +441,8 @@ def subnetwork_budget_epochs(cfg: RunConfig) -> int:
     """Training epochs of the subnetwork method under ``cfg``: parent, tuned children, fine-tuned members."""
     candidates = cfg.search.population * cfg.search.generations
     parent = 0 if cfg.model.parent_path else cfg.parent.epochs
+    if cfg.search.scoring == "tuned":  # every candidate gets the member's whole fine-tuning, members no more
+        return parent + cfg.finetune.epochs * candidates
     return parent + tune_epochs(cfg) * candidates + cfg.finetune.epochs * cfg.ensemble.size
 
 

@@ -21,7 +21,7 @@ from ..errors import RunDirError, UserError
 from .rundir import POPULATION_SCHEMA, population_schema
 
 # Population-log columns added after the first release, with the value older logs mean by them.
-ADDED_COLUMNS = {"node": "", "raced": False, "diverged": False}
+ADDED_COLUMNS = {"node": "", "raced": False, "diverged": False, "step_scale": 1.0, "ensemble_nll": float("nan")}
 
 # Fields a resume may change: how long the search runs and where/how it is evaluated.
 RESUMABLE_CHANGES = ("search.generations", "workers.", "name", "output_dir")

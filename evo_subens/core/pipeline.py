@@ -29,6 +29,7 @@ from .logs import load_population
 from .problem import LOCAL_WORKER, make_problem
 from .progress import Steps, run_seconds
 from .rundir import write_json, write_population, write_state
+from .pool import EnsemblePool
 from .search import REFERENCE_GENERATION, ROOT_CANDIDATE, CandidateRecord, SubnetworkSearch
 from .state import RunResult, RunState
 from .worker import parent_fingerprint
@@ -43,6 +44,7 @@ class Pipeline:
         self.state = state
         self.family = make_family(cfg.children)
         self.starts: dict[int, dict] = {}  # weights of trained children fetched while their workers are up
+        self.tuned = cfg.search.scoring == "tuned"  # candidates fine-tuned before scoring; members not again
 
     def run(self) -> RunResult:
         """Every stage not done yet, then the results."""
@@ -72,6 +74,8 @@ class Pipeline:
                 self.task.check_loaded_parent(parent)
             else:
                 self.task.train_parent(parent)
+            parent.eval()
+            self.task.check_parent_learned(parent)
             self.parent_state = state_copy(parent)
             write_state(self.run_dir / "parent.pt", self.parent_state)
             self.state = RunState(stage="parent", parent_id=parent_fingerprint(self.parent_state))
@@ -96,8 +100,18 @@ class Pipeline:
                                                           for name, value in self.reference.metrics.items()))
         self.problem = make_problem(cfg.workers, payload, fitness=cfg.search.fitness,
                                     population=cfg.search.population)
+        pool = pool_outputs = None
+        if self.tuned:
+            pool = EnsemblePool(cfg.ensemble.size, self.task.pool_loss)
+            selection, holdout = self.task.pool_outputs([self.parent_state])
+            pool.add([ROOT_CANDIDATE], selection, holdout)
+            pool.choose()
+
+            def pool_outputs(records: list[CandidateRecord]):
+                return self.task.pool_outputs(self.states_of(records))
         self.search = SubnetworkSearch(self.problem, self.family, cfg.search, seed=cfg.seed,
-                                       racing_rank=_racing_rank(cfg), reference=self.reference)
+                                       racing_rank=_racing_rank(cfg), reference=self.reference, pool=pool,
+                                       pool_outputs=pool_outputs)
         if state.search:
             self.search.load_state_dict(state.search)
         self.searched = self.search.generation < cfg.search.generations and not self.search.stopped
@@ -119,7 +133,7 @@ class Pipeline:
 
     def states_of(self, chosen: list[CandidateRecord]) -> list[dict]:
         """Weights of candidates: fetched from the workers that trained them, else rebuilt here."""
-        if self.family.trains_children:
+        if self.family.trains_children or self.tuned:
             return self.problem.child_states([r.genome for r in chosen], [r.worker for r in chosen])
         return [self.driver.child_state(r.genome) for r in chosen]
 
@@ -168,6 +182,8 @@ class Pipeline:
         """The best candidate of the generation just evaluated, with its metrics on held-back validation
         data: whether later generations beat generation 0 on data no decision saw."""
         search = self.search
+        if self.tuned:
+            return self._ensemble_check()
         best = min(self._latest(), key=search.ranking.key)
         weights = None if math.isnan(best.fitness) else (lambda: self.states_of([best])[0])
         return {"generation": best.generation, "candidate": best.candidate, **best.metric_row(),
@@ -175,8 +191,38 @@ class Pipeline:
                 "step_scale": search.history[-1]["step_scale"] if search.history else 1.0,
                 "success_rate": search.history[-1]["success_rate"] if search.history else None}
 
+    def _ensemble_check(self) -> dict:
+        """Tuned scoring: the ensemble chosen after the generation just evaluated, on the selection split and
+        on held-back data (whether later generations improve the ensemble on data no decision saw)."""
+        search, pool = self.search, self.search.pool
+        members = pool.members
+        held = pool.holdout_probs(members)
+        held_metrics = self.task.holdout_metrics(held) if held is not None else {}
+        history = search.history[-1]
+        return {"generation": search.generation - 1, "members": list(members), "ensemble_size": len(members),
+                "parent_in_ensemble": ROOT_CANDIDATE in members, "ensemble_nll": pool.ensemble_loss(members),
+                **{f"holdout_ensemble_{name}": value for name, value in held_metrics.items()},
+                "joined": sum(r.is_elite for r in self._latest()), "step_scale": history["step_scale"],
+                "next_step_scale": search.step_scale}
+
+    def _tuned_line(self, seconds: float, check: dict) -> str:
+        latest = self._latest()
+        fitness = sorted(r.ensemble_nll for r in latest if not math.isnan(r.ensemble_nll))
+        held = check.get("holdout_ensemble_nll")
+        return (f"[search] generation {self.search.generation}/{self.cfg.search.generations}  "
+                f"{len(latest)} tuned candidates, ensemble nll with each: best "
+                f"{fitness[0] if fitness else math.nan:.4f}  median {fitness[len(fitness) // 2] if fitness else math.nan:.4f}"
+                f"  ensemble: {check['ensemble_size']} member(s)"
+                f"{' (parent included)' if check['parent_in_ensemble'] else ''}, {check['joined']} new, "
+                f"val nll {check['ensemble_nll']:.4f}"
+                + (f", held-back nll {held:.4f}" if held is not None else "")
+                + f"  sigma x{check['step_scale']:.2f} -> x{check['next_step_scale']:.2f}"
+                f"  ({len(latest)} candidates in {seconds:.1f}s)")
+
     def _generation_line(self, seconds: float, check: dict) -> str:
         cfg, search = self.cfg, self.search
+        if self.tuned:
+            return self._tuned_line(seconds, check)
         latest = self._latest()
         ranked = sorted(latest, key=search.ranking.key)
         best, median, worst = ranked[0], ranked[len(ranked) // 2], ranked[-1]
@@ -195,6 +241,9 @@ class Pipeline:
         """Select candidates, by position. Growing keeps every earlier position and adds new ones."""
         cfg, state, search = self.cfg, self.state, self.search
         if state.stage not in ("parent", "search") and not self.searched:
+            return
+        if self.tuned:
+            self._tuned_members()
             return
         growing = bool(state.grow)
         prior = [search.records[c] for c in state.members] if growing else []
@@ -215,6 +264,24 @@ class Pipeline:
         state.decided, state.grow = len(prior), None
         if comparison is not None:
             state.selection = comparison
+        self._checkpoint()
+
+    def _tuned_members(self) -> None:
+        """Tuned scoring: the members are the pool's ensemble, with the weights they were scored with (the
+        parent's own where it is one); nothing is tuned or accepted after this."""
+        state, members = self.state, list(self.search.pool.members)
+        self.progress(f"[members] the greedy ensemble of the tuned candidates and the parent: {len(members)} "
+                      f"member(s)")
+        records = [self._record(c) for c in members]
+        fetched = iter(self.states_of([r for r in records if r.candidate != ROOT_CANDIDATE]))
+        for position, record in enumerate(records):
+            weights = self.parent_state if record.candidate == ROOT_CANDIDATE else next(fetched)
+            self._save_member(position, weights, record.genome)
+        if members == [ROOT_CANDIDATE]:
+            self.progress("[ensemble] no tuned candidate lowers the parent's validation NLL, alone or beside it: "
+                          "the ensemble is the parent alone")
+        state.stage, state.members, state.tuned = "members", members, len(members)
+        state.decided, state.accepted, state.grow = len(members), list(range(len(members))), None
         self._checkpoint()
 
     # Stage 4 ---------------------------------------------------------------------------------------------
@@ -256,8 +323,27 @@ class Pipeline:
         if rejected:
             self.progress(f"[ensemble] {len(joined)} of {len(chosen) - decided} fine-tuned candidates accepted; "
                           f"{rejected} would have made the validation ensemble worse")
-        state.stage, state.accepted, state.decided = "accepted", accepted + [decided + j for j in joined], len(chosen)
+        accepted = accepted + [decided + j for j in joined]
+        if self._parent_is_better([chosen_states[i] for i in accepted]):
+            # The parent is a candidate member too: an ensemble worse than it on the selection split is
+            # replaced by the parent alone, stored as one more position.
+            self.progress("[ensemble] the accepted ensemble's validation NLL is above the parent's: the ensemble "
+                          "is the parent alone")
+            position = len(chosen)
+            self._save_member(position, self.parent_state, self.reference.genome)
+            chosen_states.append(self.parent_state)
+            state.members = [*state.members, ROOT_CANDIDATE]
+            state.tuned, accepted = position + 1, [position]
+        state.stage, state.accepted, state.decided = "accepted", accepted, len(state.members)
         self._checkpoint()
+
+    def _parent_is_better(self, states: list[dict]) -> bool:
+        """Whether the parent alone has a lower selection-split NLL than the ensemble of ``states``."""
+        if self.cfg.task != "classification" or not states:
+            return False
+        outputs = self.task.pool_outputs([self.parent_state, *states])[0]
+        ensemble = torch.stack([o.double() for o in outputs[1:]]).mean(dim=0)
+        return self.task.pool_loss(outputs[0].double()) < self.task.pool_loss(ensemble)
 
     # Stage 6 ---------------------------------------------------------------------------------------------
     def results_stage(self, chosen_states: list[dict]) -> RunResult:
@@ -293,7 +379,11 @@ class Pipeline:
 
     # Helpers ---------------------------------------------------------------------------------------------
     def _chosen(self) -> list[CandidateRecord]:
-        return [self.search.records[c] for c in self.state.members]
+        return [self._record(c) for c in self.state.members]
+
+    def _record(self, candidate: int) -> CandidateRecord:
+        """The record of candidate id ``candidate``; the parent's reference record for ROOT_CANDIDATE."""
+        return self.reference if candidate == ROOT_CANDIDATE else self.search.records[candidate]
 
     def _stored(self) -> bool:
         """Whether members' weights are stored (trained or tuned), rather than rebuilt from their genomes."""
@@ -305,7 +395,7 @@ class Pipeline:
         rows = []
         for record in [self.reference, *self.search.records]:
             row = record.as_row()
-            row["is_member"] = record.candidate in member_ids and record is not self.reference
+            row["is_member"] = record.candidate in member_ids
             row.update(self.family.describe(record.genome))
             row["worker"] = "local" if record.worker == LOCAL_WORKER else f"actor-{record.worker}"
             rows.append(row)
@@ -331,7 +421,7 @@ def _search_summary(search: SubnetworkSearch, checks: list[dict], cfg: RunConfig
     """Per generation: the best candidate on validation and held-back validation, the step scale and the
     1/5 success rate; whether a later generation beat generation 0 on held-back data; early stop."""
     later = None
-    key = f"holdout_{cfg.search.fitness}"
+    key = "holdout_ensemble_nll" if cfg.search.scoring == "tuned" else f"holdout_{cfg.search.fitness}"
     held = [c for c in checks if c.get(key) is not None]
     if len(held) > 1:
         sign = -1 if search.ranking.fitness_metric.higher_is_better else 1

@@ -44,6 +44,8 @@ POPULATION_SCHEMA: dict[str, str] = {
     "node": "string",           # Ray node id of the process that evaluated it; 'local' = the driver's process
     "raced": "bool",            # search.racing stopped its scoring early (it could not rank): metrics are NaN
     "diverged": "bool",         # its validation metrics were NaN or infinite (logged as NaN): never elite/member
+    "step_scale": "float64",    # multiple of the configured perturbation strength it was made with
+    "ensemble_nll": "float64",  # search.scoring tuned: selection NLL of the ensemble so far with it added
     "genome": "string",         # the full genome (JSON), materialises the candidate exactly
 }
 _FAMILY_COLUMNS_AFTER = "parent"

@@ -137,6 +137,10 @@ def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: P
         raise RunDirError(f"{run_dir} has not finished; resume it first (evo-subens resume {run_dir})")
     state = RunState.from_dict(checkpoint)
     cfg = config_from_dict(read_run_config(run_dir))
+    if cfg.search.scoring == "tuned":
+        raise UserError(f"{run_dir} chose its ensemble from tuned candidates (search.scoring: tuned), which grow "
+                        f"does not extend; resume it with more generations instead (evo-subens resume {run_dir} "
+                        f"search.generations=N)")
     accepted = state.ensemble
     cfg.search.generations = state.search["generation"] + generations
     cfg.ensemble.size = len(accepted) + members

@@ -15,15 +15,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+import torch
 from evotorch.algorithms.searchalgorithm import SearchAlgorithm
 
 from .config import SearchConfig
 from ..families import Family
 from ..tasks.base import Metric
+from .pool import EnsemblePool
 from .worker import RacingBound
 from .problem import SubnetworkProblem
+
+# Tuned scoring: a candidate's outputs on the selection split and on held-back data (None: none held back).
+PoolOutputs = Callable[[list["CandidateRecord"]], tuple[list[torch.Tensor], list["torch.Tensor | None"]]]
 
 
 @dataclass
@@ -43,6 +49,8 @@ class CandidateRecord:
     node: str = ""  # Ray node id of the worker ('local' in-process; '' in checkpoints written before it)
     raced: bool = False  # scoring stopped by the racing bound: metrics are NaN
     diverged: bool = False  # NaN or infinite validation metrics (logged as NaN): never an elite or member
+    step_scale: float = 1.0  # the multiple of the configured perturbation strength it was made with
+    ensemble_nll: float = math.nan  # tuned scoring: selection NLL of the ensemble so far with it added
 
     def metric_row(self) -> dict[str, float]:
         """The metrics as the log's ``val_<name>`` columns, in the task's order."""
@@ -128,7 +136,8 @@ class SubnetworkSearch(SearchAlgorithm):
     """Generations of genome candidates with elitism (``mu + lambda`` truncation selection)."""
 
     def __init__(self, problem: SubnetworkProblem, family: Family, cfg: SearchConfig, *, seed: int,
-                 racing_rank: int = 0, reference: CandidateRecord | None = None):
+                 racing_rank: int = 0, reference: CandidateRecord | None = None,
+                 pool: EnsemblePool | None = None, pool_outputs: PoolOutputs | None = None):
         # EvoTorch's status: the fitness, each best-candidate metric (best_<name>) and the generation.
         best = {f"best_{m.name}": (lambda name=m.name: self._best_metric(name)) for m in problem.metrics}
         super().__init__(problem, best_fitness=self._best_fitness, **best, generation=lambda: self.generation)
@@ -152,6 +161,9 @@ class SubnetworkSearch(SearchAlgorithm):
         self.stalled = 0       # generations in a row without a better best candidate
         self.stopped = False   # search.patience ran out: the loop stops early
         self.history: list[dict] = []  # per generation: step scale used, success rate, improved or not
+        # Tuned scoring (search.scoring: tuned): the pool of tuned candidates and how to get their outputs.
+        self.pool = pool
+        self.pool_outputs = pool_outputs
 
     def racing_bound(self) -> RacingBound | None:
         """The bound of the next generation: the fitness of the ``racing_rank``-th best candidate so far
@@ -166,7 +178,8 @@ class SubnetworkSearch(SearchAlgorithm):
         return {"generation": self.generation, "records": [r.as_row() for r in self.records],
                 "elites": [r.candidate for r in self.elites], "rng": self.rng.bit_generator.state,
                 "incidents": list(self.incidents), "step_scale": self.step_scale, "stalled": self.stalled,
-                "stopped": self.stopped, "history": list(self.history)}
+                "stopped": self.stopped, "history": list(self.history),
+                "pool": self.pool.state_dict() if self.pool is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a :meth:`state_dict`: the next step proposes exactly what it would have."""
@@ -180,6 +193,8 @@ class SubnetworkSearch(SearchAlgorithm):
         self.stalled = state.get("stalled", 0)
         self.stopped = state.get("stopped", False)
         self.history = list(state.get("history", []))
+        if self.pool is not None and state.get("pool") is not None:
+            self.pool.load_state_dict(state["pool"])
 
     def _note_restarts(self, rows: list[tuple[int, int]]) -> None:
         """Record a lost worker when an actor index reports a new process id (Ray restarted it)."""
@@ -197,6 +212,9 @@ class SubnetworkSearch(SearchAlgorithm):
         return self.elites[0].metrics[name] if self.elites else math.nan
 
     def _step(self) -> None:
+        if self.pool is not None:
+            self._tuned_step()
+            return
         parents = self.elites or None
         parent_genomes = [e.genome for e in parents] if parents else [self.root]
         proposals = self.family.propose(parent_genomes, self.cfg.population, self.rng, step_scale=self.step_scale)
@@ -229,6 +247,65 @@ class SubnetworkSearch(SearchAlgorithm):
         self.history.append({"generation": self.generation, "step_scale": self.step_scale,
                              "success_rate": successes / len(new), "improved": improved})
         self._adapt(successes / len(new), improved)
+        self.generation += 1
+
+    def _evaluate(self, proposals: list[tuple[int, str]], parents: list[CandidateRecord] | None,
+                  scales: list[float]) -> list[CandidateRecord]:
+        """Evaluate proposed genomes in the workers; one record each, in proposal order."""
+        batch = self.problem.make_batch([genome for _, genome in proposals])
+        self.problem.evaluate(batch)
+        evals = batch.evals.cpu().numpy()
+        first_id = len(self.records)
+        new, pids = [], []
+        for i, ((parent_index, genome), row, scale) in enumerate(zip(proposals, evals, scales)):
+            fitness, metrics, (seconds, worker, pid, raced, diverged) = self.problem.unpack(row)
+            parent_id = parents[parent_index].candidate if parents and parent_index >= 0 else ROOT_CANDIDATE
+            new.append(CandidateRecord(self.generation, first_id + i, parent_id, genome, fitness, metrics,
+                                       seconds, int(worker), node=self.problem.worker_node(int(worker), int(pid)),
+                                       raced=bool(raced), diverged=bool(diverged), step_scale=scale))
+            pids.append((int(worker), int(pid)))
+        self._note_restarts(pids)
+        self.records.extend(new)
+        return new
+
+    def _tuned_step(self) -> None:
+        """A generation of tuned scoring: children of the trained parent, each at its own perturbation
+        strength around the adapted centre, fine-tuned and scored in the workers; each one's fitness is the
+        ensemble loss with it added, and the ensemble is chosen again from the whole pool.
+
+        Children always extend the trained parent: a mutation of a tuned member would need a second
+        fine-tuning cycle, and restarting the learning rate costs the members their diversity. What one
+        generation passes to the next is the pool (its tuned members compete with every later candidate,
+        with their tuned weights: Lamarckian) and the perturbation strength that made the members.
+        """
+        count = self.cfg.population
+        spread = self.cfg.step_spread
+        scales = [float(self.step_scale * math.exp(spread * z)) if spread else self.step_scale
+                  for z in self.rng.standard_normal(count)]
+        proposals = self.family.propose([self.root], count, self.rng, step_scale=scales)
+        new = self._evaluate(proposals, None, scales)
+        before = self.pool.ensemble_loss(self.pool.members)
+        kept = [r for r in new if not r.diverged]
+        if kept:
+            selection, holdout = self.pool_outputs(kept)
+            for record, value in zip(kept, self.pool.add([r.candidate for r in kept], selection, holdout)):
+                record.ensemble_nll = value
+        members = self.pool.choose()
+        by_id = {r.candidate: r for r in self.records}
+        self.elites = [by_id[m] for m in members if m in by_id]
+        for record in self.elites:
+            if record.generation == self.generation:
+                record.is_elite = True
+        after = self.pool.ensemble_loss(members)
+        improved = after < before
+        joined = sum(r.is_elite for r in new)
+        self.history.append({"generation": self.generation, "step_scale": self.step_scale,
+                             "success_rate": joined / len(new), "improved": bool(improved)})
+        if self.elites:  # the centre moves to the strengths that made the ensemble's members
+            self.step_scale = float(math.exp(np.mean([math.log(r.step_scale) for r in self.elites])))
+        self.stalled = 0 if improved else self.stalled + 1
+        if self.cfg.patience and self.stalled >= self.cfg.patience:
+            self.stopped = True
         self.generation += 1
 
     def _better(self, record: CandidateRecord, than: CandidateRecord | None) -> bool:

@@ -117,10 +117,11 @@ class Family(ABC):
 
     @abstractmethod
     def propose(self, parents: Sequence[str], count: int, rng: np.random.Generator, *,
-                step_scale: float = 1.0) -> list[tuple[int, str]]:
+                step_scale: float | Sequence[float] = 1.0) -> list[tuple[int, str]]:
         """``count`` new genomes, each paired with the index in ``parents`` of the genome it extends
-        (-1: derived from the trained parent itself); ``step_scale`` scales the size of new perturbations
-        (the search's step-size adaptation; families whose children have no step size ignore it)."""
+        (-1: derived from the trained parent itself); ``step_scale`` scales the size of new perturbations,
+        for all of them or (a sequence) for each (the search's step-size adaptation; families whose
+        children have no step size ignore it)."""
 
     @abstractmethod
     def bind(self, model: nn.Module, trainer: ChildTrainer | None = None) -> Materialiser:

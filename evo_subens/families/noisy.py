@@ -181,7 +181,7 @@ class NoisyFamily(Family):
         return encode_genome({"family": self.name, "parent": parent_id, "space": self.space, "steps": []})
 
     def propose(self, parents: Sequence[str], count: int, rng: np.random.Generator, *,
-                step_scale: float = 1.0) -> list[tuple[int, str]]:
+                step_scale: float | Sequence[float] = 1.0) -> list[tuple[int, str]]:
         # Static subspaces share one mask per generation; dynamic ones draw a mask per child.
         static_mask = int(rng.integers(SEED_BOUND)) if self.cfg.subspace == "static" else None
         settings = self.mutation_settings()
@@ -191,7 +191,8 @@ class NoisyFamily(Family):
             mask_seed = static_mask if static_mask is not None else int(rng.integers(SEED_BOUND))
             noise_seed = int(rng.integers(SEED_BOUND))
             density, sigma = settings[i % len(settings)]
-            sigma = sigma * step_scale if step_scale != 1.0 else sigma  # exact config sigma while unscaled
+            scale = step_scale if isinstance(step_scale, (int, float)) else step_scale[i]
+            sigma = sigma * scale if scale != 1.0 else sigma  # exact config sigma while unscaled
             spec = decode_genome(parents[parent_index])
             spec["steps"] = spec["steps"] + [[mask_seed, noise_seed, density, sigma]]
             children.append((parent_index, encode_genome(spec)))

@@ -250,7 +250,7 @@ class SparseFamily(Family):
         return {"kind": kind, "seed": seeds[0], "index": i, "parts": count, "overlap": self.cfg.partition_overlap}
 
     def propose(self, parents: Sequence[str], count: int, rng: np.random.Generator, *,
-                step_scale: float = 1.0) -> list[tuple[int, str]]:
+                step_scale: float | Sequence[float] = 1.0) -> list[tuple[int, str]]:
         seeds = [int(s) for s in rng.integers(SEED_BOUND, size=count)]
         root = decode_genome(self.root(decode_genome(parents[0])["parent"]))
         return [(-1, encode_genome(dict(root, mask=self._spec(i, count, seeds)))) for i in range(count)]

@@ -103,6 +103,24 @@ class Task(ABC):
         """Report how a parent loaded from the user's file scores on this run's data, warning when the
         score says it does not fit the data (e.g. it was trained on differently preprocessed inputs)."""
 
+    def check_parent_learned(self, model: "nn.Module") -> None:
+        """Refuse (a :class:`~evo_subens.errors.UserError` naming the settings to change) a parent, trained
+        or loaded, that did not learn the task; the engine calls it before the search."""
+
+    # Tuned scoring (search.scoring: tuned) -----------------------------------------------------------
+    def pool_outputs(self, states: Sequence[State]) -> tuple[list, list]:
+        """Outputs of each weight set on the selection data and on held-back data (None entries where
+        nothing is held back), as tensors the task's :meth:`pool_loss` averages."""
+        raise NotImplementedError(f"the {self.name} task has no tuned scoring")
+
+    def pool_loss(self, outputs) -> float:
+        """The loss of averaged selection outputs: what tuned scoring's ensemble minimises."""
+        raise NotImplementedError(f"the {self.name} task has no tuned scoring")
+
+    def holdout_metrics(self, outputs) -> dict[str, float]:
+        """Metrics (by name) of averaged held-back outputs."""
+        raise NotImplementedError(f"the {self.name} task has no tuned scoring")
+
     # Workers -----------------------------------------------------------------------------------------
     @abstractmethod
     def worker_payload(self, parent_state: State, parent_id: str) -> "WorkerPayload":

@@ -34,6 +34,9 @@ def subnetwork_cost(cfg: RunConfig, data: DatasetSplits, *, candidates: int, sel
     metrics, temperature scaling) are not counted.
     """
     train_size, parent = len(data.train), (0 if cfg.model.parent_path else cfg.parent.epochs)
+    if cfg.search.scoring == "tuned":  # every candidate fine-tuned once, scored once; members not tuned again
+        epochs = parent + cfg.finetune.epochs * candidates
+        return cost_record(epochs, epochs * train_size, candidates * validation + members * len(data.test))
     tune = cfg.children.tuning()
     epochs_each = tune_epochs(cfg)
     tune_share = round(BAGGING_SHARE * train_size) if tune is not None and tune.bagging else train_size

@@ -8,6 +8,7 @@ validation forward passes and restores the parent.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -48,9 +49,16 @@ class EvaluationPayload(WorkerPayload):
     activation_cache_mb: float = 0.0  # see WorkersConfig.activation_cache_mb
     autocast: str = "off"  # see WorkersConfig.autocast
     stack_candidates: int = 1  # see WorkersConfig.stack_candidates
+    tune_candidates: bool = False  # search.scoring == "tuned": every candidate is fine-tuned before it is scored
 
     def make_evaluator(self, device: str | torch.device = "cpu") -> "CandidateEvaluator":
         return CandidateEvaluator(self, device)
+
+
+def tune_seed(genome: str) -> int:
+    """The seed of a candidate's fine-tuning under tuned scoring: a function of its genome alone, so any
+    worker (or a resumed run) tunes it to the same weights."""
+    return int.from_bytes(hashlib.sha256(genome.encode()).digest()[:4], "little") >> 1
 
 
 class CandidateEvaluator(Evaluator):
@@ -72,6 +80,7 @@ class CandidateEvaluator(Evaluator):
         self._cache: ActivationCache | None = None
         self._cache_checked = False
         self.racing_bound: RacingBound | None = None  # set by the search before each generation
+        self._scoring_model: torch.nn.Module | None = None  # holds tuned candidates while they are scored
 
     @property
     def activation_cache(self) -> "ActivationCache | None":
@@ -79,7 +88,8 @@ class CandidateEvaluator(Evaluator):
         driver that only rebuilds members never pays for it); None when caching is off or saves nothing."""
         if not self._cache_checked:
             self._cache_checked = True
-            mutated = self.family.mutated_parameters(self.model)
+            # A tuned candidate differs from the parent in every layer: nothing before it can be cached.
+            mutated = None if self.payload.tune_candidates else self.family.mutated_parameters(self.model)
             if self.payload.activation_cache_mb > 0 and mutated is not None:
                 with self._precision():  # cached layers run exactly as in a full pass
                     self._cache = ActivationCache.build(self.model, set(mutated), self.val_x,
@@ -99,12 +109,14 @@ class CandidateEvaluator(Evaluator):
                              f"{genome[:200]}")
 
     @torch.inference_mode()
-    def score_current(self, bound: RacingBound | None = None) -> tuple[float, float] | None:
-        """Validation (accuracy, NLL) of the model as it is now (the parent, outside ``evaluate``); None
-        when ``bound`` stopped it (checked after every batch)."""
+    def score_current(self, bound: RacingBound | None = None, model: torch.nn.Module | None = None
+                      ) -> tuple[float, float] | None:
+        """Validation (accuracy, NLL) of the model as it is now (the parent, outside ``evaluate``), or of
+        ``model``; None when ``bound`` stopped it (checked after every batch)."""
         correct = 0
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        cache = self.activation_cache
+        cache = self.activation_cache if model is None else None
+        model = self.model if model is None else model
         n = len(self.val_y)
         for i, begin in enumerate(range(0, n, self.payload.batch_size)):
             y = self.val_y[begin:begin + self.payload.batch_size]
@@ -112,7 +124,7 @@ class CandidateEvaluator(Evaluator):
                 if cache is not None:
                     logits = cache.forward(i)
                 else:
-                    logits = self.model(self.val_x[begin:begin + self.payload.batch_size])
+                    logits = model(self.val_x[begin:begin + self.payload.batch_size])
             loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += int((logits.argmax(dim=1) == y).sum())
             seen = begin + len(y)
@@ -124,12 +136,27 @@ class CandidateEvaluator(Evaluator):
         """Validation accuracy and NLL of the child ``genome``."""
         started = time.perf_counter()
         self._check_parent(genome)
+        if self.payload.tune_candidates:
+            return self._evaluate_tuned(genome, started)
         with self.materialiser.materialised(genome):
             scores = self.score_current(self.racing_bound)
             if scores is None:
                 return CandidateScore((math.nan, math.nan), time.perf_counter() - started, raced=True)
             if self.family.trains_children:
                 self._trained[genome] = state_copy(self.model)
+        return CandidateScore(tuple(scores), time.perf_counter() - started)
+
+    def _evaluate_tuned(self, genome: str, started: float) -> CandidateScore:
+        """Fine-tune the child (its own seed, from its genome), keep its weights until fetched, score them."""
+        tuned = self.finetuned_state(genome, tune_seed(genome))
+        self._trained[genome] = tuned
+        if self._scoring_model is None:
+            self._scoring_model = build_model(self.payload.model, self.payload.input_shape, self.payload.num_classes)
+            self._scoring_model.to(self.device).eval()
+        self._scoring_model.load_state_dict(tuned)
+        self._scoring_model.eval()
+        with self._precision():
+            scores = self.score_current(model=self._scoring_model)
         return CandidateScore(tuple(scores), time.perf_counter() - started)
 
     def evaluate_many(self, genomes: list[str]) -> list[CandidateScore]:
@@ -178,7 +205,7 @@ class CandidateEvaluator(Evaluator):
         if self.payload.finetune is None or self.payload.train_x is None:
             raise ValueError("this payload carries no fine-tuning settings or training data")
         model = build_model(self.payload.model, self.payload.input_shape, self.payload.num_classes)
-        model.load_state_dict(start if start is not None else self.child_state(genome))
+        model.load_state_dict(start if start is not None else self._materialised_state(genome))
         model.to(self.device)
         constraint = self.family.constraint(genome, self.materialiser)
         torch.manual_seed(seed)  # dropout masks, if the model has dropout
@@ -192,6 +219,13 @@ class CandidateEvaluator(Evaluator):
         self._check_parent(genome)
         if genome in self._trained:
             return self._trained[genome]
+        if self.payload.tune_candidates:  # not tuned here (another worker, or before a restart): tune it again
+            return self.finetuned_state(genome, tune_seed(genome))
+        return self._materialised_state(genome)
+
+    def _materialised_state(self, genome: str) -> dict[str, torch.Tensor]:
+        if genome in self._trained and not self.payload.tune_candidates:
+            return self._trained[genome]  # a family that trains its children: the child is its trained weights
         with self.materialiser.materialised(genome):
             return state_copy(self.model)
 

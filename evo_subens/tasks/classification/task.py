@@ -21,12 +21,12 @@ from ..base import Task
 from .cost import subnetwork_cost
 from ...core.rundir import write_json
 from ...data_info import DATA_FILE
-from ...errors import DataError
+from ...errors import DataError, UserError
 from .data import load_dataset
 from .splits import DatasetSplits, Split, describe_preprocessing, hold_out, split_own_data
 from .tabular import as_arrays, save_npz
 from .evaluation import EvaluationPayload
-from .metrics import VALIDATION_METRICS, classification_metrics
+from .metrics import VALIDATION_METRICS, classification_metrics, nll
 from .models import build_model
 from ...nn import count_parameters, load_parent_state
 from .results import ensemble_test_metrics, summary_table, validation_metrics, verdict, warnings, with_parent
@@ -132,6 +132,44 @@ class ClassificationTask(Task):
                           f"{describe_preprocessing(self.data)}; a parent must see inputs prepared the way it "
                           f"was trained on (data.scale, data.standardize, data.mean / data.std)")
 
+    def check_parent_learned(self, model: nn.Module) -> None:
+        """Stop the run before the search when the parent scores near chance on the selection split (or its
+        training loss never fell): children of such a parent cannot make a useful ensemble."""
+        split = self.selection
+        val = classification_metrics(predict_probs(model, split.x, self.cfg.search.eval_batch_size), split.y)
+        majority = float(torch.bincount(split.y, minlength=self.data.num_classes).max()) / len(split)
+        losses = getattr(self, "parent_losses", [])
+        flat = len(losses) > 1 and min(losses[1:]) >= losses[0]
+        if not (val["accuracy"] < majority + NEAR_CHANCE * (1 - majority) or flat):
+            return
+        seen = (f"validation accuracy {val['accuracy']:.4f} (always guessing the commonest class: {majority:.4f})"
+                + (f", training loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} epochs" if losses else ""))
+        if self.cfg.model.parent_path:
+            raise UserError(f"the loaded parent {self.cfg.model.parent_path} did not learn this data: {seen}. "
+                            f"Give a parent trained on this data and prepared the same way (this run feeds it "
+                            f"{describe_preprocessing(self.data)}: data.scale, data.standardize, data.mean / "
+                            f"data.std)")
+        p = self.cfg.parent
+        raise UserError(f"the parent did not learn: {seen}. An ensemble of its children would be as poor; change "
+                        f"the parent's training and run again: a smaller parent.lr (now {p.lr:g}), more "
+                        f"parent.epochs (now {p.epochs}), or inputs on a unit scale (data.standardize: true, "
+                        f"data.scale; now {describe_preprocessing(self.data)})")
+
+    def pool_outputs(self, states: Sequence[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Probabilities of each weight set on the selection split and on the held-back part (None where
+        nothing is held back): what tuned scoring pools."""
+        selection = self.predict(states, self.selection.x)
+        holdout = self.predict(states, self.holdout.x) if self.holdout is not None else [None] * len(states)
+        return selection, holdout
+
+    def pool_loss(self, probs: torch.Tensor) -> float:
+        """NLL of averaged probabilities on the selection split: the loss tuned scoring's ensemble minimises."""
+        return nll(probs, self.selection.y)
+
+    def holdout_metrics(self, probs: torch.Tensor) -> dict[str, float]:
+        """Accuracy and NLL of averaged probabilities on the held-back split."""
+        return classification_metrics(probs, self.holdout.y)
+
     def train_parent(self, model: nn.Module) -> None:
         cfg, data = self.cfg, self.data
         self.progress(f"[parent] training {count_parameters(model):,} parameters for {cfg.parent.epochs} epochs "
@@ -143,8 +181,15 @@ class ClassificationTask(Task):
             epochs.step(f"[parent] epoch {epoch + 1}/{cfg.parent.epochs}  loss {loss:.4f}  "
                         f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  ({seconds:.1f}s)")
 
+        losses: list[float] = []
+
+        def record(epoch: int, loss: float, seconds: float) -> None:
+            losses.append(loss)
+            report(epoch, loss, seconds)
+
         with Steps(self.progress, cfg.parent.epochs, "[parent]", "epochs") as epochs:
-            train(model, data.train, cfg.parent, seed=cfg.seed, on_epoch=report)
+            train(model, data.train, cfg.parent, seed=cfg.seed, on_epoch=record)
+        self.parent_losses = losses
 
     def worker_payload(self, parent_state: dict, parent_id: str) -> EvaluationPayload:
         cfg, data = self.cfg, self.data
@@ -154,7 +199,7 @@ class ClassificationTask(Task):
             batch_size=cfg.search.eval_batch_size, threads=cfg.workers.threads_per_actor,
             use_gpu=cfg.workers.num_gpus_per_actor > 0, activation_cache_mb=cfg.workers.activation_cache_mb,
             autocast=cfg.workers.autocast, stack_candidates=cfg.workers.stack_candidates,
-            finetune=cfg.finetune if cfg.finetune.epochs else None)
+            finetune=cfg.finetune if cfg.finetune.epochs else None, tune_candidates=cfg.search.scoring == "tuned")
         if make_family(cfg.children).trains_children or cfg.finetune.epochs:
             payload.train_x, payload.train_y = data.train.x, data.train.y
         return payload

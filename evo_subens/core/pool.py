@@ -1,0 +1,102 @@
+"""The ensemble pool of tuned scoring: every tuned candidate and the parent, and the ensemble chosen from them.
+
+Under ``search.scoring: tuned`` each candidate is fine-tuned before it is scored, so its outputs on the
+selection split are those of a would-be member. The pool keeps those outputs (probabilities, never
+weights: they stay with the workers until members are stored) and after every generation chooses the
+ensemble by greedy forward selection without replacement, starting from the best single model and
+adding a candidate only while it lowers the ensemble's loss. The trained parent is in the pool from the
+start, so the chosen ensemble's selection-split loss is never above the parent's: when no candidate
+helps, the ensemble is the parent alone.
+
+A candidate's fitness is ensemble-aware: the loss of the ensemble chosen so far with the candidate
+added. Scoring a candidate by its own loss rewards the children the perturbation hurt least, which are
+the least diverse once tuned.
+
+    >>> pool = EnsemblePool(size=8, loss=lambda probs: task_nll(probs))
+    >>> pool.add([ROOT_CANDIDATE], [parent_outputs])
+    >>> fitness = pool.add(new_ids, new_outputs)   # ensemble-aware, one per candidate
+    >>> pool.choose()                               # the ensemble's candidate ids, in pick order
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+Loss = Callable[[torch.Tensor], float]  # loss of averaged probabilities on the selection split
+
+
+class EnsemblePool:
+    """Selection-split outputs of the pooled candidates (by candidate id) and the ensemble chosen from
+    them. ``holdout`` outputs, where the task has held-back data, only ever measure a choice."""
+
+    def __init__(self, size: int, loss: Loss):
+        self.size = size
+        self.loss = loss
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.holdout: dict[int, torch.Tensor] = {}
+        self.members: list[int] = []
+
+    def ensemble_loss(self, members: Sequence[int]) -> float:
+        """Loss of the mean of ``members``' outputs (inf for no member)."""
+        if not members:
+            return math.inf
+        return self.loss(torch.stack([self.outputs[m].double() for m in members]).mean(dim=0))
+
+    def add(self, ids: Sequence[int], outputs: Sequence[torch.Tensor],
+            holdout: Sequence[torch.Tensor | None] | None = None) -> list[float]:
+        """Pool candidates ``ids``; returns each one's ensemble-aware fitness: the loss of the current
+        ensemble with it added (its own loss while the ensemble is empty)."""
+        fitness = []
+        total = (torch.stack([self.outputs[m].double() for m in self.members]).sum(dim=0)
+                 if self.members else None)
+        for i, (candidate, probs) in enumerate(zip(ids, outputs)):
+            self.outputs[candidate] = probs.float()
+            if holdout is not None and holdout[i] is not None:
+                self.holdout[candidate] = holdout[i].float()
+            joined = probs.double() if total is None else total + probs.double()
+            fitness.append(self.loss(joined / (len(self.members) + 1)))
+        return fitness
+
+    def choose(self) -> list[int]:
+        """Greedy forward selection over the pool, without replacement: the best single candidate, then
+        while the ensemble has fewer than ``size`` members, the candidate whose addition lowers the loss
+        most, if any does (ties: the lower id). Sets and returns :attr:`members`."""
+        ids = sorted(self.outputs)
+        members: list[int] = []
+        total = None
+        current = math.inf
+        while len(members) < self.size:
+            best, best_loss = None, current
+            for candidate in ids:
+                if candidate in members:
+                    continue
+                probs = self.outputs[candidate].double()
+                trial = self.loss((probs if total is None else total + probs) / (len(members) + 1))
+                if trial < best_loss:
+                    best, best_loss = candidate, trial
+            if best is None:
+                break
+            members.append(best)
+            total = self.outputs[best].double() if total is None else total + self.outputs[best].double()
+            current = best_loss
+        self.members = members
+        return members
+
+    def holdout_probs(self, members: Sequence[int]) -> torch.Tensor | None:
+        """Mean held-back outputs of ``members`` (None without held-back data)."""
+        if not members or any(m not in self.holdout for m in members):
+            return None
+        return torch.stack([self.holdout[m].double() for m in members]).mean(dim=0)
+
+    def state_dict(self) -> dict:
+        """Plain data for a checkpoint (tensors load with ``weights_only=True``)."""
+        return {"outputs": {str(k): v for k, v in self.outputs.items()},
+                "holdout": {str(k): v for k, v in self.holdout.items()}, "members": list(self.members)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.outputs = {int(k): v for k, v in state["outputs"].items()}
+        self.holdout = {int(k): v for k, v in state["holdout"].items()}
+        self.members = list(state["members"])

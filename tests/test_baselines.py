@@ -219,7 +219,8 @@ def test_bad_baseline_configs_name_the_field(make_config, extra: dict, field: st
 
 # --- the quality benchmark ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("folder", sorted(p.name for p in (REPO / "configs" / "study").iterdir()))
+@pytest.mark.parametrize("folder", sorted(p.name for p in (REPO / "configs" / "study").iterdir()
+                                           if any(p.glob("*.yaml"))))
 def test_study_configs_compare_every_method_at_one_budget(folder: str) -> None:
     """Each study folder: every method, one dataset, model and parent; matched-budget baselines spend what
     the noisy family spends, and a deep_ensemble-<N>x config N times that."""
@@ -270,3 +271,17 @@ def test_cli_bench_quality_passes_its_options(monkeypatch) -> None:
                      "--output-dir", "out", "--data-root", "fm"]) == 0
     assert seen == {"seeds": [3, 4], "config_dir": "cfgs", "data_root": "fm", "output_dir": "out",
                     "executor": "local"}
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in (REPO / "configs" / "study" / "loop").iterdir()))
+def test_loop_bench_arms_spend_the_loops_budget(folder: str) -> None:
+    """Each loop-bench folder: the loop and its arms on one dataset, model and parent, every arm spending
+    the loop's training epochs."""
+    configs = {p.stem: load_config(p) for p in sorted((REPO / "configs" / "study" / "loop" / folder).glob("*.yaml"))}
+    loop = configs["loop"]
+    assert loop.search.scoring == "tuned"
+    assert {"gen0-topk", "random", "copies", "single", "mc_dropout"} <= set(configs)
+    for name, cfg in configs.items():
+        assert (cfg.data, cfg.model, cfg.parent) == (loop.data, loop.model, loop.parent), name
+        spent = subnetwork_budget_epochs(cfg) if cfg.method == "subnetworks" else baseline_budget(cfg)
+        assert spent == subnetwork_budget_epochs(loop), name

@@ -227,7 +227,8 @@ class EnsembleConfig:
                        ge=0)
     acceptance: bool = option(True, "after fine-tuning, a selected member joins the ensemble only if it lowers "
                                      "the validation ensemble's NLL (members tried best first; the first always "
-                                     "joins); false = every selected member joins")
+                                     "joins), and an ensemble whose validation NLL is above the parent's is "
+                                     "replaced by the parent alone; false = every selected member joins")
     holdout: float = option(0.5, "share of the validation split held back from the search, selection and "
                                  "acceptance, to check the chosen ensemble (and each generation's best) against "
                                  "the parent on data no decision has seen; 0 = none", ge=0, le=0.9)

@@ -338,8 +338,9 @@ class Pipeline:
         self._checkpoint()
 
     def _parent_is_better(self, states: list[dict]) -> bool:
-        """Whether the parent alone has a lower selection-split NLL than the ensemble of ``states``."""
-        if self.cfg.task != "classification" or not states:
+        """Whether the parent alone has a lower selection-split NLL than the ensemble of ``states`` (asked only
+        under ``ensemble.acceptance``; without it every selected member joins, as configured)."""
+        if self.cfg.task != "classification" or not states or not self.cfg.ensemble.acceptance:
             return False
         outputs = self.task.pool_outputs([self.parent_state, *states])[0]
         ensemble = torch.stack([o.double() for o in outputs[1:]]).mean(dim=0)

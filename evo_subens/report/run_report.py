@@ -118,6 +118,7 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
         fitness_plot(population, config["search"]["fitness"], parent_fitness, run_dir / "fitness.png")
         lines += ["## Search", "", (f"Validation {config['search']['fitness']} of each generation's candidates "
                   "(the dashed line is the parent)."), "", "![fitness per generation](fitness.png)", ""]
+        lines += _ensemble_by_generation(metrics)
         for section in family.report_sections(population) if family is not None else []:
             lines += [f"## {section.title}", "", *section.lines, ""]
             for name, figure in section.plots.items():
@@ -207,6 +208,24 @@ def _gain_section(metrics: dict) -> list[str]:
             lines.append(f"| {split} | {g['parent']:.4f} | {g['mean_member']:.4f} | {g['ensemble']:.4f} | "
                          f"{g['member_cost']:+.4f} | {g['diversity']:+.4f} | {g['gain']:+.4f} |")
     return lines
+
+
+def _ensemble_by_generation(metrics: dict) -> list[str]:
+    """Tuned scoring: the ensemble chosen after each generation, on the selection split and held back."""
+    checks = [c for c in (metrics.get("search") or {}).get("generations", []) if "ensemble_nll" in c]
+    if not checks:
+        return []
+    rows = ["The ensemble chosen from the parent and every tuned candidate after each generation (selection-split "
+            "NLL: what the choice minimises; held-back NLL: data no decision saw; sigma: the centre of the "
+            "generation's perturbation strengths, as a multiple of children.sigma).", "",
+            "| generation | members | parent in it | new members | sigma x | selection NLL | held-back NLL |",
+            "| ---: | ---: | :---: | ---: | ---: | ---: | ---: |"]
+    for c in checks:
+        held = c.get("holdout_ensemble_nll")
+        rows.append(f"| {c['generation']} | {c['ensemble_size']} | {'yes' if c['parent_in_ensemble'] else 'no'} | "
+                    f"{c['joined']} | {c['step_scale']:.2f} | {c['ensemble_nll']:.4f} | "
+                    f"{'-' if held is None else f'{held:.4f}'} |")
+    return rows + [""]
 
 
 def _selection_table(metrics: dict, config: dict) -> list[str]:

@@ -155,10 +155,34 @@ def test_tuned_scoring_refuses_what_it_cannot_honour(tmp_path: Path) -> None:
         config_from_dict(tiny_dict(tmp_path, {"search": {"scoring": "tuned"}, "finetune": {"epochs": 0}}))
     with pytest.raises(ConfigError, match="search.racing"):
         config_from_dict(tiny_dict(tmp_path, deep_merge(TUNED, {"search": {"racing": True}})))
-    sparse = tiny_dict(tmp_path, TUNED)
-    sparse["children"] = {"family": "sparse"}
+    rl = tiny_dict(tmp_path, TUNED)
+    rl["task"] = "rl"
+    for section in ("data", "model", "children"):
+        rl.pop(section)
     with pytest.raises(ConfigError, match="search.scoring"):
-        config_from_dict(sparse)
+        config_from_dict(rl)
+
+
+@pytest.mark.slow
+def test_sparse_children_under_tuned_scoring_keep_their_masks(tmp_path: Path) -> None:
+    """Sparse children are tuned by their own children.tune (not again by finetune) and pooled: members keep
+    their pruned weights at zero and the ensemble's selection NLL is at most the parent's."""
+    extra = deep_merge(TUNED, {"name": "sparse-tuned", "finetune": {"epochs": 0}})
+    config = tiny_dict(tmp_path / "runs", extra)
+    config["children"] = {"family": "sparse", "mask": "random", "sparsity": 0.3, "tune": {"epochs": 1}}
+    result = evo_subens.run(config, progress=lambda line: None)
+    assert result.metrics["cost"]["train_epochs"] == 4 + 1 * 8
+    checks = result.metrics["search"]["generations"]
+    parent = torch.load(result.run_dir / "parent.pt", weights_only=True)
+    assert checks[-1]["ensemble_nll"] <= _selection_nll(result, [parent])
+    from evo_subens.ensemble import load_ensemble
+
+    ensemble = load_ensemble(result.run_dir)
+    for member, candidate in zip(ensemble.members, checks[-1]["members"]):
+        if candidate == ROOT_CANDIDATE:
+            continue
+        weights = [p for name, p in member.named_parameters() if name.endswith("weight")][0]
+        assert 0.2 < float((weights == 0).float().mean()) < 0.4  # the child's own 30% stays pruned
 
 
 @pytest.mark.slow

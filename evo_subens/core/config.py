@@ -162,7 +162,8 @@ class SearchConfig:
                               "best validation fitness (and say so); 0 = always run every generation", ge=0)
     scoring: str = option("raw", "raw: candidates are scored as perturbed, the best are fine-tuned after the "
                                  "search; tuned: every candidate is fine-tuned (the finetune section, one "
-                                 "whole schedule) in its worker before it is scored, its fitness is how much it "
+                                 "whole schedule; sparse and stochastic children: their own children.tune) in "
+                                 "its worker before it is scored, its fitness is how much it "
                                  "lowers the validation NLL of the ensemble it would join, and the ensemble is "
                                  "the greedy choice among the parent and every tuned candidate (members are not "
                                  "tuned again)", choices=("raw", "tuned"))
@@ -320,8 +321,9 @@ class RunConfig:
             raise ConfigError("data.validation_size", "a fraction in (0, 1) or a whole number of samples", v)
 
     def _check_tuned_scoring(self) -> None:
-        """Tuned scoring fine-tunes candidates with the finetune section and ranks them in the ensemble."""
-        if self.finetune.epochs < 1:
+        """Tuned scoring fine-tunes candidates (with the finetune section, or the family's own tuning) and
+        ranks them in the ensemble."""
+        if self.children.tuning() is None and self.finetune.epochs < 1:
             raise ConfigError("finetune.epochs", "at least 1 with search.scoring=tuned (every candidate is "
                                                  "fine-tuned before it is scored)", self.finetune.epochs)
         if self.task != "classification":
@@ -330,9 +332,6 @@ class RunConfig:
         if self.search.racing:
             raise ConfigError("search.racing", "false with search.scoring=tuned (a tuned candidate is scored "
                                                "whole)", self.search.racing)
-        if self.children.tuning() is not None:
-            raise ConfigError("search.scoring", f"raw for the {self.children.family} family, which tunes its "
-                                                "children itself (children.tune)", self.search.scoring)
 
     def _check_baseline(self) -> None:
         """The baseline methods' budget must cover their models, cycles and snapshots."""
@@ -438,12 +437,18 @@ def tune_epochs(cfg: RunConfig) -> int:
     return tune.epochs if tune is not None else 0
 
 
+def candidate_tune_epochs(cfg: RunConfig) -> int:
+    """Under tuned scoring, the epochs each candidate is tuned before it is scored: its family's own
+    tuning (children.tune) where it has one, else the finetune section's."""
+    return tune_epochs(cfg) if cfg.children.tuning() is not None else cfg.finetune.epochs
+
+
 def subnetwork_budget_epochs(cfg: RunConfig) -> int:
     """Training epochs of the subnetwork method under ``cfg``: parent, tuned children, fine-tuned members."""
     candidates = cfg.search.population * cfg.search.generations
     parent = 0 if cfg.model.parent_path else cfg.parent.epochs
-    if cfg.search.scoring == "tuned":  # every candidate gets the member's whole fine-tuning, members no more
-        return parent + cfg.finetune.epochs * candidates
+    if cfg.search.scoring == "tuned":  # every candidate tuned once (its family's tuning, else the finetune
+        return parent + candidate_tune_epochs(cfg) * candidates  # section); members are not tuned again
     return parent + tune_epochs(cfg) * candidates + cfg.finetune.epochs * cfg.ensemble.size
 
 

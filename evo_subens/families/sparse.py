@@ -282,13 +282,20 @@ class SparseFamily(Family):
         return "a smaller children.tune.lr"
 
     def pack(self, state: dict[str, torch.Tensor], genome: str, materialiser: SparseMaterialiser) -> dict:
-        """A compact copy of a member's weights: only the kept entries of pruned parameters."""
-        masks = materialiser.masks(decode_genome(genome)["mask"])
+        """A compact copy of a member's weights: only the kept entries of pruned parameters (the unpruned
+        parent, a member under tuned scoring, as it is)."""
+        spec = decode_genome(genome)["mask"]
+        if spec is None:
+            return state
+        masks = materialiser.masks(spec)
         return {name: (value[masks[name].cpu()] if name in masks else value) for name, value in state.items()}
 
     def unpack(self, packed: dict, genome: str, materialiser: SparseMaterialiser) -> dict[str, torch.Tensor]:
         """Inverse of :meth:`pack` (pruned entries are zeros)."""
-        masks = materialiser.masks(decode_genome(genome)["mask"])
+        spec = decode_genome(genome)["mask"]
+        if spec is None:
+            return packed
+        masks = materialiser.masks(spec)
         state = {}
         for name, value in packed.items():
             if name in masks:

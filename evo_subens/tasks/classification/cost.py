@@ -14,7 +14,7 @@ the parent's own test metrics) are not counted.
 
 from __future__ import annotations
 
-from ...core.config import BAGGING_SHARE, RunConfig, tune_epochs
+from ...core.config import BAGGING_SHARE, RunConfig, candidate_tune_epochs, tune_epochs
 from .data import DatasetSplits
 
 
@@ -34,10 +34,12 @@ def subnetwork_cost(cfg: RunConfig, data: DatasetSplits, *, candidates: int, sel
     metrics, temperature scaling) are not counted.
     """
     train_size, parent = len(data.train), (0 if cfg.model.parent_path else cfg.parent.epochs)
-    if cfg.search.scoring == "tuned":  # every candidate fine-tuned once, scored once; members not tuned again
-        epochs = parent + cfg.finetune.epochs * candidates
-        return cost_record(epochs, epochs * train_size, candidates * validation + members * len(data.test))
     tune = cfg.children.tuning()
+    if cfg.search.scoring == "tuned":  # every candidate tuned once, scored once; members not tuned again
+        each = candidate_tune_epochs(cfg)
+        share = round(BAGGING_SHARE * train_size) if tune is not None and tune.bagging else train_size
+        return cost_record(parent + each * candidates, parent * train_size + each * candidates * share,
+                           candidates * validation + members * len(data.test))
     epochs_each = tune_epochs(cfg)
     tune_share = round(BAGGING_SHARE * train_size) if tune is not None and tune.bagging else train_size
     epochs = parent + epochs_each * candidates + cfg.finetune.epochs * selected

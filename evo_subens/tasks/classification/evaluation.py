@@ -49,7 +49,9 @@ class EvaluationPayload(WorkerPayload):
     activation_cache_mb: float = 0.0  # see WorkersConfig.activation_cache_mb
     autocast: str = "off"  # see WorkersConfig.autocast
     stack_candidates: int = 1  # see WorkersConfig.stack_candidates
-    tune_candidates: bool = False  # search.scoring == "tuned": every candidate is fine-tuned before it is scored
+    # search.scoring == "tuned" for a family that does not train its children: each candidate is fine-tuned
+    # (the finetune section) before it is scored
+    tune_candidates: bool = False
 
     def make_evaluator(self, device: str | torch.device = "cpu") -> "CandidateEvaluator":
         return CandidateEvaluator(self, device)

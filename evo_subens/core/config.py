@@ -144,7 +144,8 @@ class ChildrenConfig:
 class SearchConfig:
     population: int = option(16, "candidates evaluated per generation", ge=1)
     generations: int = option(3, "generations; generation 0 mutates the parent, later ones the elites", ge=1)
-    elites: int = option(4, "best candidates kept as the parents of the next generation", ge=1)
+    elites: int = option(4, "raw scoring: best candidates kept as the parents of the next generation (tuned "
+                            "scoring keeps the ensemble's members instead)", ge=1)
     fitness: str = option("accuracy", "validation metric that ranks candidates, one of the task's (classification: "
                                       "accuracy or nll); the others break ties")
     eval_batch_size: int = option(1000, "batch size of validation/test forward passes", ge=1)
@@ -297,7 +298,7 @@ class RunConfig:
                                                "(the candidates the search evaluates)", self.ensemble.size)
         if self.search.scoring == "tuned":
             self._check_tuned_scoring()
-        if self.search.elites > self.search.population:
+        if self.search.elites > self.search.population and self.search.scoring == "raw":  # tuned: elites = members
             raise ConfigError("search.elites", f"at most search.population = {self.search.population}",
                               self.search.elites)
         if self.model.architecture is not None and ":" not in self.model.architecture:

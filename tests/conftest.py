@@ -25,7 +25,7 @@ TINY: dict[str, Any] = {
     "children": {"density": 0.2, "sigma": 0.5, "sigma_mode": "relative"},
     # Every generation runs and every selected candidate joins, so tests can count rows and members; the
     # tests of early stopping, fine-tuning and acceptance turn them on.
-    "search": {"population": 8, "generations": 2, "elites": 3, "fitness": "accuracy", "patience": 0},
+    "search": {"population": 8, "generations": 2, "elites": 3, "fitness": "accuracy", "patience": 0, "scoring": "raw"},
     "workers": {"executor": "local"},
     "finetune": {"epochs": 0},
     "ensemble": {"size": 3, "acceptance": False},

@@ -48,8 +48,10 @@ def test_default_yaml_loads_every_value() -> None:
 
 
 def test_no_config_file_gives_the_defaults() -> None:
-    """load_config(None) is the dataclass defaults."""
-    assert load_config(None) == RunConfig()
+    """load_config(None) is the dataclass defaults, with the scoring the default task resolves to."""
+    defaults = RunConfig()
+    defaults.search.scoring = "tuned"  # null: the classification task's
+    assert load_config(None) == defaults
 
 
 def test_dotted_overrides_apply(tmp_path: Path) -> None:
@@ -124,7 +126,7 @@ BAD = [
     pytest.param({"children": {"sigma": -0.1}}, "children.sigma", id="negative-sigma"),
     pytest.param({"search": {"population": 0}}, "search.population", id="population-0"),
     pytest.param({"ensemble": {"size": 17}}, "ensemble.size", id="ensemble-larger-than-search"),
-    pytest.param({"search": {"elites": 9}}, "search.elites", id="elites-above-population"),
+    pytest.param({"search": {"elites": 9, "scoring": "raw"}}, "search.elites", id="elites-above-population"),
     pytest.param({"children": {"subspace": "foo"}}, "children.subspace", id="bad-choice"),
     pytest.param({"model": {"architecture": "mypackage.MyNet"}}, "model.architecture", id="architecture-no-colon"),
     pytest.param({"search": 3}, "search", id="section-not-a-mapping"),

@@ -46,9 +46,9 @@ BAGGING_SHARE = 0.9
 
 @dataclass
 class TrainConfig:
-    epochs: int = option(10, "passes over the training split", ge=0)
+    epochs: int = option(30, "passes over the training split", ge=0)
     batch_size: int = option(128, "minibatch size", ge=1)
-    lr: float = option(0.1, "peak learning rate", gt=0)
+    lr: float = option(0.05, "peak learning rate", gt=0)
     lr_schedule: str = option("cosine", "learning-rate schedule, stepped per batch",
                               choices=LR_SCHEDULES)
     optimizer: str = option("sgd", "sgd (momentum, nesterov, weight_decay apply) or adam (weight_decay "
@@ -142,11 +142,11 @@ class ChildrenConfig:
 
 @dataclass
 class SearchConfig:
-    population: int = option(16, "candidates evaluated per generation", ge=1)
+    population: int = option(8, "candidates evaluated per generation", ge=1)
     generations: int = option(3, "generations; generation 0 mutates the parent, later ones the elites", ge=1)
     elites: int = option(4, "raw scoring: best candidates kept as the parents of the next generation (tuned "
                             "scoring keeps the ensemble's members instead)", ge=1)
-    fitness: str = option("accuracy", "validation metric that ranks candidates, one of the task's (classification: "
+    fitness: str = option("nll", "validation metric that ranks candidates, one of the task's (classification: "
                                       "accuracy or nll); the others break ties")
     eval_batch_size: int = option(1000, "batch size of validation/test forward passes", ge=1)
     racing: bool = option(False, "stop scoring a candidate, after any validation batch, once it provably cannot "
@@ -159,9 +159,10 @@ class SearchConfig:
                                          "else multiplied by it); decay (multiplied by step_factor every "
                                          "generation)", choices=("constant", "one_fifth", "decay"))
     step_factor: float = option(0.7, "noisy: the factor step_size applies to sigma", gt=0, le=1)
-    patience: int = option(1, "stop the search once this many generations in a row have not improved the "
+    patience: int = option(0, "stop the search once this many generations in a row have not improved the "
                               "best validation fitness (and say so); 0 = always run every generation", ge=0)
-    scoring: str = option("raw", "raw: candidates are scored as perturbed, the best are fine-tuned after the "
+    scoring: str | None = option(None, "null: tuned for classification, raw for rl (tuned scoring is built "
+                                       "for classification); raw: candidates are scored as perturbed, the best are fine-tuned after the "
                                  "search; tuned: every candidate is fine-tuned (the finetune section, one "
                                  "whole schedule; sparse and stochastic children: their own children.tune) in "
                                  "its worker before it is scored, its fitness is how much it "
@@ -296,6 +297,8 @@ class RunConfig:
         if self.ensemble.size > kept:
             raise ConfigError("ensemble.size", f"at most search.population * search.generations = {kept} "
                                                "(the candidates the search evaluates)", self.ensemble.size)
+        if self.search.scoring is None:
+            self.search.scoring = "tuned" if self.task == "classification" else "raw"
         if self.search.scoring == "tuned":
             self._check_tuned_scoring()
         if self.search.elites > self.search.population and self.search.scoring == "raw":  # tuned: elites = members

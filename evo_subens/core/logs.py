@@ -34,6 +34,7 @@ LEGACY_VALUES: dict[tuple[str, str], object] = {
     ("search", "patience"): 0,
     ("ensemble", "acceptance"): False,
     ("ensemble", "holdout"): 0.0,
+    ("search", "scoring"): "raw",
 }
 # Fields renamed since: a run directory's old name reads as the new one.
 LEGACY_NAMES: dict[tuple[str, str], str] = {("data", "root"): "path"}

@@ -43,9 +43,9 @@ class NoisyConfig(ChildrenConfig):
     """``children`` of the noisy family."""
 
     family: str = "noisy"
-    density: float = option(0.05, "fraction of the eligible parameters each mutation perturbs "
+    density: float = option(0.1, "fraction of the eligible parameters each mutation perturbs "
                                   "(1.0 = dense noise)", gt=0, le=1)
-    sigma: float = option(0.1, "noise standard deviation (absolute, or a multiple of each layer's "
+    sigma: float = option(0.5, "noise standard deviation (absolute, or a multiple of each layer's "
                                "weight std when sigma_mode is relative)", ge=0)
     sigma_mode: str = option("relative", "scale of sigma", choices=("absolute", "relative"))
     subspace: str = option("dynamic", "static: one mask per generation; dynamic: a fresh mask per child",

@@ -199,7 +199,8 @@ class ClassificationTask(Task):
             batch_size=cfg.search.eval_batch_size, threads=cfg.workers.threads_per_actor,
             use_gpu=cfg.workers.num_gpus_per_actor > 0, activation_cache_mb=cfg.workers.activation_cache_mb,
             autocast=cfg.workers.autocast, stack_candidates=cfg.workers.stack_candidates,
-            finetune=cfg.finetune if cfg.finetune.epochs else None, tune_candidates=cfg.search.scoring == "tuned" and not make_family(cfg.children).trains_children)
+            finetune=cfg.finetune if cfg.finetune.epochs else None,
+            tune_candidates=cfg.search.scoring == "tuned" and not make_family(cfg.children).trains_children)
         if make_family(cfg.children).trains_children or cfg.finetune.epochs:
             payload.train_x, payload.train_y = data.train.x, data.train.y
         return payload

@@ -145,7 +145,7 @@ def test_raw_loop_ensemble_worse_than_parent_is_replaced_by_the_parent(tmp_path:
 def test_a_parent_that_did_not_learn_stops_the_run(tmp_path: Path) -> None:
     """A parent near chance stops the run before the search, naming the settings to change."""
     extra = {"parent": {"lr": 1e-6, "epochs": 2}, "name": "unlearned"}
-    with pytest.raises(UserError, match=r"the parent did not learn.*parent\.lr \(now 1e-06\).*parent\.epochs"):
+    with pytest.raises(UserError, match=r"the parent did not learn.*parent\.lr \(now 1e-06.*parent\.epochs \(now 2\)"):
         evo_subens.run(tiny_dict(tmp_path / "runs", extra), progress=lambda line: None)
     assert not (tmp_path / "runs" / "unlearned" / "population.parquet").exists()
 

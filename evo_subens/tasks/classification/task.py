@@ -151,9 +151,10 @@ class ClassificationTask(Task):
                             f"data.std)")
         p = self.cfg.parent
         raise UserError(f"the parent did not learn: {seen}. An ensemble of its children would be as poor; change "
-                        f"the parent's training and run again: a smaller parent.lr (now {p.lr:g}), more "
-                        f"parent.epochs (now {p.epochs}), or inputs on a unit scale (data.standardize: true, "
-                        f"data.scale; now {describe_preprocessing(self.data)})")
+                        f"the parent's training and run again: another parent.lr (now {p.lr:g}; a loss stuck "
+                        f"near its start means a rate far too large or too small), more parent.epochs "
+                        f"(now {p.epochs}), or inputs on a unit scale (data.standardize: true, data.scale; now "
+                        f"{describe_preprocessing(self.data)})")
 
     def pool_outputs(self, states: Sequence[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Probabilities of each weight set on the selection split and on the held-back part (None where

@@ -72,6 +72,25 @@ def test_pool_never_chooses_an_ensemble_worse_than_the_parent() -> None:
         assert len(members) == len(set(members)) <= 4
 
 
+def test_pool_choice_never_gets_worse_when_candidates_join() -> None:
+    """Greedy selection from scratch can end worse than the ensemble already chosen (a strong single
+    candidate that nothing improves); the pool then keeps growing the current members instead."""
+    labels = torch.tensor([0, 0, 1, 1])
+    loss = lambda probs: nll(probs, labels)  # noqa: E731
+    pool = EnsemblePool(4, loss)
+    a = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.1, 0.9], [0.1, 0.9]])  # wrong on row 1
+    b = torch.tensor([[0.2, 0.8], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])  # wrong on row 0
+    pool.add([0, 1], [a, b])
+    first = pool.choose()
+    assert sorted(first) == [0, 1]
+    before = pool.ensemble_loss(first)
+    steady = torch.tensor([[0.7, 0.3], [0.7, 0.3], [0.3, 0.7], [0.3, 0.7]])  # the best single model
+    pool.add([2], [steady])
+    assert loss(steady) < loss(a) and pool._greedy([]) == [2] and loss(steady) > before  # greedy from scratch
+    chosen = pool.choose()
+    assert pool.ensemble_loss(chosen) < before and sorted(chosen) == [0, 1, 2]
+
+
 def test_pool_fitness_is_the_ensemble_loss_with_the_candidate() -> None:
     labels = torch.tensor([0, 1])
     pool = EnsemblePool(3, lambda probs: nll(probs, labels))

@@ -3,8 +3,9 @@
 Under ``search.scoring: tuned`` each candidate is fine-tuned before it is scored, so its outputs on the
 selection split are those of a would-be member. The pool keeps those outputs (probabilities, never
 weights: they stay with the workers until members are stored) and after every generation chooses the
-ensemble by greedy forward selection without replacement, starting from the best single model and
-adding a candidate only while it lowers the ensemble's loss. The trained parent is in the pool from the
+ensemble by greedy forward selection without replacement, starting from the best single model (and
+again from the members chosen before, keeping the better path) and adding a candidate only while it
+lowers the ensemble's loss. The trained parent is in the pool from the
 start, so the chosen ensemble's selection-split loss is never above the parent's: when no candidate
 helps, the ensemble is the parent alone.
 
@@ -61,13 +62,21 @@ class EnsemblePool:
         return fitness
 
     def choose(self) -> list[int]:
-        """Greedy forward selection over the pool, without replacement: the best single candidate, then
-        while the ensemble has fewer than ``size`` members, the candidate whose addition lowers the loss
-        most, if any does (ties: the lower id). Sets and returns :attr:`members`."""
+        """Greedy forward selection over the pool, without replacement: from the best single candidate,
+        add the candidate whose addition lowers the loss most, while one does and the ensemble has fewer than
+        ``size`` members (ties: the lower id). Greedy selection depends on where it starts, so it also goes on
+        from the current members, and the lower loss of the two wins (ties: the current members' path): the
+        chosen ensemble's loss never rises from one choice to the next. Sets and returns :attr:`members`."""
+        fresh = self._greedy([])
+        grown = self._greedy([m for m in self.members if m in self.outputs])
+        self.members = grown if grown and self.ensemble_loss(grown) <= self.ensemble_loss(fresh) else fresh
+        return self.members
+
+    def _greedy(self, start: list[int]) -> list[int]:
         ids = sorted(self.outputs)
-        members: list[int] = []
-        total = None
-        current = math.inf
+        members = list(start)
+        total = torch.stack([self.outputs[m].double() for m in members]).sum(dim=0) if members else None
+        current = self.ensemble_loss(members)
         while len(members) < self.size:
             best, best_loss = None, current
             for candidate in ids:
@@ -82,7 +91,6 @@ class EnsemblePool:
             members.append(best)
             total = self.outputs[best].double() if total is None else total + self.outputs[best].double()
             current = best_loss
-        self.members = members
         return members
 
     def holdout_probs(self, members: Sequence[int]) -> torch.Tensor | None:

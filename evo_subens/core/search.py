@@ -218,23 +218,9 @@ class SubnetworkSearch(SearchAlgorithm):
         parents = self.elites or None
         parent_genomes = [e.genome for e in parents] if parents else [self.root]
         proposals = self.family.propose(parent_genomes, self.cfg.population, self.rng, step_scale=self.step_scale)
-        batch = self.problem.make_batch([genome for _, genome in proposals])
         if self.racing_rank:
             self.problem.set_racing_bound(self.racing_bound())
-        self.problem.evaluate(batch)
-        evals = batch.evals.cpu().numpy()
-        first_id = len(self.records)
-        new = []
-        pids = []
-        for i, ((parent_index, genome), row) in enumerate(zip(proposals, evals)):
-            fitness, metrics, (seconds, worker, pid, raced, diverged) = self.problem.unpack(row)
-            parent_id = parents[parent_index].candidate if parents and parent_index >= 0 else ROOT_CANDIDATE
-            new.append(CandidateRecord(self.generation, first_id + i, parent_id, genome, fitness, metrics,
-                                       seconds, int(worker), node=self.problem.worker_node(int(worker), int(pid)),
-                                       raced=bool(raced), diverged=bool(diverged)))
-            pids.append((int(worker), int(pid)))
-        self._note_restarts(pids)
-        self.records.extend(new)
+        new = self._evaluate(proposals, parents, [self.step_scale] * len(proposals))
         best_before = self.elites[0] if self.elites else None
         kept = [r for r in new if not r.diverged]
         self.elites = sorted(self.elites + kept, key=self.ranking.key)[: self.cfg.elites]

@@ -74,7 +74,7 @@ def test_pool_never_chooses_an_ensemble_worse_than_the_parent() -> None:
 
 def test_pool_choice_never_gets_worse_when_candidates_join() -> None:
     """Greedy selection from scratch can end worse than the ensemble already chosen (a strong single
-    candidate that nothing improves); the pool then keeps growing the current members instead."""
+    candidate that nothing improves); the current members, grown, compete and win."""
     labels = torch.tensor([0, 0, 1, 1])
     loss = lambda probs: nll(probs, labels)  # noqa: E731
     pool = EnsemblePool(4, loss)
@@ -86,9 +86,25 @@ def test_pool_choice_never_gets_worse_when_candidates_join() -> None:
     before = pool.ensemble_loss(first)
     steady = torch.tensor([[0.7, 0.3], [0.7, 0.3], [0.3, 0.7], [0.3, 0.7]])  # the best single model
     pool.add([2], [steady])
-    assert loss(steady) < loss(a) and pool._greedy([]) == [2] and loss(steady) > before  # greedy from scratch
+    # greedy from scratch that stops at its first rise ends on the single model, worse than before
+    assert loss(steady) < loss(a) and pool._greedy([], stop_at_rise=True) == [2] and loss(steady) > before
     chosen = pool.choose()
     assert pool.ensemble_loss(chosen) < before and sorted(chosen) == [0, 1, 2]
+
+
+def test_pool_fills_the_ensemble_unless_that_is_worse_than_the_parent() -> None:
+    """Greedy selection goes on to ``size`` members past a small rise of the selection loss; it stops at
+    the first rise only where the full ensemble would be worse than the parent."""
+    labels = torch.tensor([0, 1, 0, 1])
+    loss = lambda probs: nll(probs, labels)  # noqa: E731
+    pool = EnsemblePool(3, loss)
+    parent = torch.tensor([[0.6, 0.4], [0.4, 0.6], [0.6, 0.4], [0.4, 0.6]])
+    good = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.9, 0.1], [0.1, 0.9]])
+    fair = torch.tensor([[0.8, 0.2], [0.2, 0.8], [0.8, 0.2], [0.2, 0.8]])
+    pool.add([ROOT_CANDIDATE, 0, 1], [parent, good, fair])
+    chosen = pool.choose()
+    assert len(chosen) == 3 and pool.ensemble_loss(chosen) > pool.ensemble_loss([0])  # filled past a rise
+    assert pool.ensemble_loss(chosen) <= loss(parent)
 
 
 def test_pool_fitness_is_the_ensemble_loss_with_the_candidate() -> None:

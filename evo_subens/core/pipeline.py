@@ -102,7 +102,7 @@ class Pipeline:
                                     population=cfg.search.population)
         pool = pool_outputs = None
         if self.tuned:
-            pool = EnsemblePool(cfg.ensemble.size, self.task.pool_loss)
+            pool = EnsemblePool(cfg.ensemble.size, self.task.pool_loss, parent=ROOT_CANDIDATE)
             selection, holdout = self.task.pool_outputs([self.parent_state])
             pool.add([ROOT_CANDIDATE], selection, holdout)
             pool.choose()

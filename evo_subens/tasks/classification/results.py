@@ -115,11 +115,13 @@ def summary_table(metrics: dict, offered: int) -> str:
                  f"- member cost {gain['member_cost']:+.4f} (mean member {gain['mean_member']:.4f})")
     search = metrics["search"]
     if search["later_generations_beat_first"] is not None:
+        # Tuned scoring checks the ensemble chosen after each generation; raw scoring its best candidate.
+        what = "ensemble" if "ensemble_nll" in search["generations"][0] else "best"
         lines.append(f"search: {search['generations_run']} generation(s)"
                      + (", stopped early" if search["stopped_early"] else "")
-                     + ("; a later generation's best beat generation 0's on held-back validation"
+                     + (f"; a later generation's {what} beat generation 0's on held-back validation"
                         if search["later_generations_beat_first"] else
-                        "; no later generation's best beat generation 0's on held-back validation"))
+                        f"; no later generation's {what} beat generation 0's on held-back validation"))
     line = f"verdict: ensemble vs parent on test: {describe_difference(metrics['verdict']['test'])}"
     if metrics["verdict"]["holdout"]:
         line += f"; on held-back validation: {describe_difference(metrics['verdict']['holdout'])}"

@@ -33,10 +33,9 @@ RUNTIME_COLUMNS = ["eval_seconds", "worker", "node"]
 
 def _selection_nll(result, states: list[dict]) -> float:
     """The selection-split NLL of the ensemble of ``states``, recomputed from the run's own task."""
-    from evo_subens.core.runner import _build_parent  # noqa: F401  (the task below loads the same data)
     from evo_subens.tasks import make_task
 
-    cfg = config_from_dict(json.loads(json.dumps(yaml.safe_load((result.run_dir / "config.yaml").read_text()))))
+    cfg = config_from_dict(yaml.safe_load((result.run_dir / "config.yaml").read_text()))
     task = make_task(cfg, lambda line: None)
     task.load()
     probs = task.pool_outputs(states)[0]

@@ -100,18 +100,15 @@ class Pipeline:
                                                           for name, value in self.reference.metrics.items()))
         self.problem = make_problem(cfg.workers, payload, fitness=cfg.search.fitness,
                                     population=cfg.search.population)
-        pool = pool_outputs = None
+        pool = None
         if self.tuned:
             pool = EnsemblePool(cfg.ensemble.size, self.task.pool_loss, parent=ROOT_CANDIDATE)
             selection, holdout = self.task.pool_outputs([self.parent_state])
             pool.add([ROOT_CANDIDATE], selection, holdout)
             pool.choose()
-
-            def pool_outputs(records: list[CandidateRecord]):
-                return self.task.pool_outputs(self.states_of(records))
         self.search = SubnetworkSearch(self.problem, self.family, cfg.search, seed=cfg.seed,
                                        racing_rank=_racing_rank(cfg), reference=self.reference, pool=pool,
-                                       pool_outputs=pool_outputs)
+                                       pool_outputs=self._pool_outputs if self.tuned else None)
         if state.search:
             self.search.load_state_dict(state.search)
         self.searched = self.search.generation < cfg.search.generations and not self.search.stopped
@@ -130,6 +127,10 @@ class Pipeline:
         metrics = {m.name: value for m, value in zip(self.task.metrics, score.values)}
         return CandidateRecord(REFERENCE_GENERATION, ROOT_CANDIDATE, ROOT_CANDIDATE, root,
                                metrics[self.cfg.search.fitness], metrics, 0.0, LOCAL_WORKER, node=LOCAL_NODE)
+
+    def _pool_outputs(self, records: list[CandidateRecord]):
+        """Tuned candidates' outputs on the selection and held-back data, from their workers' weights."""
+        return self.task.pool_outputs(self.states_of(records))
 
     def states_of(self, chosen: list[CandidateRecord]) -> list[dict]:
         """Weights of candidates: fetched from the workers that trained them, else rebuilt here."""

@@ -162,13 +162,14 @@ class SearchConfig:
     patience: int = option(0, "stop the search once this many generations in a row have not improved the "
                               "best validation fitness (and say so); 0 = always run every generation", ge=0)
     scoring: str | None = option(None, "null: tuned for classification, raw for rl (tuned scoring is built "
-                                       "for classification); raw: candidates are scored as perturbed, the best are fine-tuned after the "
-                                 "search; tuned: every candidate is fine-tuned (the finetune section, one "
-                                 "whole schedule; sparse and stochastic children: their own children.tune) in "
-                                 "its worker before it is scored, its fitness is how much it "
-                                 "lowers the validation NLL of the ensemble it would join, and the ensemble is "
-                                 "the greedy choice among the parent and every tuned candidate (members are not "
-                                 "tuned again)", choices=("raw", "tuned"))
+                                       "for classification); raw: candidates are scored as perturbed, the best "
+                                       "are fine-tuned after the search; tuned: every candidate is fine-tuned "
+                                       "(the finetune section, one whole schedule; sparse and stochastic "
+                                       "children: their own children.tune) in its worker before it is scored, "
+                                       "its fitness is how much it lowers the validation NLL of the ensemble "
+                                       "it would join, and the ensemble is the greedy choice among the parent "
+                                       "and every tuned candidate (members are not tuned again)",
+                                 choices=("raw", "tuned"))
     step_spread: float = option(0.5, "tuned scoring, noisy: each candidate's sigma is children.sigma x centre x "
                                      "exp(step_spread x N(0, 1)); the centre moves to the geometric mean of the "
                                      "ensemble members' scales after every generation; 0 = one sigma", ge=0)

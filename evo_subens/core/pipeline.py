@@ -208,12 +208,11 @@ class Pipeline:
 
     def _tuned_line(self, seconds: float, check: dict) -> str:
         latest = self._latest()
-        fitness = sorted(r.ensemble_nll for r in latest if not math.isnan(r.ensemble_nll))
+        fitness = sorted(r.ensemble_nll for r in latest if not math.isnan(r.ensemble_nll)) or [math.nan]
         held = check.get("holdout_ensemble_nll")
         return (f"[search] generation {self.search.generation}/{self.cfg.search.generations}  "
-                f"{len(latest)} tuned candidates, ensemble nll with each: best "
-                f"{fitness[0] if fitness else math.nan:.4f}  median {fitness[len(fitness) // 2] if fitness else math.nan:.4f}"
-                f"  ensemble: {check['ensemble_size']} member(s)"
+                f"{len(latest)} tuned candidates, ensemble nll with each: best {fitness[0]:.4f}  "
+                f"median {fitness[len(fitness) // 2]:.4f}  ensemble: {check['ensemble_size']} member(s)"
                 f"{' (parent included)' if check['parent_in_ensemble'] else ''}, {check['joined']} new, "
                 f"val nll {check['ensemble_nll']:.4f}"
                 + (f", held-back nll {held:.4f}" if held is not None else "")

@@ -124,5 +124,5 @@ def test_rl_refuses_what_it_cannot_do_yet(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="search.fitness"):
         config_from_dict(rl_config(tmp_path, search={"fitness": "accuracy"}))
     with pytest.raises(ConfigError, match="ensemble.rule"):
-        config_from_dict(dict(rl_config(tmp_path), task="classification", search={"fitness": "nll"},
+        config_from_dict(dict(rl_config(tmp_path), task="classification", search={"fitness": "nll", "scoring": "raw"},
                               ensemble={"rule": "vote"}))

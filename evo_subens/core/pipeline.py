@@ -324,9 +324,9 @@ class Pipeline:
             self.progress(f"[ensemble] {len(joined)} of {len(chosen) - decided} fine-tuned candidates accepted; "
                           f"{rejected} would have made the validation ensemble worse")
         accepted = accepted + [decided + j for j in joined]
-        if self._parent_is_better([chosen_states[i] for i in accepted]):
-            # The parent is a candidate member too: an ensemble worse than it on the selection split is
-            # replaced by the parent alone, stored as one more position.
+        if self.task.prefers_parent(self.parent_state, [chosen_states[i] for i in accepted]):
+            # The parent is a candidate member too: an ensemble worse than it is replaced by the parent alone,
+            # stored as one more position.
             self.progress("[ensemble] the accepted ensemble's validation NLL is above the parent's: the ensemble "
                           "is the parent alone")
             position = len(chosen)
@@ -336,15 +336,6 @@ class Pipeline:
             state.tuned, accepted = position + 1, [position]
         state.stage, state.accepted, state.decided = "accepted", accepted, len(state.members)
         self._checkpoint()
-
-    def _parent_is_better(self, states: list[dict]) -> bool:
-        """Whether the parent alone has a lower selection-split NLL than the ensemble of ``states`` (asked only
-        under ``ensemble.acceptance``; without it every selected member joins, as configured)."""
-        if self.cfg.task != "classification" or not states or not self.cfg.ensemble.acceptance:
-            return False
-        outputs = self.task.pool_outputs([self.parent_state, *states])[0]
-        ensemble = torch.stack([o.double() for o in outputs[1:]]).mean(dim=0)
-        return self.task.pool_loss(outputs[0].double()) < self.task.pool_loss(ensemble)
 
     # Stage 6 ---------------------------------------------------------------------------------------------
     def results_stage(self, chosen_states: list[dict]) -> RunResult:

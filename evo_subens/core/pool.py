@@ -43,15 +43,14 @@ class EnsemblePool:
         """Loss of the mean of ``members``' outputs (inf for no member)."""
         if not members:
             return math.inf
-        return self.loss(torch.stack([self.outputs[m].double() for m in members]).mean(dim=0))
+        return self.loss(_stacked(self.outputs, members).mean(dim=0))
 
     def add(self, ids: Sequence[int], outputs: Sequence[torch.Tensor],
             holdout: Sequence[torch.Tensor | None] | None = None) -> list[float]:
         """Pool candidates ``ids``; returns each one's ensemble-aware fitness: the loss of the current
         ensemble with it added (its own loss while the ensemble is empty)."""
         fitness = []
-        total = (torch.stack([self.outputs[m].double() for m in self.members]).sum(dim=0)
-                 if self.members else None)
+        total = _stacked(self.outputs, self.members).sum(dim=0) if self.members else None
         for i, (candidate, probs) in enumerate(zip(ids, outputs)):
             self.outputs[candidate] = probs.float()
             if holdout is not None and holdout[i] is not None:
@@ -81,7 +80,7 @@ class EnsemblePool:
     def _greedy(self, start: list[int], stop_at_rise: bool = False) -> list[int]:
         ids = sorted(self.outputs)
         members = list(start)
-        total = torch.stack([self.outputs[m].double() for m in members]).sum(dim=0) if members else None
+        total = _stacked(self.outputs, members).sum(dim=0) if members else None
         current = self.ensemble_loss(members)
         while len(members) < self.size:
             best, best_loss = None, math.inf
@@ -103,7 +102,7 @@ class EnsemblePool:
         """Mean held-back outputs of ``members`` (None without held-back data)."""
         if not members or any(m not in self.holdout for m in members):
             return None
-        return torch.stack([self.holdout[m].double() for m in members]).mean(dim=0)
+        return _stacked(self.holdout, members).mean(dim=0)
 
     def state_dict(self) -> dict:
         """Plain data for a checkpoint (tensors load with ``weights_only=True``)."""
@@ -114,3 +113,8 @@ class EnsemblePool:
         self.outputs = {int(k): v for k, v in state["outputs"].items()}
         self.holdout = {int(k): v for k, v in state["holdout"].items()}
         self.members = list(state["members"])
+
+
+def _stacked(outputs: dict[int, torch.Tensor], members: Sequence[int]) -> torch.Tensor:
+    """``members``' outputs stacked along a new first dimension, in float64."""
+    return torch.stack([outputs[m].double() for m in members])

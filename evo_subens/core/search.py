@@ -277,8 +277,7 @@ class SubnetworkSearch(SearchAlgorithm):
             for record, value in zip(kept, self.pool.add([r.candidate for r in kept], selection, holdout)):
                 record.ensemble_nll = value
         members = self.pool.choose()
-        by_id = {r.candidate: r for r in self.records}
-        self.elites = [by_id[m] for m in members if m in by_id]
+        self.elites = [self.records[m] for m in members if m != ROOT_CANDIDATE]  # ids index the records
         for record in self.elites:
             if record.generation == self.generation:
                 record.is_elite = True
@@ -289,9 +288,7 @@ class SubnetworkSearch(SearchAlgorithm):
                              "success_rate": joined / len(new), "improved": bool(improved)})
         if self.elites:  # the centre moves to the strengths that made the ensemble's members
             self.step_scale = float(math.exp(np.mean([math.log(r.step_scale) for r in self.elites])))
-        self.stalled = 0 if improved else self.stalled + 1
-        if self.cfg.patience and self.stalled >= self.cfg.patience:
-            self.stopped = True
+        self._note_progress(improved)
         self.generation += 1
 
     def _better(self, record: CandidateRecord, than: CandidateRecord | None) -> bool:
@@ -310,6 +307,10 @@ class SubnetworkSearch(SearchAlgorithm):
             self.step_scale *= factor
         elif self.cfg.step_size == "one_fifth":
             self.step_scale *= (1 / factor) if success_rate > 0.2 else factor
+        self._note_progress(improved)
+
+    def _note_progress(self, improved: bool) -> None:
+        """Count generations without improvement; ``search.patience`` of them stop the search."""
         self.stalled = 0 if improved else self.stalled + 1
         if self.cfg.patience and self.stalled >= self.cfg.patience:
             self.stopped = True

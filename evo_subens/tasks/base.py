@@ -142,6 +142,11 @@ class Task(ABC):
     def accept(self, kept: Sequence[State], new: Sequence[State]) -> list[int]:
         """Which of ``new`` (indices, in the order they joined) join an ensemble already holding ``kept``."""
 
+    def prefers_parent(self, parent: State, members: Sequence[State]) -> bool:
+        """Whether the parent alone should replace the accepted ensemble of ``members`` (it scores better on
+        the selection data); never, by default."""
+        return False
+
     # Results -----------------------------------------------------------------------------------------
     @abstractmethod
     def results(self, parent: "nn.Module", member_states: list[State], member_ids: list[int]) -> dict:

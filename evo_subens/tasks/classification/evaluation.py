@@ -82,7 +82,6 @@ class CandidateEvaluator(Evaluator):
         self._cache: ActivationCache | None = None
         self._cache_checked = False
         self.racing_bound: RacingBound | None = None  # set by the search before each generation
-        self._scoring_model: torch.nn.Module | None = None  # holds tuned candidates while they are scored
 
     @property
     def activation_cache(self) -> "ActivationCache | None":
@@ -149,16 +148,12 @@ class CandidateEvaluator(Evaluator):
         return CandidateScore(tuple(scores), time.perf_counter() - started)
 
     def _evaluate_tuned(self, genome: str, started: float) -> CandidateScore:
-        """Fine-tune the child (its own seed, from its genome), keep its weights until fetched, score them."""
-        tuned = self.finetuned_state(genome, tune_seed(genome))
-        self._trained[genome] = tuned
-        if self._scoring_model is None:
-            self._scoring_model = build_model(self.payload.model, self.payload.input_shape, self.payload.num_classes)
-            self._scoring_model.to(self.device).eval()
-        self._scoring_model.load_state_dict(tuned)
-        self._scoring_model.eval()
+        """Fine-tune the child (its own seed, from its genome), keep its weights until fetched, score the
+        tuned model itself."""
+        model = self._tuned_model(genome, tune_seed(genome))
+        self._trained[genome] = state_copy(model)
         with self._precision():
-            scores = self.score_current(model=self._scoring_model)
+            scores = self.score_current(model=model)
         return CandidateScore(tuple(scores), time.perf_counter() - started)
 
     def evaluate_many(self, genomes: list[str]) -> list[CandidateScore]:
@@ -204,6 +199,13 @@ class CandidateEvaluator(Evaluator):
         """The child ``genome`` (weights ``start`` when given, else its own) after the payload's fine-tuning
         on the training split, its family's constraint (a fixed mask) held after every step; a CPU
         ``state_dict``. A function of (genome, seed, start): any worker returns the same weights."""
+        model = self._tuned_model(genome, seed, start)
+        self._trained.pop(genome, None)  # fetched for the last time: its tuned successor replaces it
+        return state_copy(model)
+
+    def _tuned_model(self, genome: str, seed: int, start: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+        """A new model holding the child ``genome`` (or ``start``) after the payload's fine-tuning, in
+        evaluation mode on this evaluator's device."""
         if self.payload.finetune is None or self.payload.train_x is None:
             raise ValueError("this payload carries no fine-tuning settings or training data")
         model = build_model(self.payload.model, self.payload.input_shape, self.payload.num_classes)
@@ -212,9 +214,8 @@ class CandidateEvaluator(Evaluator):
         constraint = self.family.constraint(genome, self.materialiser)
         torch.manual_seed(seed)  # dropout masks, if the model has dropout
         train(model, Split(self.payload.train_x, self.payload.train_y), self.payload.finetune, seed=seed,
-              parameter_filter=constraint)
-        self._trained.pop(genome, None)  # fetched for the last time: its tuned successor replaces it
-        return state_copy(model)
+              parameter_filter=constraint)  # ends in evaluation mode
+        return model
 
     def child_state(self, genome: str) -> dict[str, torch.Tensor]:
         """A CPU copy of the child's full ``state_dict`` (kept from its evaluation, else rebuilt)."""

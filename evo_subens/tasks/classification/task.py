@@ -116,13 +116,18 @@ class ClassificationTask(Task):
     def load_parent(self, path: str | Path, model: nn.Module) -> None:
         load_parent_state(path, model)
 
-    def check_loaded_parent(self, model: nn.Module) -> None:
-        # Its validation score itself is printed for every parent, loaded or trained (the reference record).
+    def _against_chance(self, model: nn.Module) -> tuple[dict[str, float], float, bool]:
+        """The model's selection-split metrics, the accuracy of always guessing the commonest class, and
+        whether the model is near that chance level."""
         split = self.selection
         val = classification_metrics(predict_probs(model, split.x, self.cfg.search.eval_batch_size), split.y)
         majority = float(torch.bincount(split.y, minlength=self.data.num_classes).max()) / len(split)
+        return val, majority, val["accuracy"] < majority + NEAR_CHANCE * (1 - majority)
+
+    def check_loaded_parent(self, model: nn.Module) -> None:
+        # Its validation score itself is printed for every parent, loaded or trained (the reference record).
+        val, majority, near_chance = self._against_chance(model)
         uniform_nll = math.log(self.data.num_classes)
-        near_chance = val["accuracy"] < majority + NEAR_CHANCE * (1 - majority)
         if near_chance or val["nll"] > uniform_nll:
             what = (f"scores near chance (accuracy {val['accuracy']:.4f}; always guessing the commonest class: "
                     f"{majority:.4f})" if near_chance else
@@ -135,12 +140,10 @@ class ClassificationTask(Task):
     def check_parent_learned(self, model: nn.Module) -> None:
         """Stop the run before the search when the parent scores near chance on the selection split (or its
         training loss never fell): children of such a parent cannot make a useful ensemble."""
-        split = self.selection
-        val = classification_metrics(predict_probs(model, split.x, self.cfg.search.eval_batch_size), split.y)
-        majority = float(torch.bincount(split.y, minlength=self.data.num_classes).max()) / len(split)
-        losses = getattr(self, "parent_losses", [])
+        val, majority, near_chance = self._against_chance(model)
+        losses = getattr(self, "parent_losses", [])  # set by train_parent; a loaded parent has none
         flat = len(losses) > 1 and min(losses[1:]) >= losses[0]
-        if not (val["accuracy"] < majority + NEAR_CHANCE * (1 - majority) or flat):
+        if not (near_chance or flat):
             return
         seen = (f"validation accuracy {val['accuracy']:.4f} (always guessing the commonest class: {majority:.4f})"
                 + (f", training loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} epochs" if losses else ""))
@@ -248,6 +251,15 @@ class ClassificationTask(Task):
                 ensemble_probs = torch.stack([probs[r.candidate] for r in ensemble]).mean(dim=0)
                 comparison[rule][name] = classification_metrics(ensemble_probs, split.y)
         return chosen[cfg.ensemble.selection], comparison
+
+    def prefers_parent(self, parent: dict, members: Sequence[dict]) -> bool:
+        """Under acceptance, the parent is a candidate member: it replaces an ensemble whose selection-split
+        NLL is above its own (without acceptance every selected member joins, as configured)."""
+        if not self.cfg.ensemble.acceptance or not members:
+            return False
+        parent_probs, *member_probs = self.predict([parent, *members], self.selection.x)
+        ensemble = torch.stack([p.double() for p in member_probs]).mean(dim=0)
+        return self.pool_loss(parent_probs.double()) < self.pool_loss(ensemble)
 
     def accept(self, kept: Sequence[dict], new: Sequence[dict]) -> list[int]:
         if not self.cfg.ensemble.acceptance:

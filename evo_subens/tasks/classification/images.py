@@ -5,7 +5,9 @@
     >>> load_dataset(DataConfig(name="cifar10", path="cifar-10-batches-py"))
 
 Images become (channels, height, width) arrays of their pixel values; ``data.scale`` (255 by default)
-brings them to [0, 1] and ``data.mean`` / ``data.std`` or ``data.standardize`` normalise them.
+brings them to [0, 1] and ``data.mean`` / ``data.std`` or ``data.standardize`` normalise them. The splits'
+``image`` records that form (size, Pillow mode, whether images were resized) for ``data.json``, so the
+ensemble takes PIL images and (height, width, channels) arrays and resizes them as the run did.
 """
 
 from __future__ import annotations
@@ -101,7 +103,10 @@ def load_imagefolder(cfg: DataConfig) -> DatasetSplits:
     if test_x is not None and test_x.shape[1:] != x.shape[1:]:
         raise DataError(f"data.test_path: its images are {test_x.shape[1:]} (channels, height, width), the "
                         f"training images {x.shape[1:]}; set data.image_size to resize both")
-    return split_own_data("imagefolder", x, labels, test_x, test_labels, cfg, str(root), images=True)
+    splits = split_own_data("imagefolder", x, labels, test_x, test_labels, cfg, str(root), images=True)
+    # What the ensemble needs to take images as a user has them (PIL images, other sizes) the way these were read.
+    return dataclasses.replace(splits, image={"size": list(x.shape[2:]), "mode": mode,
+                                              "resize": "bilinear" if size is not None else None})
 
 
 # --- CIFAR -----------------------------------------------------------------------------------------
@@ -170,8 +175,10 @@ def _cifar(name: str, cfg: DataConfig, train_files: list[str], test_file: str, m
     test_x, test_y = _batch_arrays(root / test_file, label_key)
     names = _label_names(root / meta, names_key, int(max(y.max(), test_y.max())) + 1)
     splits = split_own_data(name, x, y, test_x, test_y, cfg, str(root), images=True)
-    # Labels are indices into the meta file's names; every class appears in the real data.
-    return dataclasses.replace(splits, classes=tuple(names[i] for i in splits.classes))
+    # Labels are indices into the meta file's names; every class appears in the real data. The batches are
+    # 32x32 RGB images, never resized.
+    return dataclasses.replace(splits, classes=tuple(names[i] for i in splits.classes),
+                               image={"size": [32, 32], "mode": "RGB", "resize": None})
 
 
 def load_cifar10(cfg: DataConfig) -> DatasetSplits:

@@ -69,7 +69,9 @@ class DatasetSplits:
     """A dataset cut into train/validation/test splits, with its per-sample shape and class count.
 
     ``classes``: the label of each class index (as in the data's files), None for the built-ins (0..9).
-    ``transform``: how raw inputs became these splits (None: the splits are the inputs' own form)."""
+    ``transform``: how raw inputs became these splits (None: the splits are the inputs' own form).
+    ``features``: the input's column names in order (csv). ``image``: the raw form of image data (size,
+    Pillow mode, resizing), as :class:`evo_subens.data_info.ImageForm` records it."""
 
     name: str
     train: Split
@@ -79,6 +81,8 @@ class DatasetSplits:
     num_classes: int
     classes: tuple | None = None
     transform: InputTransform | None = None
+    features: tuple[str, ...] | None = None
+    image: dict | None = None
 
     def fingerprint(self) -> str:
         """SHA-256 of every split's inputs and labels: the same data loads to the same fingerprint."""
@@ -94,6 +98,7 @@ class DatasetSplits:
         return {"name": self.name, "input_shape": list(self.input_shape), "num_classes": self.num_classes,
                 "classes": None if self.classes is None else list(self.classes),
                 "transform": None if self.transform is None else self.transform.to_json(),
+                "features": None if self.features is None else list(self.features), "image": self.image,
                 "sizes": {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)},
                 "fingerprint": self.fingerprint()}
 

@@ -9,6 +9,7 @@ Every route ends in :func:`~.splits.split_own_data`, so they share labels, split
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -63,7 +64,8 @@ def _read_csv(path: Path, target: str, field: str) -> tuple[np.ndarray, np.ndarr
 
 
 def load_csv(cfg: DataConfig) -> DatasetSplits:
-    """A CSV file with a header row: ``data.target`` is the label column, every other column a feature."""
+    """A CSV file with a header row: ``data.target`` is the label column, every other column a feature (their
+    names, in order, are the splits' ``features``)."""
     path = _existing_file(cfg.path, "data.path")
     x, labels, columns = _read_csv(path, cfg.target, "data.path")
     test_x = test_labels = None
@@ -73,7 +75,9 @@ def load_csv(cfg: DataConfig) -> DatasetSplits:
         if test_columns != columns:
             raise DataError(f"data.test_path: {test_file} has feature columns {test_columns[:8]}, "
                             f"{path} has {columns[:8]}; they must match, in order")
-    return split_own_data("csv", x, labels, test_x, test_labels, cfg, str(path))
+    splits = split_own_data("csv", x, labels, test_x, test_labels, cfg, str(path))
+    # Recorded, so the ensemble can take rows by column name (a DataFrame in another column order).
+    return dataclasses.replace(splits, features=tuple(columns))
 
 
 def _read_npz(path: Path, field: str) -> dict[str, np.ndarray]:

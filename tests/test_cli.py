@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -65,6 +66,34 @@ def test_same_name_twice_is_refused(cli_run, monkeypatch: pytest.MonkeyPatch,
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert (cwd / "runs" / RUN_NAME / "metrics.json").read_text() == metrics
     json.loads(metrics)
+
+
+def _without_timing(value: object) -> object:
+    """``value`` with every wall-clock entry (keys naming seconds or times) dropped, recursively."""
+    if isinstance(value, dict):
+        return {key: _without_timing(item) for key, item in value.items()
+                if not any(word in key for word in ("seconds", "time", "wall"))}
+    if isinstance(value, list):
+        return [_without_timing(item) for item in value]
+    return value
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: every thread setting is the same")
+def test_result_does_not_depend_on_omp_num_threads(cli_run, cli_command: list[str]) -> None:
+    """`ray job submit` runs drivers with OMP_NUM_THREADS=1: the same config gives the same metrics.json, bit
+    for bit, under it as in a plain terminal, because the driver's torch threads come from the config."""
+    cwd, args, proc = cli_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = [arg if not arg.startswith("name=") else "name=cli-run-omp1" for arg in args]
+    other = subprocess.run([*cli_command, *single], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+    assert other.returncode == 0, other.stderr[-3000:]
+    first, second = ({"metrics": json.loads((cwd / "runs" / name / "metrics.json").read_text()),
+                      "threads": yaml.safe_load((cwd / "runs" / name / "config.yaml").read_text())["workers"][
+                          "driver_threads"]} for name in (RUN_NAME, "cli-run-omp1"))
+    assert first["threads"] == second["threads"] == len(os.sched_getaffinity(0))
+    assert _without_timing(first["metrics"]) == _without_timing(second["metrics"])
 
 
 def test_missing_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -11,6 +11,7 @@ bad value is rejected before any work starts with a message that names the field
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,12 @@ class WorkersConfig:
     num_actors: int | None = option(None, "evaluation actors; null = one per available CPU "
                                           "(divided by threads_per_actor)", ge=1)
     threads_per_actor: int = option(1, "torch threads used by each actor (and by the local executor)", ge=1)
+    driver_threads: int | None = option(None, "torch threads of the driver (parent training, tuning and scoring "
+                                              "in this process, test metrics); null = the CPUs this process may "
+                                              "use, resolved when the config is checked and recorded in "
+                                              "config.yaml. Float results depend on it, so it comes from the "
+                                              "config, never from OMP_NUM_THREADS (which ray job submit sets "
+                                              "to 1)", ge=1)
     num_gpus_per_actor: float = option(0.0, "GPUs requested per actor; actors evaluate on CUDA when > 0 "
                                             "and a GPU is present", ge=0)
     address: str | None = option(None, "Ray cluster address (head node host:port, or 'auto'); null = "
@@ -210,7 +217,11 @@ class WorkersConfig:
                                                 "are identical either way)", ge=0)
 
     def check(self) -> None:
-        """Custom resources are positive amounts of named resources other than Ray's built-in ones."""
+        """Custom resources are positive amounts of named resources other than Ray's built-in ones; the
+        driver's threads are resolved."""
+        if self.driver_threads is None:
+            self.driver_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+                os.cpu_count() or 1)
         for name, amount in self.resources.items():
             if not isinstance(name, str) or name in RAY_BUILTIN_RESOURCES:
                 raise ConfigError(f"workers.resources.{name}", "a custom resource name (CPUs and GPUs are "

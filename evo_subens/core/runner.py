@@ -32,6 +32,7 @@ from .problem import prepare_workers
 from .progress import say, start_run_clock
 from .rundir import create_run_dir, remove_stale_temp_files, write_run_config
 from .state import RunResult, RunState
+from .worker import torch_threads
 
 __all__ = ["RunResult", "grow", "resume", "run"]
 
@@ -73,6 +74,11 @@ def run(config: RunConfig | dict | str | Path, overrides: list[str] | None = Non
     so report, resume, grow and ``load_ensemble`` work as for data read from files."""
     start_run_clock()
     cfg, config_name = _load_config_arg(config, overrides)
+    with torch_threads(cfg.workers.driver_threads):
+        return _run(cfg, config_name, data, progress)
+
+
+def _run(cfg: RunConfig, config_name: str, data: object, progress: Progress) -> RunResult:
     check_before_run(cfg)
     task = make_task(cfg, progress)
     task.load(data)
@@ -100,6 +106,11 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress:
     # reproduce what the run did before they existed.
     check_resume_compatible(config_to_dict(config_from_dict(saved)), config_to_dict(cfg), run_dir)
     check_address(cfg.workers)
+    with torch_threads(cfg.workers.driver_threads):
+        return _resume(run_dir, cfg, saved, progress)
+
+
+def _resume(run_dir: Path, cfg: RunConfig, saved: dict, progress: Progress) -> RunResult:
     task = make_task(cfg, progress)
     if cfg.method != "subnetworks":  # baselines keep no checkpoints; run again, they give the same result
         task.load()
@@ -141,6 +152,12 @@ def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: P
         raise UserError(f"{run_dir} chose its ensemble from tuned candidates (search.scoring: tuned), which grow "
                         f"does not extend; resume it with more generations instead (evo-subens resume {run_dir} "
                         f"search.generations=N)")
+    with torch_threads(cfg.workers.driver_threads):
+        return _grow(run_dir, cfg, state, members, generations, progress)
+
+
+def _grow(run_dir: Path, cfg: RunConfig, state: RunState, members: int, generations: int,
+          progress: Progress) -> RunResult:
     accepted = state.ensemble
     cfg.search.generations = state.search["generation"] + generations
     cfg.ensemble.size = len(accepted) + members

@@ -3,10 +3,27 @@ dataset and no run machinery, and can be exported (``evo_subens.export``).
 
     >>> import evo_subens
     >>> ensemble = evo_subens.load_ensemble("runs/default-s0-20261126-033727")
-    >>> probs = ensemble.predict_proba(x)        # numpy or torch, one sample or a batch
-    >>> labels = ensemble.predict(x)             # class indices; ensemble.classes names them when known
+    >>> probs = ensemble.predict_proba(x)        # one sample or a batch: (C,) or (B, C)
+    >>> labels = ensemble.classes_[ensemble.predict(x)]   # predict gives class indices
     >>> ensemble(x_batch)                        # the module itself: (B, C) probabilities, with gradients
     >>> ensemble.parent, ensemble.members[0]     # plain torch modules in eval mode, for analysis
+
+What :meth:`Ensemble.predict_proba`, :meth:`~Ensemble.predict` and :meth:`~Ensemble.member_probs` take:
+
+- numpy arrays, lists, tuples and torch tensors of one sample (``input_shape``) or a batch; numbers only.
+  Everything but a tensor gives numpy back; a tensor gives a tensor on its own device.
+- pandas DataFrames (one row a sample; a Series is one sample): where the run recorded the CSV's feature
+  columns (``features``) they are taken by name, in the recorded order; columns it did not use are ignored
+  (taken by name, they cannot shift the others); a missing, non-numeric or empty column is a ValueError
+  naming it. Where no names were recorded, the columns are taken in order if their count fits.
+- for image runs (``image``, see :class:`~evo_subens.data_info.ImageForm`): PIL images (any mode; converted
+  to the run's), (height, width, channels) arrays, grayscale (height, width) arrays and batches or lists of
+  these. Images of another size are resized as the run resized its files (Pillow, bilinear) where it did so
+  and the pixels are PIL images or uint8 arrays; otherwise a ValueError names the size to use.
+
+The module itself (``ensemble(x)``) and the exported files take only the model's raw batch form: a tensor
+(B, *input_shape), for image runs channels first at the run's size; another shape is a ValueError naming
+the expected one.
 
 The members run as one batched forward pass: their weights are stacked (``torch.func.stack_module_state``)
 and the shared architecture is called with ``torch.func.functional_call`` under ``torch.func.vmap``. An
@@ -17,6 +34,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +47,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from .core.config import RunConfig, config_from_dict
 from .core.logs import read_run_config
-from .data_info import DataInfo, InputTransform, read_data_info
+from .data_info import DataInfo, ImageForm, InputTransform, pil_images, read_data_info
 from .errors import RunDirError
 from .families import make_family
 from .nn import load_parent_state, load_state_file, state_copy
@@ -63,11 +82,16 @@ class Ensemble(nn.Module):
     constants are this module's state: ``.to(device)`` moves them and ``state_dict()`` holds them.
     :attr:`parent` and :attr:`members` are separate plain copies for analysis (the report's feature grid
     uses them); they are not part of that state and stay where they are.
+
+    ``features``: the input's column names in order (a CSV run's), so DataFrames are matched by name.
+    ``image``: an image run's raw form (``data.json``'s record: size, Pillow mode, resizing), so PIL images
+    and channels-last arrays are taken too.
     """
 
     def __init__(self, members: Sequence[nn.Module], *, input_shape: Sequence[int], num_classes: int,
                  transform: Mapping[str, Any] | None = None, classes: Sequence[str] | None = None,
-                 config: RunConfig | None = None, parent: nn.Module | None = None):
+                 config: RunConfig | None = None, parent: nn.Module | None = None,
+                 features: Sequence[str] | None = None, image: Mapping[str, Any] | None = None):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -76,6 +100,13 @@ class Ensemble(nn.Module):
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = int(num_classes)
         self.classes = list(classes) if classes is not None else None
+        if self.classes is not None and len(self.classes) != self.num_classes:
+            raise ValueError(f"classes names {len(self.classes)} classes, num_classes is {self.num_classes}")
+        self.features = [str(f) for f in features] if features is not None else None
+        if self.features is not None and (len(self.input_shape) != 1 or len(self.features) != self.input_shape[0]):
+            raise ValueError(f"features names {len(self.features)} columns; samples of shape {self.input_shape} "
+                             f"need one name per feature of a one-dimensional sample")
+        self.image = ImageForm.from_dict(image, self.input_shape) if image is not None else None
         self.config = config
         # Kept out of the module tree (not registered), so the state above is the stack's alone.
         self.__dict__["parent"] = parent.eval() if parent is not None else None
@@ -87,6 +118,20 @@ class Ensemble(nn.Module):
         self.eval()
 
     @property
+    def classes_(self) -> np.ndarray:
+        """The label of each class index, as scikit-learn's classifiers give it: the data's class names or
+        numbers where the run recorded them, else 0..C-1. ``classes_[predict(x)]`` are labels."""
+        return np.asarray(self.classes) if self.classes is not None else np.arange(self.num_classes)
+
+    @property
+    def feature_names_in_(self) -> np.ndarray:
+        """The input's column names in order, as scikit-learn gives them; absent (``hasattr`` is False) where
+        the run recorded none."""
+        if self.features is None:
+            raise AttributeError("this ensemble's run recorded no feature names (only csv runs do)")
+        return np.asarray(self.features, dtype=object)
+
+    @property
     def num_members(self) -> int:
         """How many members are averaged."""
         return len(self.members)
@@ -94,8 +139,22 @@ class Ensemble(nn.Module):
     # ---- the module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean of the members' softmax probabilities on a raw batch ``x`` of shape (B, *input_shape)."""
+        """Mean of the members' softmax probabilities on a raw batch ``x`` of shape (B, *input_shape); any
+        other shape is a ValueError naming that one (:meth:`prepare` brings other forms to it)."""
+        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected {self.expected_input()}, got a tensor of shape {tuple(x.shape)}")
         return self.stacked_probs(self.transform(x)).mean(dim=0)
+
+    def expected_input(self, what: str = "a batch") -> str:
+        """The module's input in words (``what`` of shape ...): its shape and, where known, the columns or the
+        image form."""
+        shape = f"{what} of shape (B, {', '.join(map(str, self.input_shape))})"
+        if self.image is not None:
+            return f"{shape}: {self.image.describe()}"
+        if self.features is not None:
+            names = ", ".join(map(repr, self.features[:8])) + (", ..." if len(self.features) > 8 else "")
+            return f"{shape}: the columns {names} in that order"
+        return shape
 
     def stacked_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Each member's softmax probabilities on a batch already in model-input form: (M, B, C)."""
@@ -130,33 +189,92 @@ class Ensemble(nn.Module):
 
     # ---- prediction
 
-    def predict_proba(self, x: np.ndarray | torch.Tensor, batch_size: int = 1024) -> np.ndarray | torch.Tensor:
-        """Mean member probabilities for one raw sample (shape ``input_shape``: returns (C,)) or a batch
-        (returns (B, C)); numpy in, numpy out; a tensor comes back on the device it came from. Runs without
-        gradients, in eval mode, ``batch_size`` samples at a time."""
+    def predict_proba(self, x: Any, batch_size: int = 1024) -> np.ndarray | torch.Tensor:
+        """Mean member probabilities for one raw sample (returns (C,)) or a batch (returns (B, C)), in any
+        form the module docstring lists; numpy back for all but a tensor, which comes back on its device.
+        Runs without gradients, in eval mode, ``batch_size`` samples at a time."""
         return self._predict(x, batch_size, lambda batch: self.forward(batch), sample_axis=0)
 
-    def predict(self, x: np.ndarray | torch.Tensor, batch_size: int = 1024) -> np.ndarray | torch.Tensor:
-        """Class indices of :meth:`predict_proba`'s argmax (``classes[i]`` names class ``i`` when known)."""
+    def predict(self, x: Any, batch_size: int = 1024) -> np.ndarray | torch.Tensor:
+        """Class indices of :meth:`predict_proba`'s argmax; ``classes_[i]`` is the label of class ``i``."""
         probs = self.predict_proba(x, batch_size)
         return probs.argmax(axis=-1) if isinstance(probs, np.ndarray) else probs.argmax(dim=-1)
 
-    def member_probs(self, x: np.ndarray | torch.Tensor, batch_size: int = 1024) -> np.ndarray | torch.Tensor:
+    def member_probs(self, x: Any, batch_size: int = 1024) -> np.ndarray | torch.Tensor:
         """Each member's probabilities: (M, B, C) for a batch, (M, C) for one sample; as :meth:`predict_proba`."""
         return self._predict(x, batch_size, lambda batch: self.stacked_probs(self.transform(batch)), sample_axis=1)
 
-    def _predict(self, x: np.ndarray | torch.Tensor, batch_size: int, run: Any, sample_axis: int
-                 ) -> np.ndarray | torch.Tensor:
+    def prepare(self, x: Any) -> torch.Tensor:
+        """``x``, in any form :meth:`predict_proba` takes, as the module's input: a (B, *input_shape) tensor
+        (on ``x``'s device for a tensor, else on the CPU)."""
+        return self._samples(x)[0]
+
+    def _samples(self, x: Any) -> tuple[torch.Tensor, bool, bool]:
+        """``x`` as a (B, *input_shape) tensor, whether it was one sample, whether numpy goes back."""
+        if isinstance(x, torch.Tensor):
+            batch, single = self._batch(x)
+            return batch, single, False
+        images = pil_images(x)
+        if images is not None:
+            if self.image is None:
+                raise ValueError(f"PIL images are taken by ensembles of image runs (imagefolder, cifar); this "
+                                 f"one takes {self.expected_input()}")
+            return _tensor(self.image.from_pil(images[0])), images[1], True
+        frame = _pandas_rows(x)
+        if frame is not None:
+            return _tensor(self._frame_values(frame[0])), frame[1], True
+        try:
+            array = np.asarray(x)
+        except (TypeError, ValueError) as exc:  # ragged nested lists
+            raise ValueError(f"expected numbers in the form of {self.expected_input()} ({exc})") from None
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"expected numbers in the form of {self.expected_input()}; got an array of dtype "
+                             f"{array.dtype}")
+        batch, single = self._batch(array)
+        return _tensor(batch), single, True
+
+    def _batch(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray | torch.Tensor, bool]:
+        shape = tuple(x.shape)
+        if shape == self.input_shape:
+            return x[None], True
+        if shape[1:] == self.input_shape:
+            return x, False
+        if self.image is not None:
+            return self.image.layout(x)
+        raise ValueError(f"expected one sample of shape {self.input_shape} or a batch of shape "
+                         f"(N, {', '.join(map(str, self.input_shape))}), got {shape}")
+
+    def _frame_values(self, frame: Any) -> np.ndarray:
+        """A DataFrame's rows as float32 samples: the recorded feature columns by name, else in order."""
+        if self.features is not None:
+            by_name = {str(c): c for c in frame.columns}
+            missing = [f for f in self.features if f not in by_name]
+            if missing:
+                raise ValueError(f"the DataFrame lacks the feature column(s) {', '.join(map(repr, missing[:8]))}"
+                                 f"{' ...' if len(missing) > 8 else ''}; this ensemble takes the columns "
+                                 f"{', '.join(map(repr, self.features))} (matched by name, others ignored)")
+            if len(by_name) != len(frame.columns):
+                doubled = sorted({str(c) for c in frame.columns if list(map(str, frame.columns)).count(str(c)) > 1})
+                raise ValueError(f"the DataFrame has more than one column named {', '.join(map(repr, doubled))}")
+            frame = frame[[by_name[f] for f in self.features]]
+        elif frame.shape[1] != math.prod(self.input_shape):
+            raise ValueError(f"this ensemble's run recorded no feature names, so a DataFrame's columns are taken in "
+                             f"order; it needs {math.prod(self.input_shape)} columns (samples of shape "
+                             f"{self.input_shape}), got {frame.shape[1]}")
+        text = [str(c) for c in frame.columns if frame[c].dtype.kind not in "biuf"]
+        if text:
+            raise ValueError(f"feature columns must be numeric, as in the run's data; {', '.join(map(repr, text[:5]))} "
+                             f"{'is' if len(text) == 1 else 'are'} not")
+        empty = [str(c) for c in frame.columns if frame[c].isna().any()]
+        if empty:
+            raise ValueError(f"feature columns with empty cells: {', '.join(map(repr, empty[:5]))} (the run's data "
+                             f"had none; fill or drop them first)")
+        return frame.to_numpy(dtype=np.float32).reshape(-1, *self.input_shape)
+
+    def _predict(self, x: Any, batch_size: int, run: Any, sample_axis: int) -> np.ndarray | torch.Tensor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        is_numpy = isinstance(x, np.ndarray)
-        tensor = torch.from_numpy(np.ascontiguousarray(x)) if is_numpy else torch.as_tensor(x)
-        single = tuple(tensor.shape) == self.input_shape
-        if single:
-            tensor = tensor.unsqueeze(0)
-        elif tuple(tensor.shape[1:]) != self.input_shape:
-            raise ValueError(f"expected one sample of shape {self.input_shape} or a batch of shape "
-                             f"(N, {', '.join(map(str, self.input_shape))}), got {tuple(tensor.shape)}")
+        tensor, single, to_numpy = self._samples(x)
         device = self.transform.scale.device
         was_training = self.training
         self.eval()
@@ -172,7 +290,7 @@ class Ensemble(nn.Module):
             out = torch.zeros(shape, device=device)
         if single:
             out = out.squeeze(sample_axis)
-        return out.cpu().numpy() if is_numpy else out.to(tensor.device)
+        return out.cpu().numpy() if to_numpy else out.to(tensor.device)
 
     def extra_repr(self) -> str:
         return (f"members={self.num_members}, input_shape={self.input_shape}, num_classes={self.num_classes}, "
@@ -259,4 +377,25 @@ def load_ensemble(run_dir: str | Path) -> Ensemble:
         model.load_state_dict(state)
         members.append(model.eval())
     return Ensemble(members, input_shape=info.input_shape, num_classes=info.num_classes,
-                    transform=info.transform, classes=info.classes, config=cfg, parent=parent)
+                    transform=info.transform, classes=info.classes, config=cfg, parent=parent,
+                    features=info.features, image=info.image)
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """``array`` as a CPU tensor, copied only where torch cannot share it (read-only or strided memory, as
+    pandas and numpy views give)."""
+    array = np.ascontiguousarray(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def _pandas_rows(x: Any) -> tuple[Any, bool] | None:
+    """A DataFrame as it is (a batch), a Series as a one-row DataFrame (one sample); None for anything else.
+    pandas is never imported here: where it is not loaded, nothing is a DataFrame."""
+    pandas = sys.modules.get("pandas")
+    if pandas is None:
+        return None
+    if isinstance(x, pandas.DataFrame):
+        return x, False
+    if isinstance(x, pandas.Series):
+        return pandas.DataFrame([x.to_numpy()], columns=x.index).infer_objects(), True
+    return None

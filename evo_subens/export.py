@@ -8,9 +8,12 @@
   shape, classes, input transform) needed to rebuild and run them.
 
 The first three are the whole ensemble as a graph: a float32 batch of raw samples (any batch size) in,
-the mean of the members' softmax probabilities out, the input transform included. They carry the same
-JSON description: TorchScript and pt2 as the extra file ``ensemble.json``, ONNX as the metadata entry
-``evo_subens``.
+the mean of the members' softmax probabilities out, the input transform included. They take the module's
+raw batch form only, (batch, *input_shape): image runs' images channels first at the run's size (the graph
+holds no resizing, which Pillow's bilinear filter does not match in ONNX or TorchScript), a CSV run's
+columns in the recorded order; each file refuses another shape with the one it expects. They carry the same
+JSON description (its ``input`` says that form in words; ``features`` and ``image`` record it): TorchScript
+and pt2 as the extra file ``ensemble.json``, ONNX as the metadata entry ``evo_subens``.
 
     >>> export_ensemble("runs/default-s0-20261126-033727", "onnx")
     PosixPath('runs/default-s0-20261126-033727/export/ensemble.onnx')
@@ -84,16 +87,22 @@ def write_ensemble(ensemble: Ensemble, fmt: str, path: str | Path) -> str:
 
 
 def description(ensemble: Ensemble) -> dict[str, Any]:
-    """What a user needs to use an exported ensemble without evo_subens: the architecture (the config's
-    ``model`` section), input shape, classes, input transform, number of members, how they combine."""
+    """What a user needs to use an exported ensemble without evo_subens: the architecture the members were
+    built with (``model``: the registry ``name`` or the user's ``architecture``, whichever was used, and
+    ``kwargs``), the input (shape, the form in words, feature columns, image form), classes, input transform,
+    number of members, how they combine."""
     model = None
     if ensemble.config is not None:
         cfg = ensemble.config.model
-        model = {"name": cfg.name, "kwargs": dict(cfg.kwargs or {}), "architecture": cfg.architecture}
+        # model.name is not used where an architecture is given: recorded, it would name a model never built.
+        built = {"architecture": cfg.architecture} if cfg.architecture else {"name": cfg.name}
+        model = dict(built, kwargs=dict(cfg.kwargs or {}))
     return {"format_version": FORMAT_VERSION, "producer": f"evo_subens {__version__}", "model": model,
-            "input_shape": list(ensemble.input_shape), "num_classes": ensemble.num_classes,
-            "classes": ensemble.classes, "transform": ensemble.transform.to_dict(),
-            "members": ensemble.num_members,
+            "input_shape": list(ensemble.input_shape), "input": ensemble.expected_input("a float32 batch"),
+            "features": ensemble.features,
+            "image": ensemble.image.to_dict() if ensemble.image is not None else None,
+            "num_classes": ensemble.num_classes, "classes": ensemble.classes,
+            "transform": ensemble.transform.to_dict(), "members": ensemble.num_members,
             "output": "mean of the members' softmax probabilities; model input = (raw / scale - mean) / std"}
 
 
@@ -161,6 +170,22 @@ class _Looped(nn.Module):
         return total / len(self.members)
 
 
+class _ShapeChecked(nn.Module):
+    """A traced graph behind a shape check (scripted): tracing fixes the sample shape without checking it,
+    and an architecture with adaptive pooling would otherwise answer inputs of another size silently."""
+
+    def __init__(self, inner: nn.Module, input_shape: tuple[int, ...], expected: str):
+        super().__init__()
+        self.inner = inner
+        self.input_shape = list(input_shape)
+        self.expected = expected
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != len(self.input_shape) + 1 or x.shape[1:] != self.input_shape:
+            raise ValueError("expected " + self.expected + ", got a tensor of shape " + str(x.shape))
+        return self.inner(x)
+
+
 def _example(ensemble: Ensemble) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     return torch.rand((EXAMPLE_BATCH, *ensemble.input_shape), generator=generator)
@@ -194,10 +219,11 @@ def _torchscript(ensemble: Ensemble) -> tuple[bytes, str]:
     try:
         with _quiet():
             traced = torch.jit.trace(looped, _example(ensemble))
+            checked = torch.jit.script(_ShapeChecked(traced, ensemble.input_shape, ensemble.expected_input()))
     except Exception as exc:
         raise _failure("torchscript", exc) from exc
     buffer = io.BytesIO()
-    torch.jit.save(traced, buffer, _extra_files={DESCRIPTION_NAME: json.dumps(description(ensemble))})
+    torch.jit.save(checked, buffer, _extra_files={DESCRIPTION_NAME: json.dumps(description(ensemble))})
     return buffer.getvalue(), ", in a loop"
 
 

@@ -121,7 +121,9 @@ def test_an_architecture_vmap_cannot_run_falls_back_to_a_loop_once() -> None:
     assert not ensemble.vectorise and "Error" in ensemble.vmap_error  # remembered, with the reason
     torch.testing.assert_close(probs, _by_hand(members, x, None), atol=1e-6, rtol=0)
     with pytest.raises(RuntimeError):  # the loop's own error for an input the members reject
-        ensemble(torch.randn(6, 5))
+        ensemble.stacked_probs(torch.randn(6, 5))
+    with pytest.raises(ValueError, match=r"expected a batch of shape \(B, 4\), got a tensor of shape \(6, 5\)"):
+        ensemble(torch.randn(6, 5))  # the module names the shape it takes before any member runs
 
 
 def test_the_module_state_is_the_stacked_weights_and_the_transform() -> None:
@@ -147,6 +149,44 @@ def test_input_transform_is_the_identity_without_one() -> None:
     assert transform.to_dict() == {"scale": 2.0, "mean": [1.0, 0.0, 0.0], "std": None}
 
 
+# --- what the files record ------------------------------------------------------------------------------
+
+
+def test_the_description_holds_only_what_was_used(tmp_path: Path) -> None:
+    """A user architecture is recorded without the registry name it made unused, in config.yaml (which still
+    loads) and in the exported metadata; a CSV run's columns are recorded in order."""
+    from safetensors import safe_open
+
+    from conftest import build_tiny_config
+    from evo_subens.core.config import config_from_dict
+    from evo_subens.core.logs import read_run_config
+    from evo_subens.core.rundir import write_run_config
+    from evo_subens.export import description
+
+    cfg = build_tiny_config(tmp_path, {"model": {"architecture": "fruitnets:FruitNet", "kwargs": {"hidden": [4]}}})
+    assert cfg.model.name == "mlp"  # given beside the architecture, as a config may
+    write_run_config(tmp_path, cfg)
+    assert "name" not in read_run_config(tmp_path)["model"]
+    assert config_from_dict(read_run_config(tmp_path)).model.architecture == "fruitnets:FruitNet"
+    ensemble = Ensemble(_members("mlp"), input_shape=SHAPE, num_classes=10, config=cfg)
+    assert description(ensemble)["model"] == {"architecture": "fruitnets:FruitNet", "kwargs": {"hidden": [4]}}
+    registry = build_tiny_config(tmp_path)
+    write_run_config(tmp_path, registry)
+    assert read_run_config(tmp_path)["model"] == {"name": "mlp", "kwargs": {"hidden": [32]}, "architecture": None,
+                                                  "parent_path": None}
+
+    torch.manual_seed(0)
+    tabular = Ensemble([build_model(ModelConfig(name="mlp", kwargs={"hidden": [4]}), (3,), 2)], input_shape=(3,),
+                       num_classes=2, features=["size", "weight", "constant"], classes=["no", "yes"], config=cfg)
+    write_ensemble(tabular, "safetensors", tmp_path / "t.safetensors")
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as handle:
+        described = json.loads(handle.metadata()["evo_subens"])
+    assert described["features"] == ["size", "weight", "constant"] and described["classes"] == ["no", "yes"]
+    assert described["input"] == ("a float32 batch of shape (B, 3): the columns 'size', 'weight', 'constant' in "
+                                  "that order")
+    assert described["model"] == {"architecture": "fruitnets:FruitNet", "kwargs": {"hidden": [4]}}
+
+
 # --- data.json -------------------------------------------------------------------------------------------
 
 
@@ -158,6 +198,7 @@ def test_data_json_is_read(tmp_path: Path) -> None:
                                                         "std": [[[0.2]], [[0.2]], [[0.2]]]}}))
     info = read_data_info(tmp_path)
     assert info.input_shape == (3, 4, 4) and info.num_classes == 2 and info.classes == ["cat", "dog"]
+    assert info.features is None and info.image is None  # as written before runs recorded them
     assert InputTransform(info.transform).mean.shape == (3, 1, 1)
 
 
@@ -171,6 +212,9 @@ def test_data_json_is_read(tmp_path: Path) -> None:
     ('{"input_shape": [4], "num_classes": 2, "transform": {"mean": [1, 2, 3]}}', "'transform.mean'"),
     ('{"input_shape": [4], "num_classes": 2, "transform": {"std": [1, 1, 0, 1]}}', "'transform.std'"),
     ('{"input_shape": [4], "num_classes": 2, "transform": {"shift": 1}}', "'transform'"),
+    ('{"input_shape": [3], "num_classes": 2, "features": ["a", "b"]}', "'features'"),
+    ('{"input_shape": [2], "num_classes": 2, "features": ["a", 1]}', "'features'"),
+    ('{"input_shape": [1, 2], "num_classes": 2, "features": ["a", "b"]}', "'features'"),
 ])
 def test_a_corrupt_data_json_is_named(tmp_path: Path, text: str, field: str) -> None:
     (tmp_path / "data.json").write_text(text)
@@ -276,6 +320,48 @@ def test_an_architecture_exported_in_a_loop_predicts_alike(fmt: str, tmp_path: P
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fmt", GRAPH_FORMATS)
+def test_exported_image_ensembles_say_and_check_the_input_they_take(fmt: str, tmp_path: Path) -> None:
+    """The graphs take the module's batch form (channels first, the run's size): what the ensemble makes of
+    PIL images gives the ensemble's probabilities; another size is refused naming the size; the metadata
+    says the form."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    members = [build_model(ModelConfig(name="mlp", kwargs={"hidden": [8]}), (3, 8, 8), 4).eval() for _ in range(2)]
+    ensemble = Ensemble(members, input_shape=(3, 8, 8), num_classes=4, transform={"scale": 255.0},
+                        image={"size": [8, 8], "mode": "RGB", "resize": "bilinear"})
+    path = tmp_path / f"images{FORMATS[fmt]}"
+    write_ensemble(ensemble, fmt, path)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)) for _ in range(3)]
+    x = ensemble.prepare(images).numpy().astype(np.float32)
+    assert x.shape == (3, 3, 8, 8)
+    probs = _predict_without_evo_subens(fmt, path, x, tmp_path)
+    np.testing.assert_allclose(probs, ensemble.predict_proba(images), atol=1e-5)
+
+    if fmt == "onnx":
+        import onnx
+        import onnxruntime
+
+        described = {p.key: p.value for p in onnx.load(str(path)).metadata_props}["evo_subens"]
+        run = lambda batch: onnxruntime.InferenceSession(str(path)).run(None, {"x": batch})[0]  # noqa: E731
+    else:
+        extra = {"ensemble.json": ""}
+        module = (torch.jit.load(str(path), _extra_files=extra) if fmt == "torchscript" else
+                  torch.export.load(str(path), extra_files=extra).module())
+        described = extra["ensemble.json"]
+        run = lambda batch: module(torch.from_numpy(batch))  # noqa: E731
+    described = json.loads(described)
+    assert described["image"] == {"size": [8, 8], "mode": "RGB", "resize": "bilinear"}
+    assert described["input"].startswith("a float32 batch of shape (B, 3, 8, 8): RGB images 8 high and 8 wide, "
+                                         "channels first") and "resize((8, 8), Image.BILINEAR)" in described["input"]
+    # Each runtime's own error type; each names the size: TorchScript the whole form, the others the dimension.
+    with pytest.raises(Exception, match=r"\(B, 3, 8, 8\)|size\(\)\[2\] == 8|Expected: 8"):
+        run(np.zeros((1, 3, 9, 9), np.float32))
+
+
+@pytest.mark.slow
 def test_safetensors_export_holds_the_members_and_a_description(run_dir, tmp_path: Path) -> None:
     out = tmp_path / "weights" / "ensemble.safetensors"
     assert export_ensemble(run_dir, "safetensors", out, progress=lambda line: None) == out
@@ -291,7 +377,9 @@ def test_safetensors_export_holds_the_members_and_a_description(run_dir, tmp_pat
     described = json.loads(metadata["evo_subens"])
     assert described["input_shape"] == list(SHAPE) and described["num_classes"] == 10
     assert described["members"] == 3 and described["format_version"] == 1 and described["transform"] is None
-    assert described["model"] == {"name": "mlp", "kwargs": {"hidden": [32]}, "architecture": None}
+    assert described["model"] == {"name": "mlp", "kwargs": {"hidden": [32]}}
+    assert described["features"] is None and described["image"] is None
+    assert described["input"] == "a float32 batch of shape (B, 1, 8, 8)"
 
 
 @pytest.mark.slow

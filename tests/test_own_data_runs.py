@@ -60,6 +60,8 @@ def test_csv_run_from_the_command_line(csv_project: dict) -> None:
     assert "[data] loading csv from" in stdout and "ensemble (" in stdout
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert recorded["data"]["path"] == str(csv_project["folder"] / "fruit.csv")  # reloadable from anywhere
+    # The user's architecture built the models; the registry's default name, never used, is not recorded.
+    assert recorded["model"] == {"kwargs": {"width": 16}, "architecture": "fruitnets:FruitNet", "parent_path": None}
     proc = csv_project["cli"]("report", str(run_dir))
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "report.md").is_file()
@@ -85,6 +87,30 @@ def test_exported_csv_ensemble_takes_raw_rows(csv_project: dict, fmt: str, suffi
     with torch.no_grad():
         by_hand = torch.stack([m(model_inputs).softmax(-1) for m in ensemble.members]).mean(0)
     np.testing.assert_allclose(exported, by_hand.numpy(), atol=1e-5)
+
+
+def test_the_csv_ensemble_takes_the_csv_rows_by_column_name(csv_project: dict, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.json names the columns; the ensemble takes the CSV read with pandas as it is (label column and
+    column order whatever they are) and gives numpy; the exported metadata names what was used."""
+    from safetensors import safe_open
+
+    folder, run_dir = csv_project["folder"], csv_project["run_dir"]
+    monkeypatch.chdir(folder)
+    ensemble = evo_subens.load_ensemble(run_dir)
+    assert ensemble.features == ["size", "weight", "constant"]
+    rows = pd.read_csv(folder / "fruit.csv")
+    expected = ensemble.predict_proba(rows.drop(columns=["kind"]).to_numpy(np.float32))
+    probs = ensemble.predict_proba(rows[["kind", "weight", "constant", "size"]])
+    assert isinstance(probs, np.ndarray)
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    assert set(ensemble.classes_[ensemble.predict(rows)]) <= {"apple", "banana", "cherry"}
+    out = tmp_path / "fruit.safetensors"
+    evo_subens.export_ensemble(run_dir, "safetensors", out, progress=lambda line: None)
+    with safe_open(str(out), "pt") as handle:
+        described = yaml.safe_load(handle.metadata()["evo_subens"])  # JSON is YAML
+    assert described["model"] == {"architecture": "fruitnets:FruitNet", "kwargs": {"width": 16}}
+    assert described["features"] == ["size", "weight", "constant"]
 
 
 def test_changed_data_file_stops_a_resume(csv_project: dict, tmp_path: Path) -> None:

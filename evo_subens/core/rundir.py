@@ -213,6 +213,9 @@ def create_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
 
 
 def write_run_config(run_dir: Path, cfg: RunConfig) -> None:
-    """Write the resolved config (with the run directory's name) as ``config.yaml``."""
+    """Write the resolved config (with the run directory's name) as ``config.yaml``. ``model.name`` is left
+    out where ``model.architecture`` is set: that model is never built, and the record holds what was used."""
     resolved = dict(config_to_dict(cfg), name=Path(run_dir).name)
+    if resolved["model"].get("architecture"):
+        resolved["model"] = {k: v for k, v in resolved["model"].items() if k != "name"}
     write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import RunDirError
 from .faults import crash_point
+from .progress import after_generations
 from .rundir import atomic_write
 from .state import STAGES
 
@@ -100,8 +101,9 @@ def load_latest_checkpoint(run_dir: Path, report: Callable[[str], None]) -> dict
         except RunDirError as exc:
             report(f"[resume] {exc}; falling back to the previous checkpoint")
             continue
-        report(f"[resume] from {path.name} (stage {state['stage']}, generation "
-               f"{state['search']['generation'] if state['search'] else 0})")
+        done = state["search"]["generation"] if state["search"] else 0
+        planned = state["config"]["search"]["generations"]
+        report(f"[resume] from {path.name}: stage {state['stage']}, {after_generations(done, planned)}")
         return state
     if _checkpoints(run_dir):
         raise RunDirError(f"no usable checkpoint in {checkpoint_dir(run_dir)}")
@@ -109,7 +111,8 @@ def load_latest_checkpoint(run_dir: Path, report: Callable[[str], None]) -> dict
 
 
 def describe_stop(run_dir: Path) -> str:
-    """Where a stopped run is, from its newest usable checkpoint: e.g. ``after generation 2 of 4``."""
+    """Where a stopped run is, from its newest usable checkpoint: e.g. ``after generation 1 (2 of 4)``
+    (generations named by their population-log index, as in the progress lines)."""
     try:
         state = load_latest_checkpoint(Path(run_dir), lambda line: None)
     except RunDirError:
@@ -120,8 +123,7 @@ def describe_stop(run_dir: Path) -> str:
     if stage == "parent":
         return "after training the parent"
     if stage == "search":
-        planned = state["config"]["search"]["generations"]
-        return f"after generation {state['search']['generation']} of {planned}"
+        return after_generations(state["search"]["generation"], state["config"]["search"]["generations"])
     if stage == "members":
         return "after selecting the members"
     if stage == "finetune":

@@ -1,4 +1,5 @@
-"""Diverged candidates: children whose validation metrics are not finite numbers.
+"""Diverged candidates: children whose validation metrics are not finite numbers; and generations whose
+fitness cannot tell the candidates apart (most of them tie on it).
 
 A child diverges when its perturbation (too large a noise) or its tuning blows its weights up to inf/NaN. Such a candidate is still logged (``diverged = true``, NaN metrics), ranks last, and never
 becomes an elite or a member; a generation in which every child diverged stops the run with a
@@ -10,6 +11,7 @@ The child family names the settings of a logged child and what to change (``Fami
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Callable, Iterable
 
@@ -17,6 +19,7 @@ from ..errors import DivergedError
 
 if TYPE_CHECKING:
     from ..families import Family
+    from .search import CandidateRecord, Ranking
 
 
 def is_diverged(values: Sequence[float]) -> bool:
@@ -32,7 +35,8 @@ def _settings(rows: Iterable[dict], family: Family) -> str:
 
 
 def generation_note(rows: list[dict], generation: int, family: Family) -> str | None:
-    """A progress line about the diverged candidates of ``generation`` (None when there are none).
+    """A progress line about the diverged candidates of ``generation`` (None when there are none); the
+    generation is named by its population-log index, as everywhere else.
 
     ``rows`` are population-log rows (see :data:`~evo_subens.core.rundir.POPULATION_SCHEMA`).
     """
@@ -40,7 +44,7 @@ def generation_note(rows: list[dict], generation: int, family: Family) -> str | 
     bad = [r for r in latest if r.get("diverged")]
     if not bad:
         return None
-    return (f"[search] {len(bad)} of {len(latest)} candidates of generation {generation + 1} diverged (NaN or "
+    return (f"[search] {len(bad)} of {len(latest)} candidates of generation {generation} diverged (NaN or "
             f"infinite validation metrics; logged with diverged=true, never elites or members)"
             f"{_settings(bad, family)}")
 
@@ -52,7 +56,7 @@ def check_generation(rows: list[dict], generation: int, family: Family, run_dir:
     if not latest or not all(r.get("diverged") for r in latest):
         return
     raise DivergedError(
-        f"every candidate of generation {generation + 1} diverged (NaN or infinite validation metrics)"
+        f"every candidate of generation {generation} diverged (NaN or infinite validation metrics)"
         f"{_settings(latest, family)}: start a new run with {family.divergence_advice()}; {run_dir} keeps "
         f"population.parquet and its checkpoints (evo-subens resume {run_dir} goes on from them)")
 
@@ -86,3 +90,23 @@ def summary_lines(rows: list[dict], num_classes: int, family: Family) -> list[st
                      f"(NLL up to {worst:.4g} > log {num_classes} = {chance:.2f}){_settings(weak, family)}: "
                      f"try {family.divergence_advice()}")
     return lines
+
+
+def tie_note(records: Sequence[CandidateRecord], ranking: Ranking, scored_on: str) -> str | None:
+    """A warning line when most of one generation's scored ``records`` share one fitness value (None
+    otherwise): a coarse fitness (accuracy on a small validation split) leaves the choice among them to the
+    ranking's tie-breaks. ``scored_on`` names the data the fitness is measured on."""
+    values = [r.fitness for r in records if not r.diverged and not r.raced and math.isfinite(r.fitness)]
+    if len(values) < 2:
+        return None
+    value, count = Counter(values).most_common(1)[0]
+    if 2 * count <= len(values):
+        return None
+    metric = ranking.fitness_metric
+    others = [m.name for m in ranking.ordered[1:]]
+    fallback = (f"the ranking falls back to {others[0]}" if others else "the choice among them is by candidate id")
+    advice = f"search.fitness: {others[0]} tells them apart" if others else "a larger validation split may tell them apart"
+    generation = records[0].generation
+    return (f"[search] warning: {count} of {len(values)} candidates of generation {generation} tie at val "
+            f"{metric.short} {value:.4f} on the {scored_on}, so the fitness cannot rank them ({fallback}); "
+            f"{advice} (said once, for the first generation that ties)")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -23,11 +25,11 @@ from ..tasks.base import Progress, Task
 from .checkpoint import save_checkpoint, set_rng_state
 from .cluster import LOCAL_NODE
 from .config import RunConfig, config_to_dict
-from .divergence import report_divergence
+from .divergence import report_divergence, tie_note
 from .faults import crash_point
 from .logs import load_population
 from .problem import LOCAL_WORKER, make_problem
-from .progress import Steps, run_seconds
+from .progress import Steps, after_generations, generation_name, run_seconds
 from .rundir import write_json, write_population, write_state
 from .pool import EnsemblePool
 from .search import REFERENCE_GENERATION, ROOT_CANDIDATE, CandidateRecord, SubnetworkSearch
@@ -96,8 +98,11 @@ class Pipeline:
         payload = self.task.worker_payload(self.parent_state, state.parent_id)
         self.driver = payload.make_evaluator()  # builds members' weights here when they are cheap to rebuild
         self.reference = self._reference_record()
-        self.progress("[parent] validation: " + "  ".join(f"{name} {value:.4f}"
-                                                          for name, value in self.reference.metrics.items()))
+        # Under tuned scoring the reference is the parent fine-tuned like every candidate, not the parent itself.
+        how = (f"fine-tuned like every candidate ({cfg.finetune.epochs} epoch(s)), then scored"
+               if self.tuned and not self.family.trains_children else "scored like every candidate")
+        self.progress(f"[parent] {how} on the {self.task.scored_on()}: "
+                      + "  ".join(f"{name} {value:.4f}" for name, value in self.reference.metrics.items()))
         self.problem = make_problem(cfg.workers, payload, fitness=cfg.search.fitness,
                                     population=cfg.search.population)
         pool = None
@@ -115,6 +120,7 @@ class Pipeline:
         self.generations = Steps(self.progress, cfg.search.generations - self.search.generation, "[search]",
                                  "generations")
         self._first_generation = True
+        self._ties_said = False  # the warning about tied fitness values is printed once per run
         self._step_started = 0.0
         self.search.before_step_hook.append(self._before_generation)
         self.search.after_step_hook.append(self._after_generation)
@@ -126,7 +132,8 @@ class Pipeline:
         score = self.driver.evaluate_many([root])[0]
         metrics = {m.name: value for m, value in zip(self.task.metrics, score.values)}
         return CandidateRecord(REFERENCE_GENERATION, ROOT_CANDIDATE, ROOT_CANDIDATE, root,
-                               metrics[self.cfg.search.fitness], metrics, 0.0, LOCAL_WORKER, node=LOCAL_NODE)
+                               metrics[self.cfg.search.fitness], metrics, score.seconds, LOCAL_WORKER,
+                               node=LOCAL_NODE, host=LOCAL_NODE, finished_at=time.time())
 
     def _pool_outputs(self, records: list[CandidateRecord]):
         """Tuned candidates' outputs on the selection and held-back data, from their workers' weights."""
@@ -152,7 +159,8 @@ class Pipeline:
         progress line."""
         cfg, search, state = self.cfg, self.search, self.state
         seconds = time.perf_counter() - self._step_started
-        state.checks = [*state.checks, self._generation_check()]
+        state.checks = [*state.checks, dict(self._generation_check(), seconds=round(seconds, 3),
+                                            finished_at=_utc_now())]
         state.stage, state.search = "search", search.state_dict()
         if not state.grow:
             state.members, state.tuned, state.accepted = [], 0, None
@@ -162,19 +170,34 @@ class Pipeline:
                          [m.name for m in self.task.metrics])
         if self._first_generation:
             self._first_generation = False
-            devices = self.problem.worker_devices()
-            where = "in-process" if self.problem.actors is None else f"{len(devices)} Ray actors"
-            self.progress(f"[workers] evaluating {where} on {', '.join(sorted(set(devices)))}")
+            self.progress(f"[workers] evaluating {self._workers_where()}")
         for incident in search.incidents:
             if incident["generation"] == search.generation - 1:
                 self.progress(f"[workers] actor-{incident['worker']} was lost (pid {incident['lost_pid']}) and "
                               f"restarted; its unfinished candidates were evaluated again")
         self.generations.step(self._generation_line(seconds, state.checks[-1]))
         report_divergence(rows, search.generation - 1, self.family, self.run_dir, self.progress)
+        if not self._ties_said:
+            note = tie_note(self._latest(), search.ranking, self.task.scored_on())
+            if note:
+                self._ties_said = True
+                self.progress(note)
         if search.stopped:
-            self.progress(f"[search] stopped after generation {search.generation}: {cfg.search.patience} "
-                          f"generation(s) without a better best candidate (search.patience)")
+            unrun = cfg.search.generations - search.generation
+            self.progress(f"[search] stopped{' early' if unrun > 0 else ''} "
+                          f"{after_generations(search.generation, cfg.search.generations)}: "
+                          f"{cfg.search.patience} generation(s) without a better best candidate (search.patience)"
+                          + (f"; {unrun} planned generation(s) not run" if unrun > 0 else ""))
         crash_point("search.after_generation")
+
+    def _workers_where(self) -> str:
+        """Where the workers run: 'in-process on cpu', or '2 Ray actors on cpu, nodes 10.0.0.5 (2)'."""
+        devices = ", ".join(sorted(set(self.problem.worker_devices())))
+        if self.problem.actors is None:
+            return f"in-process on {devices}"
+        hosts = Counter(self.problem.worker_hosts())
+        nodes = ", ".join(f"{host} ({count})" for host, count in sorted(hosts.items()))
+        return f"{len(self.problem.actors)} Ray actors on {devices}, node{'s' if len(hosts) > 1 else ''} {nodes}"
 
     def _latest(self) -> list[CandidateRecord]:
         return [r for r in self.search.records if r.generation == self.search.generation - 1]
@@ -210,7 +233,7 @@ class Pipeline:
         latest = self._latest()
         fitness = sorted(r.ensemble_nll for r in latest if not math.isnan(r.ensemble_nll)) or [math.nan]
         held = check.get("holdout_ensemble_nll")
-        return (f"[search] generation {self.search.generation}/{self.cfg.search.generations}  "
+        return (f"[search] {generation_name(self.search.generation - 1, self.cfg.search.generations)}  "
                 f"{len(latest)} tuned candidates, ensemble nll with each: best {fitness[0]:.4f}  "
                 f"median {fitness[len(fitness) // 2]:.4f}  ensemble: {check['ensemble_size']} member(s)"
                 f"{' (parent included)' if check['parent_in_ensemble'] else ''}, {check['joined']} new, "
@@ -230,7 +253,8 @@ class Pipeline:
         if check[f"holdout_{cfg.search.fitness}"] is not None:
             held = "  best on held-back: " + " ".join(f"{m.short} {check['holdout_' + m.name]:.4f}"
                                                         for m in self.task.metrics if m.ranks)
-        return (f"[search] generation {search.generation}/{cfg.search.generations}  val {cfg.search.fitness}: "
+        return (f"[search] {generation_name(search.generation - 1, cfg.search.generations)}  "
+                f"val {cfg.search.fitness}: "
                 f"best {best.fitness:.4f}  median {median.fitness:.4f}  worst {worst.fitness:.4f}  "
                 f"elite best {search.elites[0].fitness if search.elites else math.nan:.4f}{held}  "
                 f"step x{check['step_scale']:.2f}  "
@@ -292,8 +316,9 @@ class Pipeline:
         if not cfg.finetune.epochs or state.tuned >= len(chosen):
             return
         pending = range(state.tuned, len(chosen))
-        where = "in-process" if self.problem.actors is None else f"on {len(self.problem.actors)} Ray actors"
-        self.progress(f"[finetune] {len(pending)} member(s), {cfg.finetune.epochs} epoch(s) each, {where}")
+        self.problem.start_actors()  # a run resumed here evaluated nothing yet in this process
+        self.progress(f"[finetune] {len(pending)} member(s), {cfg.finetune.epochs} epoch(s) each, "
+                      f"{self._workers_where()}")
         # The seed of a member's fine-tuning is a function of the run seed and its position, whichever
         # worker tunes it.
         jobs = [(chosen[i].genome, cfg.seed + 1 + i, self.starts.get(i)) for i in pending]
@@ -403,6 +428,11 @@ class Pipeline:
     def _load_member(self, position: int, genome: str) -> dict:
         packed = torch.load(self.run_dir / _member_file(position), map_location="cpu", weights_only=True)
         return self.family.unpack(packed, genome, self.driver.materialiser)
+
+
+def _utc_now() -> str:
+    """The current wall-clock time, ISO 8601 in UTC to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _member_file(position: int) -> str:

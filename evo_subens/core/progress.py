@@ -71,6 +71,22 @@ class Steps:
         self.close()
 
 
+def generation_name(index: int, planned: int | None = None) -> str:
+    """``generation 2 (3 of 4)``: the 0-based index the population log, metrics and plots use (the parent's
+    reference row is generation -1), then how far through the planned generations that is."""
+    return f"generation {index}" + (f" ({index + 1} of {planned})" if planned else "")
+
+
+def after_generations(done: int, planned: int | None = None) -> str:
+    """``after generation 1 (2 of 4)`` once ``done`` generations ran; ``before generation 0`` when none did."""
+    return "before generation 0" if done <= 0 else f"after {generation_name(done - 1, planned)}"
+
+
+def generation_span(first: int, last: int) -> str:
+    """``generation 3`` or ``generations 2-3``: a range of population-log indices."""
+    return f"generation {first}" if first == last else f"generations {first}-{last}"
+
+
 def process_age() -> float:
     """Seconds since this process started (its imports included); 0 where ``/proc`` cannot tell."""
     try:

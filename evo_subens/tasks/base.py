@@ -166,6 +166,11 @@ class Task(ABC):
     def summary(self, metrics: dict, offered: int) -> list[str]:
         """Lines printed at the end of a run (a table, the verdict, warnings)."""
 
+    def scored_on(self) -> str:
+        """The data every candidate (and the parent's reference record) is scored on, in words with its size,
+        for the lines that print those scores."""
+        return "the validation data"
+
     def warnings(self, metrics: dict) -> list[str]:
         """Loud lines, printed last, for a run whose ensemble disappoints; none by default."""
         return []

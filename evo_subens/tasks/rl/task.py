@@ -83,6 +83,9 @@ class RLTask(Task):
         return (f"[env] {env.id}: observations {self.obs_shape}, {self.num_actions} actions; validation "
                 f"{len(self.selection_seeds)} episodes{held}, test {env.test_episodes} (seeds from {env.test_seed})")
 
+    def scored_on(self) -> str:
+        return f"validation episodes ({len(self.selection_seeds)} seeds)"
+
     def new_model(self) -> nn.Module:
         return build_policy(self.cfg.policy, self.obs_shape, self.num_actions)
 

@@ -110,6 +110,11 @@ class ClassificationTask(Task):
         return (f"[data] {data.name}: train {len(data.train):,}  validation {len(self.selection):,}{held}  "
                 f"test {len(data.test):,}")
 
+    def scored_on(self) -> str:
+        if self.holdout is None:
+            return f"validation split ({len(self.selection):,} rows)"
+        return f"selection split ({len(self.selection):,} of {len(self.data.validation):,} validation rows)"
+
     def new_model(self) -> nn.Module:
         return build_model(self.cfg.model, self.data.input_shape, self.data.num_classes)
 
@@ -125,8 +130,9 @@ class ClassificationTask(Task):
         return val, majority, val["accuracy"] < majority + NEAR_CHANCE * (1 - majority)
 
     def check_loaded_parent(self, model: nn.Module) -> None:
-        # Its validation score itself is printed for every parent, loaded or trained (the reference record).
         val, majority, near_chance = self._against_chance(model)
+        # A trained parent's last epoch line shows this; the reference record may be a tuned parent.
+        self.progress(f"[parent] on the {self.scored_on()}: accuracy {val['accuracy']:.4f}  nll {val['nll']:.4f}")
         uniform_nll = math.log(self.data.num_classes)
         if near_chance or val["nll"] > uniform_nll:
             what = (f"scores near chance (accuracy {val['accuracy']:.4f}; always guessing the commonest class: "
@@ -176,11 +182,14 @@ class ClassificationTask(Task):
 
     def train_parent(self, model: nn.Module) -> None:
         cfg, data = self.cfg, self.data
+        # Each epoch is scored on the rows candidates are scored on, so the last epoch's numbers compare
+        # with theirs; the held-back rows stay unseen until the checks that use them.
+        split = self.selection
         self.progress(f"[parent] training {count_parameters(model):,} parameters for {cfg.parent.epochs} epochs "
-                      f"on {len(data.train):,} samples")
+                      f"on {len(data.train):,} samples; val = the {self.scored_on()}")
 
         def report(epoch: int, loss: float, seconds: float) -> None:
-            val = classification_metrics(predict_probs(model, data.validation.x), data.validation.y)
+            val = classification_metrics(predict_probs(model, split.x), split.y)
             model.train()
             epochs.step(f"[parent] epoch {epoch + 1}/{cfg.parent.epochs}  loss {loss:.4f}  "
                         f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  ({seconds:.1f}s)")
@@ -293,7 +302,7 @@ class ClassificationTask(Task):
         return verdict(metrics)
 
     def summary(self, metrics: dict, offered: int) -> list[str]:
-        return [summary_table(metrics, offered)]
+        return [summary_table(metrics, offered, self.cfg.search.generations, self.cfg.search.patience)]
 
     def warnings(self, metrics: dict) -> list[str]:
         return warnings(metrics)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..core.logs import load_population
 from ..core.rundir import atomic_write
-from .fitness import fitness_plot
+from .fitness import fitness_plot, search_extent
 
 
 def _row(name: str, m: dict) -> str:
@@ -21,10 +21,12 @@ def _row(name: str, m: dict) -> str:
 def rl_report(run_dir: Path, config: dict, metrics: dict) -> Path:
     """Write ``run_dir/report.md`` (and ``fitness.png``) for an RL run; returns the report's path."""
     env, search = config["env"], config["search"]
+    population = load_population(run_dir) if (run_dir / "population.parquet").is_file() else None
+    extent = search_extent(population, search["generations"], metrics.get("search"), search.get("patience"))
     lines = [f"# {run_dir.name}", "",
              f"Environment **{env['id']}**, policy **{config['policy']['name']}**, seed {config['seed']}. "
-             f"**{config['children']['family']}** children; {search['population']} candidates x "
-             f"{search['generations']} generations scored by the mean return of {env['validation_episodes']} "
+             f"**{config['children']['family']}** children; {extent} scored by the mean return of "
+             f"{env['validation_episodes']} "
              f"seeded validation episodes; ensemble of {len(metrics['members'])} acting by the "
              f"**{metrics['ensemble']['rule']}** rule.", "",
              "## Returns", "",
@@ -45,13 +47,14 @@ def rl_report(run_dir: Path, config: dict, metrics: dict) -> Path:
                   f"(the members voted) on {opened:.1%} of test steps.", ""]
     if metrics.get("cost"):
         lines += ["Cost: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in metrics["cost"].items()), ""]
-    if (run_dir / "population.parquet").is_file():
-        population = load_population(run_dir)
-        parent = population.loc[population["generation"] < 0, "val_return"]
-        fitness_plot(population[population["generation"] >= 0], search["fitness"],
-                     float(parent.iloc[0]) if len(parent) else None, run_dir / "fitness.png", task="rl")
-        lines += ["## Search", "", "Validation return of each generation's candidates (the dashed line is the "
-                  "parent).", "", "![return per generation](fitness.png)", ""]
+    if population is not None:
+        notes = fitness_plot(population, search["fitness"], None, run_dir / "fitness.png", task="rl",
+                             planned=search["generations"],
+                             stopped_early=bool((metrics.get("search") or {}).get("stopped_early")),
+                             rows="validation episodes")
+        lines += ["## Search", "", "Validation return of each generation's candidates; the dashed line is the "
+                  "parent scored the same way on the same episodes.", *notes, "",
+                  "![return per generation](fitness.png)", ""]
     report = run_dir / "report.md"
     text = "\n".join(lines)
     atomic_write(report, lambda handle: handle.write(text.encode()))

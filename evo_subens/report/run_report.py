@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
@@ -33,7 +34,9 @@ from ..families import Family, make_family
 from .featvis import maximise_units, pick_units, starting_inputs, unit_activations
 from ..core.logs import load_population, read_run_config
 from ..tasks.classification.data import Split, load_dataset
-from .fitness import fitness_plot
+from ..tasks.classification.results import OUTCOME_WORDS, percent
+from ..tasks.classification.splits import hold_out
+from .fitness import fitness_plot, search_extent
 from .fitness import save_figure as _save
 from ..tasks.classification.task import check_recorded_data
 from ..tasks.classification.metrics import classification_metrics
@@ -104,7 +107,7 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
         check_recorded_data(run_dir, data)
     method = metrics.get("method") or config.get("method") or "subnetworks"
     family = make_family(config_from_dict(config).children) if method == "subnetworks" else None
-    lines = [f"# {run_dir.name}", "", _describe_config(config, metrics, family), ""]
+    lines = [f"# {run_dir.name}", "", _describe_config(config, metrics, family, population), ""]
     lines += ["## Test split", "", *_metrics_table(metrics), ""]
     if metrics.get("cost"):
         lines += ["Cost: " + ", ".join(f"{k.replace('_', ' ')} {v:,g}" for k, v in metrics["cost"].items()), ""]
@@ -113,11 +116,22 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
     if metrics.get("selection"):
         lines += ["## Ensemble selection", "", *_selection_table(metrics, config), ""]
     if population is not None:
-        parent_fitness = (_parent_validation(ensemble.parent, data.validation, config["search"]["fitness"])
-                          if ensemble is not None and ensemble.parent is not None else None)
-        fitness_plot(population, config["search"]["fitness"], parent_fitness, run_dir / "fitness.png")
-        lines += ["## Search", "", (f"Validation {config['search']['fitness']} of each generation's candidates "
-                  "(the dashed line is the parent)."), "", "![fitness per generation](fitness.png)", ""]
+        fitness, rows = config["search"]["fitness"], _selection_rows(metrics)
+        # Tuned scoring fine-tunes the parent's reference row like every candidate: the parent itself is then
+        # scored here, as is the parent of a log without a reference row, on the rows the candidates saw.
+        tuned = config["search"].get("scoring") == "tuned" and family is not None and not family.trains_children
+        parent_fitness = None
+        if ((tuned or not (population["generation"] < 0).any()) and ensemble is not None
+                and ensemble.parent is not None):
+            selection, _ = hold_out(data.validation, config["ensemble"].get("holdout", 0.0))
+            parent_fitness = _parent_validation(ensemble.parent, selection, fitness)
+        notes = fitness_plot(population, fitness, parent_fitness, run_dir / "fitness.png",
+                             planned=config["search"]["generations"],
+                             stopped_early=bool((metrics.get("search") or {}).get("stopped_early")), rows=rows,
+                             tuned_reference=tuned)
+        lines += ["## Search", "", (f"Validation {fitness} of each generation's candidates on the {rows}; the dashed "
+                  "line is the parent on the same rows."), *notes, "",
+                  "![fitness per generation](fitness.png)", ""]
         lines += _ensemble_by_generation(metrics)
         for section in family.report_sections(population) if family is not None else []:
             lines += [f"## {section.title}", "", *section.lines, ""]
@@ -128,7 +142,9 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
         _growth_plot(metrics, run_dir / "growth.png")
         lines += ["## Ensemble size", "", "Test metrics of the ensemble of the first k members, in selection order.",
                   "", "![accuracy and NLL vs ensemble size](growth.png)", ""]
-    if metrics.get("diversity") and len(metrics.get("members", [])) > 1:
+    if len(metrics.get("members", [])) == 1:
+        lines += ["## Member diversity", "", "n/a (one member): diversity is measured between pairs of members.", ""]
+    elif metrics.get("diversity"):
         _diversity_plot(metrics["diversity"], run_dir / "diversity.png")
         lines += ["## Member diversity", "", "| measure | mean over member pairs |", "| --- | ---: |"]
         lines += [f"| {title} | {metrics['diversity'][key]['mean']:.4f} |" for key, title in DIVERSITY_PANELS
@@ -148,15 +164,19 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
     return report
 
 
-def _describe_config(config: dict, metrics: dict, family: Family | None) -> str:
+def _describe_config(config: dict, metrics: dict, family: Family | None,
+                     population: pd.DataFrame | None = None) -> str:
+    """The run in one paragraph; the search's size is what ran (population log, metrics), not only the plan."""
     data, model = config["data"], config["model"]
     method = metrics.get("method") or config.get("method") or "subnetworks"
     parts = [f"Dataset **{data['name']}**, model **{model.get('architecture') or model['name']}**, seed {config['seed']}"]
     if family is not None:
         search = config["search"]
-        parts.append(f"**{family.name}** children ({family.summary()}); {search['population']} candidates x "
-                     f"{search['generations']} generations, fitness val {search['fitness']}; ensemble of "
-                     f"{len(metrics.get('members', []))} ({config['ensemble']['selection']} selection)")
+        extent = search_extent(population, search["generations"], metrics.get("search"), search.get("patience"))
+        members = len(metrics.get("members", []))
+        parts.append(f"**{family.name}** children ({family.summary()}); {extent}, fitness val {search['fitness']}; "
+                     f"ensemble of {members} ({config['ensemble']['selection']} selection)"
+                     + ("; one member, so no diversity to measure" if members == 1 else ""))
     else:
         parts.append(f"method **{method}**, {len(metrics.get('members', []))} member(s)")
     return ". ".join(parts) + f". {metrics.get('test_samples', '?')} test samples."
@@ -185,9 +205,10 @@ def _gain_section(metrics: dict) -> list[str]:
     for split, title in (("test", "test split"), ("holdout", "held-back validation")):
         verdict = (metrics.get("verdict") or {}).get(split)
         if verdict:
-            word = "beats" if verdict["beats_parent"] else "does **not** beat"
-            lines.append(f"- On the {title} the ensemble {word} its parent: accuracy "
-                         f"{verdict['accuracy_points']:+.2f} points, NLL {100 * verdict['nll_change']:+.1f}%.")
+            lines.append(_verdict_line(verdict, title, _split_rows(metrics, split)))
+    if any("outcome" in v for v in (metrics.get("verdict") or {}).values() if v):
+        lines += ["", "The +- figures are paired standard errors: the parent and the ensemble are compared row by "
+                  "row on the same rows; a difference counts only beyond 2 of them."]
     scaled = metrics.get("temperature")
     if scaled:
         lines += ["", "Temperature scaling (fitted on the validation split) separates calibration from ensembling:",
@@ -210,6 +231,41 @@ def _gain_section(metrics: dict) -> list[str]:
     return lines
 
 
+def _split_rows(metrics: dict, split: str) -> int | None:
+    """Rows of the test split or of the held-back part of validation, as recorded."""
+    if split == "test":
+        return metrics.get("test_samples")
+    return (metrics.get("holdout") or {}).get("samples")
+
+
+def _selection_rows(metrics: dict) -> str:
+    """The rows candidates are scored on: the selection part of the validation split (all of it when nothing
+    is held back)."""
+    selection = (metrics.get("validation") or {}).get("samples")
+    held = (metrics.get("holdout") or {}).get("samples")
+    if selection is None:
+        return "validation split"
+    if held:
+        return f"selection split ({selection:,} of {selection + held:,} validation rows)"
+    return f"validation split ({selection:,} rows)"
+
+
+def _verdict_line(verdict: dict, title: str, rows: int | None) -> str:
+    """One bullet: the ensemble against its parent on one split, said as a difference only when it is beyond
+    noise (2 paired standard errors)."""
+    where = f"the {title}" + (f" ({rows:,} rows)" if rows else "")
+    if "outcome" not in verdict:  # written before per-row differences were recorded
+        word = "beats" if verdict["beats_parent"] else "does **not** beat"
+        return (f"- On {where} the ensemble {word} its parent: accuracy {verdict['accuracy_points']:+.2f} points, "
+                f"NLL {100 * verdict['nll_change']:+.1f}% (no standard error recorded: read small splits with care).")
+    words = OUTCOME_WORDS[verdict["outcome"]]
+    if verdict["outcome"] in ("better", "worse"):
+        words = f"**{words}** than its parent"
+    return (f"- On {where}: {words}; accuracy {verdict['accuracy_points']:+.2f} +- "
+            f"{verdict['accuracy_se_points']:.2f} points, NLL {percent(verdict['nll_change'], sign=True)} +- "
+            f"{percent(verdict['nll_change_se'])}.")
+
+
 def _ensemble_by_generation(metrics: dict) -> list[str]:
     """Tuned scoring: the ensemble chosen after each generation, on the selection split and held back."""
     checks = [c for c in (metrics.get("search") or {}).get("generations", []) if "ensemble_nll" in c]
@@ -230,7 +286,7 @@ def _ensemble_by_generation(metrics: dict) -> list[str]:
 
 def _selection_table(metrics: dict, config: dict) -> list[str]:
     used = config["ensemble"]["selection"]
-    rows = ["Both rules choose on the validation split; test metrics are measured afterwards"
+    rows = [f"Both rules choose on the {_selection_rows(metrics)}; test metrics are measured afterwards"
             + (" (before member fine-tuning)" if config.get("finetune", {}).get("epochs") else "") + ".", "",
             "| rule | distinct members | val accuracy | val NLL | test accuracy | test NLL | test ECE |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -110,3 +110,19 @@ def tie_note(records: Sequence[CandidateRecord], ranking: Ranking, scored_on: st
     return (f"[search] warning: {count} of {len(values)} candidates of generation {generation} tie at val "
             f"{metric.short} {value:.4f} on the {scored_on}, so the fitness cannot rank them ({fallback}); "
             f"{advice} (said once, for the first generation that ties)")
+
+
+class TieWarning:
+    """:func:`tie_note` for each generation until one ties: the warning is said once per run, not once per
+    generation."""
+
+    def __init__(self, ranking: Ranking, scored_on: str):
+        self.ranking, self.scored_on, self.said = ranking, scored_on, False
+
+    def check(self, records: Sequence[CandidateRecord]) -> str | None:
+        """The warning for this generation's ``records`` if it is the first to tie, else None."""
+        if self.said:
+            return None
+        note = tie_note(records, self.ranking, self.scored_on)
+        self.said = note is not None
+        return note

@@ -25,7 +25,7 @@ from ..tasks.base import Progress, Task
 from .checkpoint import save_checkpoint, set_rng_state
 from .cluster import LOCAL_NODE
 from .config import RunConfig, config_to_dict
-from .divergence import report_divergence, tie_note
+from .divergence import TieWarning, report_divergence
 from .faults import crash_point
 from .logs import load_population
 from .problem import LOCAL_WORKER, make_problem
@@ -120,8 +120,8 @@ class Pipeline:
         self.generations = Steps(self.progress, cfg.search.generations - self.search.generation, "[search]",
                                  "generations")
         self._first_generation = True
-        self._ties_said = False  # the warning about tied fitness values is printed once per run
         self._step_started = 0.0
+        self.ties = TieWarning(self.search.ranking, self.task.scored_on())
         self.search.before_step_hook.append(self._before_generation)
         self.search.after_step_hook.append(self._after_generation)
 
@@ -177,11 +177,9 @@ class Pipeline:
                               f"restarted; its unfinished candidates were evaluated again")
         self.generations.step(self._generation_line(seconds, state.checks[-1]))
         report_divergence(rows, search.generation - 1, self.family, self.run_dir, self.progress)
-        if not self._ties_said:
-            note = tie_note(self._latest(), search.ranking, self.task.scored_on())
-            if note:
-                self._ties_said = True
-                self.progress(note)
+        tied = self.ties.check(self._latest())
+        if tied:
+            self.progress(tied)
         if search.stopped:
             unrun = cfg.search.generations - search.generation
             self.progress(f"[search] stopped{' early' if unrun > 0 else ''} "

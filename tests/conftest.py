@@ -32,6 +32,21 @@ TINY: dict[str, Any] = {
 }
 
 
+# Run-time facts, not functions of the config: when, where and how fast each candidate ran.
+RUNTIME_COLUMNS = ["eval_seconds", "finished_at", "worker", "node", "host"]
+# The same facts in metrics.json (each generation's wall time and end).
+RUNTIME_KEYS = ("seconds", "finished_at")
+
+
+def untimed(value: Any) -> Any:
+    """``value`` (e.g. a run's metrics) with every wall-clock entry (:data:`RUNTIME_KEYS`) dropped, recursively."""
+    if isinstance(value, dict):
+        return {key: untimed(item) for key, item in value.items() if key not in RUNTIME_KEYS}
+    if isinstance(value, list):
+        return [untimed(item) for item in value]
+    return value
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     """``base`` updated recursively by ``extra`` (a new dict; neither input is modified)."""
     out = copy.deepcopy(base)

@@ -13,6 +13,8 @@ import yaml
 
 from evo_subens import cli
 
+from conftest import untimed
+
 RUN_NAME = "cli-run"
 
 
@@ -68,16 +70,6 @@ def test_same_name_twice_is_refused(cli_run, monkeypatch: pytest.MonkeyPatch,
     json.loads(metrics)
 
 
-def _without_timing(value: object) -> object:
-    """``value`` with every wall-clock entry (keys naming seconds or times) dropped, recursively."""
-    if isinstance(value, dict):
-        return {key: _without_timing(item) for key, item in value.items()
-                if not any(word in key for word in ("seconds", "time", "wall"))}
-    if isinstance(value, list):
-        return [_without_timing(item) for item in value]
-    return value
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: every thread setting is the same")
 def test_result_does_not_depend_on_omp_num_threads(cli_run, cli_command: list[str]) -> None:
@@ -93,7 +85,7 @@ def test_result_does_not_depend_on_omp_num_threads(cli_run, cli_command: list[st
                       "threads": yaml.safe_load((cwd / "runs" / name / "config.yaml").read_text())["workers"][
                           "driver_threads"]} for name in (RUN_NAME, "cli-run-omp1"))
     assert first["threads"] == second["threads"] == len(os.sched_getaffinity(0))
-    assert _without_timing(first["metrics"]) == _without_timing(second["metrics"])
+    assert untimed(first["metrics"]) == untimed(second["metrics"])
 
 
 def test_missing_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -281,6 +281,8 @@ def test_search_runs_on_both_nodes(cluster: Cluster, cli_command, tmp_path: Path
     assert population["node"].str.fullmatch(NODE_ID.pattern).all()
     assert set(population["node"]) == cluster.node_ids()  # both nodes evaluated candidates
     assert population["worker"].nunique() == 2
+    assert population["host"].str.fullmatch(r"\d+\.\d+\.\d+\.\d+").all()  # readable beside the node id
+    assert re.search(r"\[workers\] evaluating 2 Ray actors on cpu, node \S+ \(2\)", done.stdout), done.stdout
 
 
 @pytest.mark.cluster

@@ -32,7 +32,7 @@ from evo_subens.families.sparse import SparseConfig
 from evo_subens.families.stochastic import SCHEDULES, StochasticConfig
 from evo_subens.tasks.classification.training import lr_factor
 
-from conftest import REPO, TINY
+from conftest import REPO, RUNTIME_COLUMNS, TINY
 
 # --- a family in one file: every child is the parent with all its weights multiplied by one factor -----
 
@@ -240,8 +240,8 @@ def test_an_old_run_directory_resumes_with_the_same_results(tmp_path: Path) -> N
     again = evo_subens.resume(first.run_dir, ["search.generations=3"], **quiet)
     longer = evo_subens.run(dict(TINY, output_dir=str(tmp_path), name="new", search=dict(TINY["search"],
                                                                                          generations=3)), **quiet)
-    untimed = ["eval_seconds", "node"]
-    pd.testing.assert_frame_equal(again.population.drop(columns=untimed), longer.population.drop(columns=untimed))
+    pd.testing.assert_frame_equal(again.population.drop(columns=RUNTIME_COLUMNS),
+                                  longer.population.drop(columns=RUNTIME_COLUMNS))
     assert again.member_genomes == longer.member_genomes
     for change in ("children.sigma=0.3", "children.family=sparse"):
         with pytest.raises(RunDirError, match=f"cannot resume .* with {change.split('=')[0]}="):

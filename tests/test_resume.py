@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,10 +25,8 @@ import evo_subens
 from evo_subens import cli
 from evo_subens.errors import RunDirError
 
-from conftest import TINY, deep_merge
+from conftest import RUNTIME_COLUMNS, TINY, deep_merge, untimed
 
-# Run-time facts, not functions of the config: where and how fast each candidate ran.
-RUNTIME_COLUMNS = ["eval_seconds", "worker", "node"]
 
 # Three generations and a fine-tune pass so every crash point is visited.
 CRASH_CONFIG = deep_merge(TINY, {"search": {"generations": 3}, "finetune": {"epochs": 1, "lr": 0.01},
@@ -55,9 +54,9 @@ def _killed_run(cli_command: list[str], config: Path, name: str, crash_at: str, 
     return config.parent / "runs" / name
 
 
-def _resumed(cli_command: list[str], run_dir: Path) -> subprocess.CompletedProcess:
+def _resumed(cli_command: list[str], run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     """``evo-subens resume`` that must succeed."""
-    resumed = _cli(cli_command, ["resume", str(run_dir)])
+    resumed = _cli(cli_command, ["resume", str(run_dir), *overrides])
     assert resumed.returncode == 0, resumed.stderr
     return resumed
 
@@ -74,7 +73,7 @@ def _assert_same_run(run_dir: Path, reference: Path) -> None:
     ref_population, ref_members, ref_metrics = _outputs(reference)
     pd.testing.assert_frame_equal(population, ref_population)
     assert members == ref_members
-    assert metrics == ref_metrics
+    assert untimed(metrics) == untimed(ref_metrics)
     for i, member in enumerate(members):
         if member["weights"]:
             mine = torch.load(run_dir / member["weights"], weights_only=True)
@@ -128,6 +127,20 @@ def test_killed_and_resumed_run_equals_uninterrupted(crash_setup, killed_copy, c
     run_dir = killed_copy(crash_at, "killed-" + crash_at.replace(":", "-").replace(".", "-"))
     assert not (run_dir / "metrics.json").exists()
     assert "[resume] from ckpt-" in _resumed(cli_command, run_dir).stdout
+    _assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_resume_during_finetune_tunes_on_ray_actors(crash_setup, killed_copy, cli_command) -> None:
+    """A run killed while fine-tuning, resumed with Ray actors: the members left tune on the actors (a
+    resume evaluates nothing before, and actors used to start only at the first evaluation), to the same
+    result as the uninterrupted in-process run."""
+    config, reference = crash_setup
+    run_dir = killed_copy("finetune.after_member:1", "killed-finetune-to-ray")
+    resumed = _resumed(cli_command, run_dir, "workers.executor=ray", "workers.num_actors=2")
+    assert re.search(r"\[finetune\] 2 member\(s\), 1 epoch\(s\) each, 2 Ray actors on cpu, node \S+ \(2\)",
+                     resumed.stdout), resumed.stdout
     _assert_same_run(run_dir, reference)
 
 

@@ -29,7 +29,8 @@ from evo_subens.tasks.rl.config import EnvConfig, PolicyConfig, PPOConfig
 from evo_subens.tasks.rl.policies import build_policy
 from evo_subens.tasks.rl.training import PPOTrainer
 
-from test_resume import RUNTIME_COLUMNS, _assert_same_run, _cli, _killed_run, _resumed
+from conftest import RUNTIME_COLUMNS
+from test_resume import _assert_same_run, _cli, _killed_run, _resumed
 from test_rl_task import rl_config
 
 # PPO scale: Adam at 2.5e-4, one batch (4 copies x 128 steps) per tuned child.

@@ -17,7 +17,8 @@ import evo_subens
 from evo_subens.core.config import config_from_dict
 from evo_subens.errors import ConfigError
 
-from test_resume import RUNTIME_COLUMNS, _assert_same_run, _killed_run, _resumed
+from conftest import RUNTIME_COLUMNS
+from test_resume import _assert_same_run, _killed_run, _resumed
 
 pytestmark = pytest.mark.slow
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,15 @@ def test_atomic_write_keeps_old_file_on_error(tmp_path: Path) -> None:
         atomic_write(path, broken)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_write_respects_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """Run files get the permissions open() would give them, so a team can read a run on shared storage
+    (the temp file they are written through is owner-only)."""
+    previous = os.umask(umask)
+    try:
+        write_text(tmp_path / "metrics.json", "{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == mode

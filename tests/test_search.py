@@ -33,8 +33,9 @@ from evo_subens.core.rundir import population_schema
 from evo_subens.core.search import CandidateRecord, Ranking, select_members
 from evo_subens.tasks.classification.metrics import VALIDATION_METRICS
 
+from conftest import RUNTIME_COLUMNS, untimed
+
 QUIET = {"progress": lambda line: None}
-TIMING_COLUMNS = ["eval_seconds", "worker", "node"]
 
 
 def run_tiny(tiny_config, output_dir: Path, name: str, extra: dict | None = None) -> evo_subens.RunResult:
@@ -104,11 +105,28 @@ def test_population_log_rows_and_schema(local_run: evo_subens.RunResult) -> None
     schema = population_schema(make_family(cfg.children).log_columns, ["accuracy", "nll"])
     assert list(population.columns) == list(schema)
     assert {c: str(t) for c, t in population.dtypes.items()} == schema
-    assert (population["worker"] == "local").all()
+    assert (population["worker"] == "local").all() and (population["host"] == "local").all()
     assert population["fitness"].equals(population["val_accuracy"])  # fitness: accuracy
     assert population["val_accuracy"].between(0, 1).all() and (population["val_nll"] > 0).all()
     full = pd.read_parquet(local_run.run_dir / "population.parquet")
     assert local_run.population.equals(full)
+
+
+def test_population_log_and_metrics_say_when(local_run: evo_subens.RunResult) -> None:
+    """Every row has the wall-clock time its evaluation ended, in the run's time span and in generation
+    order; metrics.json has each generation's wall time and end."""
+    population = local_run.population
+    stamps = population["finished_at"]
+    assert stamps.notna().all()
+    started = pd.Timestamp((local_run.run_dir / "config.yaml").stat().st_mtime, unit="s", tz="UTC")
+    assert (stamps >= started - pd.Timedelta(minutes=1)).all() and (stamps <= pd.Timestamp.now(tz="UTC")).all()
+    by_generation = stamps.groupby(population["generation"])
+    assert (by_generation.min().iloc[1:].to_numpy() >= by_generation.max().iloc[:-1].to_numpy()).all()
+    checks = local_run.metrics["search"]["generations"]
+    assert [c["generation"] for c in checks] == sorted(set(population["generation"]) - {-1})
+    for check, last in zip(checks, by_generation.max().iloc[1:]):
+        assert check["seconds"] > 0
+        assert pd.Timestamp(check["finished_at"]) >= last.floor("s")
 
 
 def test_population_log_starts_with_the_parent(local_run: evo_subens.RunResult) -> None:
@@ -181,7 +199,7 @@ def test_run_directory_files(local_run: evo_subens.RunResult, tiny_config) -> No
     assert len(metrics["members"]) == len(members)
     for m, entry in zip(members, metrics["members"]):
         assert {"accuracy", "nll", "ece"} <= set(entry) and entry["candidate"] == m["candidate"]
-    assert metrics == local_run.metrics
+    assert untimed(metrics) == untimed(local_run.metrics)
 
 
 def test_metrics_come_from_the_logged_genomes(local_run: evo_subens.RunResult) -> None:
@@ -216,7 +234,7 @@ def test_metrics_come_from_the_logged_genomes(local_run: evo_subens.RunResult) -
 
 
 def _comparable(population: pd.DataFrame) -> pd.DataFrame:
-    return population.drop(columns=TIMING_COLUMNS)
+    return population.drop(columns=RUNTIME_COLUMNS)
 
 
 @pytest.mark.slow
@@ -354,6 +372,7 @@ def test_full_run_with_ray(ray_session, local_run: evo_subens.RunResult, runs_di
     population, members, _ = read_run(result.run_dir)
     assert population["worker"].str.fullmatch(r"actor-\d+").all()
     assert population["worker"].nunique() == 2  # one actor per CPU of the 2-CPU test cluster
+    assert population["host"].iloc[1:].str.fullmatch(r"\d+\.\d+\.\d+\.\d+").all()  # the parent: "local"
     local_population, local_members, _ = read_run(local_run.run_dir)
     assert population["genome"].equals(local_population["genome"])
     assert population["val_accuracy"].equals(local_population["val_accuracy"])

@@ -21,7 +21,7 @@ from evo_subens.families.stochastic import SCHEDULES, inclusion_probabilities
 from evo_subens.tasks.classification.models import build_model
 from evo_subens.tasks.classification.training import SplitTrainer, train
 
-from conftest import TINY, deep_merge
+from conftest import TINY, deep_merge, untimed
 
 CNN = ModelConfig(name="cnn2d", kwargs={"channels": [4, 8], "hidden": 16})
 SHAPE = (1, 8, 8)
@@ -247,7 +247,7 @@ def test_stochastic_run_end_to_end(ray_session, tmp_path: Path) -> None:
     sparse_children = {k: v for k, v in RUN["children"].items() if not k.startswith("anneal_")}
     sparse = evo_subens.run(dict(RUN, children=dict(sparse_children, family="sparse"), output_dir=str(tmp_path),
                                  name="sparse"), progress=lambda line: None)
-    assert local.metrics == remote.metrics
+    assert untimed(local.metrics) == untimed(remote.metrics)
     assert local.population.loc[local.population["generation"] >= 0, "density"].eq(0.4).all()
     members = json.loads((local.run_dir / "members.json").read_text())
     sparse_members = json.loads((sparse.run_dir / "members.json").read_text())
@@ -279,7 +279,7 @@ def test_extended_stochastic_search_equals_a_longer_run(tmp_path: Path) -> None:
     short = _run(tmp_path, "short")
     longer = _run(tmp_path, "long", {"search": {"generations": 2}})
     extended = evo_subens.resume(short.run_dir, ["search.generations=2"], progress=lambda line: None)
-    assert extended.metrics == longer.metrics
+    assert untimed(extended.metrics) == untimed(longer.metrics)
     a = json.loads((extended.run_dir / "members.json").read_text())
     b = json.loads((longer.run_dir / "members.json").read_text())
     assert [m["genome"] for m in a] == [m["genome"] for m in b]

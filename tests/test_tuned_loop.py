@@ -24,11 +24,10 @@ from evo_subens.core.search import ROOT_CANDIDATE
 from evo_subens.errors import ConfigError, UserError
 from evo_subens.tasks.classification.metrics import nll
 
-from conftest import TINY, deep_merge, tiny_dict
+from conftest import RUNTIME_COLUMNS, TINY, deep_merge, tiny_dict
 
 TUNED = {"search": {"scoring": "tuned", "population": 4, "generations": 2, "fitness": "nll"},
          "finetune": {"epochs": 1, "lr": 0.05}, "ensemble": {"size": 3}, "parent": {"epochs": 4}}
-RUNTIME_COLUMNS = ["eval_seconds", "worker", "node"]
 
 
 def _selection_nll(result, states: list[dict]) -> float:

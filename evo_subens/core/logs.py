@@ -21,7 +21,8 @@ from ..errors import RunDirError, UserError
 from .rundir import POPULATION_SCHEMA, population_schema
 
 # Population-log columns added after the first release, with the value older logs mean by them.
-ADDED_COLUMNS = {"node": "", "raced": False, "diverged": False, "step_scale": 1.0, "ensemble_nll": float("nan")}
+ADDED_COLUMNS = {"node": "", "raced": False, "diverged": False, "step_scale": 1.0, "ensemble_nll": float("nan"),
+                 "host": "", "finished_at": None}
 
 # Fields a resume may change: how long the search runs and where/how it is evaluated.
 RESUMABLE_CHANGES = ("search.generations", "workers.", "name", "output_dir")
@@ -137,8 +138,8 @@ def load_population(run_dir: str | Path) -> pd.DataFrame:
     """The population log of a run: one row per evaluated candidate.
 
     Columns and dtypes are :func:`evo_subens.core.rundir.population_schema` of the run's family (its log
-    columns after ``parent``); ``eval_seconds``, ``worker`` and ``node`` record where and how fast a
-    candidate ran, everything else is a function of the config. Logs of a family whose columns changed
+    columns after ``parent``); ``eval_seconds``, ``finished_at``, ``worker``, ``node`` and ``host`` record
+    where, when and how fast a candidate ran, everything else is a function of the config. Logs of a family whose columns changed
     are read with today's names (``Family.legacy_log_columns``).
     """
     path = Path(run_dir) / "population.parquet"

@@ -30,7 +30,7 @@ from .faults import crash_point
 from .shared_payload import SharedPayload
 
 # Columns of the evaluation data every candidate returns after its fitness and its metrics (val_<name>).
-EVAL_COLUMNS = ("eval_seconds", "worker", "pid", "raced", "diverged")
+EVAL_COLUMNS = ("eval_seconds", "worker", "pid", "raced", "diverged", "finished_at")
 LOCAL_WORKER = -1
 
 # glibc's default thresholds made the evaluation loop page-fault heavily (measured ~1.6x slower).
@@ -92,24 +92,37 @@ class SubnetworkProblem(Problem):
         # rebuild a lost actor from its (small) creation task and the actor fetches the payload again.
         self._shared_payload = SharedPayload(payload) if self._num_actors else None
         self._evaluator: Evaluator | None = None
-        self._nodes: dict[tuple[int, int], str] = {}  # (actor index, pid) -> Ray node id
+        self._nodes: dict[tuple[int, int], tuple[str, str]] = {}  # (actor index, pid) -> Ray node id and IP
         self.placement_group: PlacementGroup | None = None  # owned by the driver's problem, released on close
 
-    def node_id(self) -> str:
-        """The Ray node this process runs on (called on an actor by the driver)."""
-        return current_node()
+    def node_id(self) -> tuple[str, str]:
+        """The Ray node this process runs on and that node's IP address (called on an actor by the driver)."""
+        return current_node(), ray.util.get_node_ip_address()
 
-    def worker_node(self, worker: int, pid: int) -> str:
-        """The Ray node of the worker that reported ``(worker, pid)``: ``local`` for in-process evaluation.
+    def worker_node(self, worker: int, pid: int) -> tuple[str, str]:
+        """The Ray node id and IP address of the worker that reported ``(worker, pid)``; ``local`` (both) for
+        in-process evaluation.
 
         Asked once per actor process; a restarted actor (new pid) may be on another node and is asked again.
         """
         if worker == LOCAL_WORKER or self.actors is None:
-            return LOCAL_NODE
+            return LOCAL_NODE, LOCAL_NODE
         key = (worker, pid)
         if key not in self._nodes:
-            self._nodes[key] = ray.get(self.actors[worker].call.remote("node_id", [], {}))
+            self._nodes[key] = tuple(ray.get(self.actors[worker].call.remote("node_id", [], {})))
         return self._nodes[key]
+
+    def start_actors(self) -> None:
+        """Start the configured actors now. EvoTorch starts them at the first evaluation, which a run resumed
+        after its search never reaches: without this its members would tune in the driver."""
+        if self.is_main and self._num_actors and self.actors is None:
+            self.all_remote_problems()
+
+    def worker_hosts(self) -> list[str]:
+        """Where the workers run: each actor's node IP address, or ``local`` for the in-process executor."""
+        if self.actors is None:
+            return [LOCAL_NODE]
+        return [ip for _, ip in self.all_remote_problems().node_id()]
 
     @property
     def _nonserialized_attribs(self) -> list[str]:
@@ -150,7 +163,7 @@ class SubnetworkProblem(Problem):
                     if diverged:  # NaN metrics rank last; an infinite NLL would still rank by its accuracy
                         values = [math.nan] * len(values)
                     rows.append([values[self.fitness_index], *values, score.seconds, worker, os.getpid(),
-                                 score.raced, diverged])
+                                 score.raced, diverged, time.time()])
         batch.set_evals(torch.tensor(rows, dtype=torch.float64))
 
     def unpack(self, row) -> tuple[float, dict[str, float], tuple[float, ...]]:
@@ -180,6 +193,7 @@ class SubnetworkProblem(Problem):
         A worker that no longer holds a child (restarted, or another process) rebuilds it: the result is
         the same, only slower.
         """
+        self.start_actors()
         if self.actors is None:
             return self.local_child_states(genomes)
         states: list[dict | None] = [None] * len(genomes)
@@ -207,6 +221,7 @@ class SubnetworkProblem(Problem):
         caller stores (and checkpoints) each result as it comes; in-process they run one after another,
         through the same code.
         """
+        self.start_actors()
         if self.actors is None:
             for genome, seed, start in jobs:
                 yield self.local_finetune(genome, seed, start)

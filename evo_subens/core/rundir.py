@@ -42,6 +42,8 @@ POPULATION_SCHEMA: dict[str, str] = {
     "eval_seconds": "float64",  # wall time of its evaluation inside the worker
     "worker": "string",         # 'actor-<i>' or 'local'
     "node": "string",           # Ray node id of the process that evaluated it; 'local' = the driver's process
+    "host": "string",           # IP address of that node ('ray list nodes' names it); 'local' = the driver's
+    "finished_at": "datetime64[ns, UTC]",  # wall-clock time its evaluation ended
     "raced": "bool",            # search.racing stopped its scoring early (it could not rank): metrics are NaN
     "diverged": "bool",         # its validation metrics were NaN or infinite (logged as NaN): never elite/member
     "step_scale": "float64",    # multiple of the configured perturbation strength it was made with
@@ -77,11 +79,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (``os.umask`` can only be read
+    by setting it, which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write a file via a temp file in the same folder, flush + fsync, then rename over ``path``."""
+    """Write a file via a temp file in the same folder, flush + fsync, then rename over ``path``.
+
+    The file gets the permissions ``open()`` would give it (0o666 less the umask), not the temp file's
+    owner-only ones, so a run on shared storage can be read as the user's other files can."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -120,6 +140,8 @@ def population_frame(rows: list[dict], family_columns: dict[str, str], metrics: 
     """The population log as a DataFrame with :func:`population_schema`'s columns and dtypes."""
     schema = population_schema(family_columns, metrics)
     frame = pd.DataFrame(rows, columns=list(schema))
+    # Records hold seconds since the epoch (NaN: not known, e.g. rows from before the column existed).
+    frame["finished_at"] = pd.to_datetime(frame["finished_at"].astype("float64"), unit="s", utc=True)
     return frame.astype(schema)
 
 

@@ -47,6 +47,8 @@ class CandidateRecord:
     worker: int
     is_elite: bool = False
     node: str = ""  # Ray node id of the worker ('local' in-process; '' in checkpoints written before it)
+    host: str = ""  # IP address of that node ('local' in-process; '' in checkpoints written before it)
+    finished_at: float = math.nan  # wall-clock time its evaluation ended, in seconds since the Unix epoch
     raced: bool = False  # scoring stopped by the racing bound: metrics are NaN
     diverged: bool = False  # NaN or infinite validation metrics (logged as NaN): never an elite or member
     step_scale: float = 1.0  # the multiple of the configured perturbation strength it was made with
@@ -244,10 +246,11 @@ class SubnetworkSearch(SearchAlgorithm):
         first_id = len(self.records)
         new, pids = [], []
         for i, ((parent_index, genome), row, scale) in enumerate(zip(proposals, evals, scales)):
-            fitness, metrics, (seconds, worker, pid, raced, diverged) = self.problem.unpack(row)
+            fitness, metrics, (seconds, worker, pid, raced, diverged, finished) = self.problem.unpack(row)
             parent_id = parents[parent_index].candidate if parents and parent_index >= 0 else ROOT_CANDIDATE
+            node, host = self.problem.worker_node(int(worker), int(pid))
             new.append(CandidateRecord(self.generation, first_id + i, parent_id, genome, fitness, metrics,
-                                       seconds, int(worker), node=self.problem.worker_node(int(worker), int(pid)),
+                                       seconds, int(worker), node=node, host=host, finished_at=finished,
                                        raced=bool(raced), diverged=bool(diverged), step_scale=scale))
             pids.append((int(worker), int(pid)))
         self._note_restarts(pids)

@@ -105,7 +105,8 @@ def tie_note(records: Sequence[CandidateRecord], ranking: Ranking, scored_on: st
     metric = ranking.fitness_metric
     others = [m.name for m in ranking.ordered[1:]]
     fallback = (f"the ranking falls back to {others[0]}" if others else "the choice among them is by candidate id")
-    advice = f"search.fitness: {others[0]} tells them apart" if others else "a larger validation split may tell them apart"
+    advice = (f"search.fitness: {others[0]} tells them apart" if others
+              else "a larger validation split may tell them apart")
     generation = records[0].generation
     return (f"[search] warning: {count} of {len(values)} candidates of generation {generation} tie at val "
             f"{metric.short} {value:.4f} on the {scored_on}, so the fitness cannot rank them ({fallback}); "

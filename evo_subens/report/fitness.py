@@ -9,6 +9,7 @@ scored, that row is the parent fine-tuned the same way, drawn as a second line b
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -39,7 +40,8 @@ def search_extent(population: pd.DataFrame | None, planned: int, search: dict | 
     text = f"{size} of {planned} planned generations" if ran != planned else f"{size} generations"
     if ran < planned:
         if search.get("stopped_early"):
-            why = f"{patience} generation(s) without a better best candidate" if patience else "no better best candidate"
+            why = (f"{patience} generation(s) without a better best candidate" if patience
+                   else "no better best candidate")
             text += (f" (stopped early after generation {ran - 1}: {why}, search.patience; "
                      f"{generation_span(ran, planned - 1)} not run)")
         else:
@@ -72,6 +74,39 @@ def axis_limits(core: list[float], worst: list[float], lower_is_better: bool) ->
     return (bound if clipped else bottom - pad), high + pad, clipped
 
 
+@dataclass(frozen=True)
+class FitnessLines:
+    """What the fitness plot draws: per generation (0-based, candidates only) the best, median and worst
+    fitness; the parent's value on the same rows; under tuned scoring the parent fine-tuned like a candidate."""
+
+    best: pd.Series
+    median: pd.Series
+    worst: pd.Series
+    parent: float | None
+    tuned_parent: float | None
+    lower_is_better: bool
+
+
+def fitness_lines(population: pd.DataFrame, fitness: str, parent: float | None, task: str = "classification",
+                  tuned_reference: bool = False) -> FitnessLines:
+    """The lines of :func:`fitness_plot` (its arguments of the same names)."""
+    metric = next(m for m in task_metrics(task) if m.name == fitness)
+    lower_is_better = not metric.higher_is_better
+    column = f"val_{fitness}"
+    reference = population.loc[population["generation"] < 0, column]
+    tuned = float(reference.iloc[0]) if len(reference) and tuned_reference else None
+    if len(reference) and not tuned_reference:
+        parent = float(reference.iloc[0])
+    grouped = population[population["generation"] >= 0].groupby("generation")[column]
+
+    def finite(value: float | None) -> float | None:
+        return value if value is not None and math.isfinite(value) else None
+
+    return FitnessLines(best=grouped.min() if lower_is_better else grouped.max(), median=grouped.median(),
+                        worst=grouped.max() if lower_is_better else grouped.min(), parent=finite(parent),
+                        tuned_parent=finite(tuned), lower_is_better=lower_is_better)
+
+
 def fitness_plot(population: pd.DataFrame, fitness: str, parent: float | None, path: Path,
                  task: str = "classification", *, planned: int | None = None, stopped_early: bool = False,
                  rows: str | None = None, tuned_reference: bool = False) -> list[str]:
@@ -82,19 +117,11 @@ def fitness_plot(population: pd.DataFrame, fitness: str, parent: float | None, p
     with ``tuned_reference`` that row is the parent fine-tuned like a candidate, and ``parent`` (the parent
     itself on the same rows) is the parent's line. Otherwise ``parent`` is used only where the log has no
     reference row. ``rows`` names the data the fitness is measured on (the y-axis label)."""
-    metric = next(m for m in task_metrics(task) if m.name == fitness)
-    lower_is_better = not metric.higher_is_better
-    column = f"val_{fitness}"
-    reference = population.loc[population["generation"] < 0, column]
-    tuned = float(reference.iloc[0]) if len(reference) and tuned_reference else None
-    if len(reference) and not tuned_reference:
-        parent = float(reference.iloc[0])
-    grouped = population[population["generation"] >= 0].groupby("generation")[column]
-    best = grouped.min() if lower_is_better else grouped.max()
-    worst = grouped.max() if lower_is_better else grouped.min()
-    median = grouped.median()
-    parent_values = [parent] if parent is not None and math.isfinite(parent) else []
-    tuned_values = [tuned] if tuned is not None and math.isfinite(tuned) else []
+    lines = fitness_lines(population, fitness, parent, task, tuned_reference)
+    best, median, worst, lower_is_better = lines.best, lines.median, lines.worst, lines.lower_is_better
+    parent, tuned = lines.parent, lines.tuned_parent
+    parent_values = [parent] if parent is not None else []
+    tuned_values = [tuned] if tuned is not None else []
     low, high, clipped = axis_limits([*best.values, *median.values, *parent_values, *tuned_values],
                                      list(worst.values), lower_is_better)
 

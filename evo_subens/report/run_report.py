@@ -142,14 +142,7 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
         _growth_plot(metrics, run_dir / "growth.png")
         lines += ["## Ensemble size", "", "Test metrics of the ensemble of the first k members, in selection order.",
                   "", "![accuracy and NLL vs ensemble size](growth.png)", ""]
-    if len(metrics.get("members", [])) == 1:
-        lines += ["## Member diversity", "", "n/a (one member): diversity is measured between pairs of members.", ""]
-    elif metrics.get("diversity"):
-        _diversity_plot(metrics["diversity"], run_dir / "diversity.png")
-        lines += ["## Member diversity", "", "| measure | mean over member pairs |", "| --- | ---: |"]
-        lines += [f"| {title} | {metrics['diversity'][key]['mean']:.4f} |" for key, title in DIVERSITY_PANELS
-                  if key in metrics["diversity"]]
-        lines += ["", "![pairwise member diversity](diversity.png)", ""]
+    lines += _diversity_section(metrics, run_dir)
     if metrics.get("reliability"):
         _reliability_plot(metrics["reliability"], run_dir / "reliability.png")
         lines += ["## Calibration", "", ("Accuracy against confidence in 15 equal-width bins (test split); the "
@@ -162,6 +155,19 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
     atomic_write(report, lambda handle: handle.write(text.encode()))
     progress(f"[report] wrote {report}")
     return report
+
+
+def _diversity_section(metrics: dict, run_dir: Path) -> list[str]:
+    """Mean pairwise diversity and its heatmaps; with one member there are no pairs, which is said."""
+    if len(metrics.get("members", [])) == 1:
+        return ["## Member diversity", "", "n/a (one member): diversity is measured between pairs of members.", ""]
+    if not metrics.get("diversity"):
+        return []
+    _diversity_plot(metrics["diversity"], run_dir / "diversity.png")
+    lines = ["## Member diversity", "", "| measure | mean over member pairs |", "| --- | ---: |"]
+    lines += [f"| {title} | {metrics['diversity'][key]['mean']:.4f} |" for key, title in DIVERSITY_PANELS
+              if key in metrics["diversity"]]
+    return lines + ["", "![pairwise member diversity](diversity.png)", ""]
 
 
 def _describe_config(config: dict, metrics: dict, family: Family | None,

@@ -148,7 +148,7 @@ def test_ctrl_c_says_where_the_run_stopped(folder: Path, cli_command: list[str])
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:
-            if line.startswith("[search] generation 2/40"):
+            if line.startswith("[search] generation 1 (2 of 40)"):
                 break
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
@@ -160,8 +160,8 @@ def test_ctrl_c_says_where_the_run_stopped(folder: Path, cli_command: list[str])
     [line] = err.strip().splitlines()
     run_dir = Path("runs") / "stopped"
     assert line.startswith(f"evo-subens: interrupted; {run_dir} stopped after generation ")
-    assert line.endswith(f"of 40; go on with: evo-subens resume {run_dir}")
-    reached = int(line.split(" stopped after generation ")[1].split()[0])
+    assert line.endswith(f" of 40); go on with: evo-subens resume {run_dir}")
+    reached = int(line.split(" stopped after generation ")[1].split()[0]) + 1  # the log index; + 1: done
     assert reached >= 2
     resumed = _cli(cli_command, ["resume", str(run_dir), f"search.generations={reached}"], folder)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -80,7 +80,7 @@ def test_all_children_diverging_stops_with_a_clear_error(tmp_path: Path, tiny_ya
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     [error] = proc.stderr.strip().splitlines()
-    assert "every candidate of generation 1 diverged" in error
+    assert "every candidate of generation 0 diverged" in error
     assert "sigma 1e+30" in error and "children.sigma" in error
     run_dir = tmp_path / "runs" / "boom"
     pop = load_population(run_dir)
@@ -88,7 +88,7 @@ def test_all_children_diverging_stops_with_a_clear_error(tmp_path: Path, tiny_ya
     assert pop.diverged.all() and len(pop) == 8 and pop.val_nll.isna().all()
     assert list((run_dir / "checkpoints").glob("ckpt-*.pt"))
     assert cli.main(["resume", str(run_dir)]) == 2  # the command's code, in this process
-    assert "generation 2 diverged" in capsys.readouterr().err  # it went on from the checkpoint of generation 1
+    assert "generation 1 diverged" in capsys.readouterr().err  # it went on from the checkpoint of generation 0
 
 
 @pytest.mark.slow

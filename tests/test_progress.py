@@ -42,7 +42,7 @@ def test_piped_run_prints_each_step_when_it_happens(tmp_path: Path, tiny_yaml_te
     assert lines[:2] == ["[run] tiny.yaml: checking the config", "[run] tiny.yaml: config valid; loading the engine"]
     assert not arrivals[0][2]  # the first line did not wait for the end...
     assert arrivals[-1][2]  # ...which the last line reports, after metrics.json is written
-    for prefix in ("[data] loading digits", "[parent] epoch 3/3", "[search] generation 2/2", "[members] choosing",
+    for prefix in ("[data] loading digits", "[parent] epoch 3/3", "[search] generation 1 (2 of 2)", "[members] choosing",
                    "[test] parent, 3 members"):
         assert any(line.startswith(prefix) for line in lines), prefix
     seconds = int(re.fullmatch(r"\[run\] results in .* \((\d+)s\)", lines[-1]).group(1))

@@ -47,9 +47,9 @@ def test_sigkilled_driver_leaves_no_ray_process(tmp_path: Path, tiny_yaml_text: 
         lines = []
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith("[search] generation 2/"):
+            if line.startswith("[search] generation 1 (2 of"):
                 break
-        assert any(line.startswith("[search] generation 2/") for line in lines), "".join(lines)[-3000:]
+        assert any(line.startswith("[search] generation 1 (2 of") for line in lines), "".join(lines)[-3000:]
         recorded = descendants(proc.pid)
         commands = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
                             for pid in recorded if Path(f"/proc/{pid}/cmdline").exists())

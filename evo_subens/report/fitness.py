@@ -125,7 +125,7 @@ def fitness_plot(population: pd.DataFrame, fitness: str, parent: float | None, p
     low, high, clipped = axis_limits([*best.values, *median.values, *parent_values, *tuned_values],
                                      list(worst.values), lower_is_better)
 
-    figure = Figure(figsize=(6.4, 4.0))
+    figure = Figure(figsize=(8.0, 4.0))
     axes = figure.subplots()
     axes.plot(best.index, best.values, "o-", label="best")
     axes.plot(median.index, median.values, "s-", label="median")
@@ -137,8 +137,8 @@ def fitness_plot(population: pd.DataFrame, fitness: str, parent: float | None, p
         generation, value = worst.index[i], worst.values[i]
         axes.plot([generation], [edge], "^" if lower_is_better else "v", color=line.get_color(), markersize=9,
                   clip_on=False)
-        axes.annotate(f"worst {value:.3g}, off scale", (generation, edge), textcoords="offset points",
-                      xytext=(7, -12 if lower_is_better else 6), fontsize=8, color=line.get_color())
+        axes.annotate(f"{value:.3g}", (generation, edge), textcoords="offset points", ha="center",
+                      xytext=(0, -16 if lower_is_better else 10), fontsize=8, color=line.get_color())
     if parent_values:
         axes.axhline(parent, color="black", linestyle="--", linewidth=1, label="parent (same rows)")
     if tuned_values:
@@ -149,8 +149,9 @@ def fitness_plot(population: pd.DataFrame, fitness: str, parent: float | None, p
     if total > ran:
         axes.axvspan(ran - 0.5, total - 0.5, color="grey", alpha=0.15, linewidth=0)
         word = "stopped early" if stopped_early else "not run"
-        axes.text((ran + total - 1) / 2, 0.96, f"{word}:\n{generation_span(ran, total - 1)}\nnot run", ha="center",
-                  va="top", transform=axes.get_xaxis_transform(), fontsize=9, color="dimgrey")
+        axes.text((ran + total - 1) / 2, 0.5, f"{word}:\n{generation_span(ran, total - 1)}\nnot run", ha="center",
+                  va="center", transform=axes.get_xaxis_transform(), fontsize=9, color="dimgrey",
+                  bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
         notes.append(f"The shaded {generation_span(ran, total - 1)} did not run"
                      + (" (the search stopped early, search.patience)." if stopped_early else "."))
     axes.set_xlim(-0.5, max(total, 1) - 0.5)
@@ -162,14 +163,14 @@ def fitness_plot(population: pd.DataFrame, fitness: str, parent: float | None, p
     axes.set_xlabel("generation")
     axes.set_ylabel(f"validation {label}")
     axes.set_xticks(list(range(max(total, 1))))
-    axes.legend()
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)  # outside: it hides no point
     save_figure(figure, path)
     if clipped:
         side = "above" if lower_is_better else "below"
         extreme = max if lower_is_better else min
         notes.append(f"The worst candidate of {len(clipped)} generation(s) lies {side} the plotted range (up to "
-                     f"{extreme(worst.values[i] for i in clipped):.4g}); it is drawn at the edge with its value, "
-                     f"so that best, median and parent stay readable.")
+                     f"{extreme(worst.values[i] for i in clipped):.4g}); it is drawn as an arrowhead at the edge "
+                     f"with its value, so that best, median and parent stay readable.")
     if not parent_values:
         notes.append("The parent's line is missing: the population log has no reference row for it.")
     if tuned_values:

@@ -246,3 +246,13 @@ def test_fitness_plot_notes_clipping_and_generations_not_run(tmp_path: Path) -> 
     assert "generations 2-3 did not run (the search stopped early" in text
     assert "lies above the plotted range (up to 3)" in text
     assert fitness_plot(_population(3), "nll", None, tmp_path / "f.png", planned=3) == []
+
+
+def test_a_one_member_baseline_prints_no_disagreement_of_zero() -> None:
+    from evo_subens.tasks.classification.baselines import _summary
+
+    metrics = _summary_metrics(members=1)
+    metrics["cost"] = {"train_epochs": 2, "train_sample_passes": 10, "eval_forward_passes": 5}
+    assert "disagreement n/a (one member)" in _summary(SimpleNamespace(method="single"), metrics)
+    metrics["members"].append(metrics["members"][0])
+    assert "disagreement 0.0000" in _summary(SimpleNamespace(method="snapshot"), metrics)

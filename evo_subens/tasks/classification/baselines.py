@@ -301,9 +301,11 @@ def _temperature(cfg: RunConfig, data: DatasetSplits, output: BaselineOutput) ->
 
 def _summary(cfg: RunConfig, metrics: dict) -> str:
     m, cost = metrics["ensemble"], metrics["cost"]
+    # One member has no pair to disagree with: not applicable, not zero.
+    spread = (f"{metrics['diversity']['disagreement']['mean']:.4f}" if len(metrics["members"]) > 1
+              else "n/a (one member)")
     return (f"{cfg.method} ({len(metrics['members'])} members)  test accuracy {m['accuracy']:.4f}  "
-            f"nll {m['nll']:.4f}  ece {m['ece']:.4f}  disagreement "
-            f"{metrics['diversity']['disagreement']['mean']:.4f}\n"
+            f"nll {m['nll']:.4f}  ece {m['ece']:.4f}  disagreement {spread}\n"
             f"cost: {cost['train_epochs']} train epochs, {cost['train_sample_passes']:,} train sample-passes, "
             f"{cost['eval_forward_passes']:,} eval forward passes")
 

@@ -8,6 +8,7 @@ import importlib.util
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -25,7 +26,7 @@ from conftest import TINY, deep_merge
 import evo_subens
 from evo_subens.cli import _with_address, build_parser, main
 from evo_subens.core.cluster import (LOCAL_NODE, check_output_dir, check_reachable, placeable_actors,
-                                resolve_address)
+                                resolve_address, token_settings)
 from evo_subens.core.config import WorkersConfig, load_config
 from evo_subens.errors import ConfigError
 from evo_subens.core.problem import make_problem
@@ -194,17 +195,67 @@ def _stop_cluster(temp_dir: str) -> None:
             time.sleep(0.1)
 
 
+def test_join_errors_name_the_missing_token_setting(tmp_path: Path) -> None:
+    """Ray refuses a driver without token authentication, without a token or with another token alike
+    ("failed to connect"): the error names which of this process's settings is missing."""
+    token = tmp_path / "token"
+    token.write_text("x" * 64)
+    assert "RAY_AUTH_MODE=token" in token_settings({"RAY_AUTH_TOKEN_PATH": str(token)}, home=tmp_path)
+    assert "has no token" in token_settings({"RAY_AUTH_MODE": "token"}, home=tmp_path)
+    missing = token_settings({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "nope")})
+    assert "RAY_AUTH_TOKEN_PATH" in missing and "does not exist" in missing
+    given = token_settings({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}, home=tmp_path)
+    assert str(token) in given and "must be the one the cluster was started with" in given
+
+
+README_HEAD = "head:6379"  # how the README's recipe names the head node's address
+
+
+def _readme_block(after: str) -> list[list[str]]:
+    """The commands of the first ```bash block after the README line starting with ``after``, split like a
+    shell would, without comments; continued lines joined."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("\n" + after)
+    body = text[text.index("```bash\n", start) + len("```bash\n"):]
+    body = body[:body.index("```")].replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in body.splitlines() if shlex.split(line, comments=True)]
+
+
+def cluster_recipe() -> dict:
+    """The README's cluster recipe: environment exports, the head's and the other nodes' `ray start`
+    arguments, and the `evo-subens run` arguments."""
+    recipe: dict = {"env": {}, "workers": []}
+    for words in _readme_block("## On a Ray cluster"):
+        if words[0] == "export":
+            recipe["env"].update(word.split("=", 1) for word in words[1:])
+        elif words[:2] == ["ray", "start"] and "--head" in words:
+            recipe["head"] = words[2:]
+        elif words[:2] == ["ray", "start"]:
+            recipe["workers"].append(words[2:])
+        elif words[0] == "evo-subens":
+            recipe["run"] = words[1:]
+    return recipe
+
+
+def _at(words: list[str], address: str, port: int) -> list[str]:
+    """Recipe words pointed at this cluster: the head's address and port."""
+    return [address if w == README_HEAD else str(port) if w == README_HEAD.split(":")[1] else w for w in words]
+
+
 class Cluster:
-    """A head node and a worker node on loopback, with their own temp dir and token."""
+    """A head node and a worker node on loopback, started by the README's recipe (its environment and
+    `ray start` lines), each with its own temp dir, and the token in a file of its own."""
 
     def __init__(self) -> None:
         # Short: Ray's unix sockets live under it and socket paths are limited to ~107 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix="evs-ray-", dir="/tmp")
         token = Path(self.temp_dir) / "auth_token"
         token.write_text(secrets.token_hex(32))
+        self.recipe = cluster_recipe()
         self.env = {k: v for k, v in os.environ.items()
-                    if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
-        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
+                    if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
+        self.env.update(self.recipe["env"])
+        self.env.update(RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
                         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -225,8 +276,9 @@ class Cluster:
         else:
             dashboard = ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                          "--dashboard-port", str(self.dashboard_port)]
-        self._ray_start("--head", "--port", str(self.port), *dashboard)
-        self._ray_start("--address", self.address)
+        self._ray_start(*_at(self.recipe["head"], self.address, self.port), *dashboard)
+        for words in self.recipe["workers"]:
+            self._ray_start(*_at(words, self.address, self.port))
 
     def node_ids(self) -> set[str]:
         done = subprocess.run([str(RAY_BIN), "status", "--address", self.address], env=self.env,
@@ -255,6 +307,8 @@ def cluster():
         cluster.stop()
 
 
+# The README's run line sets where actors go (workers.placement); the config only what a tiny search needs.
+CLUSTER_SEARCH = {"workers": {"executor": "ray"}, "search": {"population": 4, "generations": 1}}
 CLUSTER_RUN = {"workers": {"executor": "ray", "num_actors": 2, "placement": "spread"},
                "search": {"population": 4, "generations": 1}}
 
@@ -263,33 +317,38 @@ CLUSTER_RUN = {"workers": {"executor": "ray", "num_actors": 2, "placement": "spr
 @pytest.mark.ray
 @pytest.mark.slow
 def test_search_runs_on_both_nodes(cluster: Cluster, cli_command, tmp_path: Path) -> None:
-    """A search against the cluster (token authentication on) evaluates candidates on both nodes."""
+    """The README's `evo-subens run` line against the cluster its recipe started (token authentication on)
+    evaluates candidates on both nodes; a driver without RAY_AUTH_MODE=token is refused, naming it."""
     wrong = tmp_path / "wrong_token"
     wrong.write_text(secrets.token_hex(32))
     refused = subprocess.run([str(RAY_BIN), "status", "--address", cluster.address], capture_output=True,
                              text=True, timeout=60, env=dict(cluster.env, RAY_AUTH_TOKEN_PATH=str(wrong)))
     assert refused.returncode != 0 and "token" in refused.stderr.lower()  # the cluster enforces its token
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(deep_merge(TINY, CLUSTER_RUN)))
-    done = subprocess.run([*cli_command, "run", str(config), f"output_dir={tmp_path / 'runs'}", "name=cluster",
-                           "--address", cluster.address], env=cluster.env, capture_output=True, text=True,
-                          timeout=240)
+    config.write_text(yaml.safe_dump(deep_merge(TINY, CLUSTER_SEARCH)))
+    command = [*cli_command, *[str(config) if w == "configs/default.yaml" else w
+                               for w in _at(cluster.recipe["run"], cluster.address, cluster.port)],
+               f"output_dir={tmp_path / 'runs'}"]
+    plain = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
+    lacking = subprocess.run([*command, "name=no-mode"], env=plain, capture_output=True, text=True, timeout=240)
+    assert lacking.returncode == 2 and "export RAY_AUTH_MODE=token" in lacking.stderr, lacking.stderr[-3000:]
+    done = subprocess.run([*command, "name=cluster"], env=cluster.env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     population = evo_subens.load_population(tmp_path / "runs" / "cluster")  # written on the driver's disk
     population = population[population["generation"] >= 0]  # without the parent's row, scored on the driver
     assert len(population) == 4
     assert population["node"].str.fullmatch(NODE_ID.pattern).all()
     assert set(population["node"]) == cluster.node_ids()  # both nodes evaluated candidates
-    assert population["worker"].nunique() == 2
     assert population["host"].str.fullmatch(r"\d+\.\d+\.\d+\.\d+").all()  # readable beside the node id
-    assert re.search(r"\[workers\] evaluating 2 Ray actors on cpu, node \S+ \(2\)", done.stdout), done.stdout
+    # workers.num_actors left out: one actor per CPU of the cluster (2 nodes x 2 CPUs)
+    assert re.search(r"\[workers\] evaluating 4 Ray actors on cpu, node \S+ \(4\)", done.stdout), done.stdout
 
 
 @pytest.mark.cluster
 @pytest.mark.ray
 @pytest.mark.slow
 def test_job_submit_recipe(cluster: Cluster, tmp_path: Path) -> None:
-    """The README's recipe: `ray job submit` with configs/ray/runtime_env.yaml ships this checkout; the
+    """The README's `ray job submit` line, as written: configs/ray/runtime_env.yaml ships this checkout; the
     job's driver (on the head node) writes the run directory to an absolute output_dir."""
     if cluster.dashboard_port is None:
         pytest.skip("`ray job submit` needs Ray's job server, which needs `pip install 'ray[default]'` "
@@ -297,10 +356,12 @@ def test_job_submit_recipe(cluster: Cluster, tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[1]
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(deep_merge(TINY, CLUSTER_RUN)))
-    done = subprocess.run([str(RAY_BIN), "job", "submit", "--address", f"http://127.0.0.1:{cluster.dashboard_port}",
-                           "--runtime-env", "configs/ray/runtime_env.yaml", "--working-dir", ".", "--",
-                           "evo-subens", "run", str(config), f"output_dir={tmp_path / 'runs'}", "name=job"],
-                          cwd=repo, env=cluster.env, capture_output=True, text=True, timeout=300)
+    submit, = _readme_block("As a Ray job")
+    submit = [str(RAY_BIN) if w == "ray" else f"http://127.0.0.1:{cluster.dashboard_port}" if w == "http://head:8265"
+              else str(config) if w == "configs/default.yaml" else f"output_dir={tmp_path / 'runs'}"
+              if w.startswith("output_dir=") else w for w in submit]
+    done = subprocess.run([*submit, "name=job"], cwd=repo, env=cluster.env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     population = evo_subens.load_population(tmp_path / "runs" / "job")
     population = population[population["generation"] >= 0]  # the parent's reference row is scored locally

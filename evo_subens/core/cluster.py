@@ -15,6 +15,8 @@ import math
 import os
 import socket
 import time
+from collections.abc import Mapping
+from pathlib import Path
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -83,6 +85,30 @@ def token_authentication() -> bool:
     return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
 
 
+def token_settings(environ: Mapping[str, str] | None = None, home: Path | None = None) -> str:
+    """What this process sends a cluster with token authentication, naming the setting that is missing
+    (Ray refuses a missing or wrong token alike, as a failure to connect, so the settings are all there is
+    to go on)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return ("this process does not use it: RAY_AUTH_MODE is not 'token' here (the token file alone is not "
+                "enough); export RAY_AUTH_MODE=token in the driver's environment, as on every node")
+    if environ.get("RAY_AUTH_TOKEN"):
+        source = "RAY_AUTH_TOKEN"
+    elif environ.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        if not path.is_file():
+            return f"RAY_AUTH_TOKEN_PATH names {path}, which does not exist; point it at the cluster's token file"
+        source = f"RAY_AUTH_TOKEN_PATH ({path})"
+    else:
+        path = (home or Path.home()) / ".ray" / "auth_token"
+        if not path.is_file():
+            return (f"RAY_AUTH_MODE=token but this process has no token: copy the cluster's {path} here, or set "
+                    f"RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+        source = str(path)
+    return f"the token this process sends, from {source}, must be the one the cluster was started with"
+
+
 def connect(address: str | None, local_runtime_env: dict | None = None) -> None:
     """Join the cluster at ``address`` (see :func:`resolve_address`) or start a local Ray, once per process.
 
@@ -105,8 +131,8 @@ def connect(address: str | None, local_runtime_env: dict | None = None) -> None:
     except (ConnectionError, ValueError, RuntimeError, ray.exceptions.AuthenticationError) as exc:
         # Ray reports a refused token as a failure to connect, after retrying for about 30 s.
         raise UserError(f"config field '{field}': cannot join the Ray cluster at {address!r} ({exc}); check "
-                        f"that it is a running head node's host:port and that this process holds the cluster's "
-                        f"token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)") from None
+                        f"that it is a running head node's host:port; if the cluster uses token authentication: "
+                        f"{token_settings()}") from None
 
 
 def _stale(cwd: str) -> bool:

@@ -108,13 +108,13 @@ def _metrics(parent: torch.Tensor, ensemble: torch.Tensor, labels: torch.Tensor)
 
 
 def test_a_small_difference_on_few_rows_is_no_clear_difference() -> None:
-    """114 rows, the same predictions, a lower NLL on a handful of them: the old verdict called this a win."""
+    """114 rows, the same predictions, a lower NLL on a handful of them: within noise, not a win."""
     labels = torch.tensor([0, 1] * 57)
     parent = [0.9] * 114
     ensemble = [0.9] * 110 + [0.97] * 3 + [0.8]
     metrics = _metrics(_probs(parent, labels), _probs(ensemble, labels), labels)
     test = verdict(metrics)["test"]
-    assert test["nll_change"] < 0 and test["accuracy_points"] == 0  # the sign test of old: "beats its parent"
+    assert test["nll_change"] < 0 and test["accuracy_points"] == 0  # a sign test alone says "beats its parent"
     assert test["outcome"] == "no clear difference" and not test["beats_parent"]
     assert test["rows"] == 114
 
@@ -140,7 +140,7 @@ def test_paired_standard_errors_are_those_of_the_per_row_differences() -> None:
     assert paired["accuracy_se_points"] == pytest.approx(100 * correct_rows.std().item() / math.sqrt(5))
 
 
-def test_a_verdict_without_per_row_data_keeps_the_old_form() -> None:
+def test_metrics_without_per_row_data_keep_the_sign_comparison() -> None:
     old = difference({"accuracy": 0.9, "nll": 0.3}, {"accuracy": 0.9, "nll": 0.29})
     assert old["beats_parent"] and "outcome" not in old
 

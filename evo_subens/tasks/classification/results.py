@@ -108,7 +108,8 @@ def difference(parent: dict, ensemble: dict, paired: dict | None = None) -> dict
     and, from the ``paired`` per-row differences (:func:`paired_difference`), their standard errors and an
     ``outcome``: ``better`` (a difference beyond 2 standard errors in the ensemble's favour and none against
     it), ``worse``, ``mixed`` or ``no clear difference``. ``beats_parent`` is ``outcome == "better"``;
-    without ``paired`` (no per-row data) there is no outcome and ``beats_parent`` is the sign test of old."""
+    without ``paired`` (metrics written before per-row differences were recorded) there is no outcome and
+    ``beats_parent`` only compares the signs."""
     accuracy = 100 * (ensemble["accuracy"] - parent["accuracy"])
     change = (ensemble["nll"] - parent["nll"]) / parent["nll"] if parent["nll"] > 0 else 0.0
     out = {"accuracy_points": accuracy, "nll_change": change}

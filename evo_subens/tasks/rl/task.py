@@ -84,7 +84,10 @@ class RLTask(Task):
                 f"{len(self.selection_seeds)} episodes{held}, test {env.test_episodes} (seeds from {env.test_seed})")
 
     def scored_on(self) -> str:
-        return f"validation episodes ({len(self.selection_seeds)} seeds)"
+        total = len(self.selection_seeds) + len(self.holdout_seeds)
+        if not self.holdout_seeds:
+            return f"validation episodes ({total} seeds)"
+        return f"validation episodes ({len(self.selection_seeds)} of {total} seeds; the rest held back)"
 
     def new_model(self) -> nn.Module:
         return build_policy(self.cfg.policy, self.obs_shape, self.num_actions)

@@ -303,21 +303,32 @@ def test_truncated_population_log(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_grow_adds_members_without_redoing(tmp_path: Path) -> None:
-    """grow keeps the members, evolves one more generation and adds the best new distinct candidates."""
+    """grow keeps the members, evolves one more generation and adds the best new distinct candidates, and
+    says so: which generation it runs, what config.yaml now says, and the new members counted as new."""
     quiet = {"progress": lambda line: None}
-    result = evo_subens.run(dict(TINY, output_dir=str(tmp_path), name="g"), **quiet)
+    result = evo_subens.run(deep_merge(TINY, {"output_dir": str(tmp_path), "name": "g",
+                                              "finetune": {"epochs": 1, "lr": 0.01}}), **quiet)
     parent_bytes = (result.run_dir / "parent.pt").read_bytes()
     old_members = json.loads((result.run_dir / "members.json").read_text())
     old_population = evo_subens.load_population(result.run_dir)
-    grown = evo_subens.grow(result.run_dir, members=2, **quiet)
+    lines: list[str] = []
+    grown = evo_subens.grow(result.run_dir, members=2, progress=lines.append)
+    assert ("[grow] 3 members + up to 2 new: 1 more search generation(s) (generation 2), then the best new "
+            "distinct candidates fine-tuned and offered to the ensemble; config.yaml: search.generations 2 -> 3, "
+            "ensemble.size 3 -> 5") in lines
+    assert any(line.startswith("[finetune] 2 new member(s), 1 epoch(s) each") for line in lines), lines
+    done = [line for line in lines if line.endswith("done") or line.endswith(")") and "new member" in line]
+    assert [line.split("  ")[0] for line in done if "new member" in line] == [
+        "[finetune] new member 1/2 done (member 4 of 5)", "[finetune] new member 2/2 done (member 5 of 5)"]
     members = json.loads((result.run_dir / "members.json").read_text())
     assert members[:3] == old_members
     assert len(members) == 5 and len({m["genome"] for m in members}) == 5
     assert len(grown.metrics["members"]) == 5
     population = grown.population
     assert len(population) == len(old_population) + TINY["search"]["population"]
-    pd.testing.assert_frame_equal(population.iloc[: len(old_population)].drop(columns=["is_member"]),
-                                  old_population.drop(columns=["is_member"]))
+    unchanged = ["is_member", *RUNTIME_COLUMNS]  # the parent's row is scored again, so timed again
+    pd.testing.assert_frame_equal(population.iloc[: len(old_population)].drop(columns=unchanged),
+                                  old_population.drop(columns=unchanged))
     assert population["is_member"].sum() == 5
     assert (result.run_dir / "parent.pt").read_bytes() == parent_bytes  # the parent was not retrained
     config = yaml.safe_load((result.run_dir / "config.yaml").read_text())

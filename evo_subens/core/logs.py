@@ -138,8 +138,8 @@ def load_population(run_dir: str | Path) -> pd.DataFrame:
     """The population log of a run: one row per evaluated candidate.
 
     Columns and dtypes are :func:`evo_subens.core.rundir.population_schema` of the run's family (its log
-    columns after ``parent``); ``eval_seconds``, ``finished_at``, ``worker``, ``node`` and ``host`` record
-    where, when and how fast a candidate ran, everything else is a function of the config. Logs of a family whose columns changed
+    columns after ``parent``); ``eval_seconds``, ``finished_at``, ``worker``, ``node`` and ``host``
+    record where, when and how fast a candidate ran, everything else is a function of the config. Logs of a family whose columns changed
     are read with today's names (``Family.legacy_log_columns``).
     """
     path = Path(run_dir) / "population.parquet"

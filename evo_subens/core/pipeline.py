@@ -315,8 +315,9 @@ class Pipeline:
             return
         pending = range(state.tuned, len(chosen))
         self.problem.start_actors()  # a run resumed here evaluated nothing yet in this process
-        self.progress(f"[finetune] {len(pending)} member(s), {cfg.finetune.epochs} epoch(s) each, "
-                      f"{self._workers_where()}")
+        kept = state.decided  # grow: the members from before it, tuned then
+        self.progress(f"[finetune] {len(pending)} {'new ' if kept else ''}member(s), {cfg.finetune.epochs} "
+                      f"epoch(s) each, {self._workers_where()}")
         # The seed of a member's fine-tuning is a function of the run seed and its position, whichever
         # worker tunes it.
         jobs = [(chosen[i].genome, cfg.seed + 1 + i, self.starts.get(i)) for i in pending]
@@ -325,7 +326,8 @@ class Pipeline:
                 self._save_member(i, tuned, chosen[i].genome)
                 state.stage, state.tuned = "finetune", i + 1
                 self._checkpoint()
-                tuning.step(f"[finetune] member {i + 1}/{len(chosen)} done")
+                tuning.step(f"[finetune] new member {i + 1 - kept}/{len(chosen) - kept} done (member {i + 1} of "
+                            f"{len(chosen)})" if kept else f"[finetune] member {i + 1}/{len(chosen)} done")
                 crash_point("finetune.after_member")
 
     def stored_members(self) -> list[dict]:

@@ -159,7 +159,9 @@ def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: P
 def _grow(run_dir: Path, cfg: RunConfig, state: RunState, members: int, generations: int,
           progress: Progress) -> RunResult:
     accepted = state.ensemble
-    cfg.search.generations = state.search["generation"] + generations
+    before = {"search.generations": cfg.search.generations, "ensemble.size": cfg.ensemble.size}
+    ran = state.search["generation"]
+    cfg.search.generations = ran + generations
     cfg.ensemble.size = len(accepted) + members
     task = make_task(cfg, progress)
     task.load()
@@ -167,7 +169,12 @@ def _grow(run_dir: Path, cfg: RunConfig, state: RunState, members: int, generati
     parent = _build_parent(cfg, task)
     prepare_workers(cfg.workers, progress)
     write_run_config(run_dir, cfg)
-    progress(f"[grow] {len(accepted)} members + up to {members} new, {generations} more generation(s)")
+    after = {"search.generations": cfg.search.generations, "ensemble.size": cfg.ensemble.size}
+    searched = (f"{generations} more search generation(s) (generation {ran}" + (f" to {ran + generations - 1}"
+                if generations > 1 else "") + ")") if generations else "no more search generations"
+    changed = ", ".join(f"{key} {before[key]} -> {after[key]}" for key in after if before[key] != after[key])
+    progress(f"[grow] {len(accepted)} members + up to {members} new: {searched}, then the best new distinct "
+             f"candidates fine-tuned and offered to the ensemble; config.yaml: {changed or 'unchanged'}")
     # The user asked for more generations: an early stop of the search does not hold for them.
     state.search = dict(state.search, stopped=False, stalled=0)
     state.stage, state.grow, state.accepted = "search", members, accepted

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 import evo_subens
+from evo_subens.core.runner import _extension_note
 from evo_subens import cli
 from evo_subens.errors import RunDirError
 
@@ -233,11 +234,24 @@ def test_extending_a_finished_search_equals_a_longer_run(tmp_path: Path) -> None
     """Run 2 generations, resume with search.generations=3: the same as running 3 from the start."""
     quiet = {"progress": lambda line: None}
     short = evo_subens.run(dict(TINY, output_dir=str(tmp_path), name="short"), **quiet)
-    evo_subens.resume(short.run_dir, ["search.generations=3"], **quiet)
+    lines: list[str] = []
+    evo_subens.resume(short.run_dir, ["search.generations=3"], progress=lines.append)
+    assert "[resume] the search goes on from 2 to 3 generations" in lines
     longer = evo_subens.run(deep_merge(TINY, {"output_dir": str(tmp_path), "name": "long",
                                               "search": {"generations": 3}}), **quiet)
     _assert_same_run(short.run_dir, longer.run_dir)
     assert yaml.safe_load((short.run_dir / "config.yaml").read_text())["search"]["generations"] == 3
+
+
+def test_extending_says_whether_patience_can_stop_it(tiny_config, tmp_path: Path) -> None:
+    """resume search.generations=G says up front what runs: nothing after an early stop (pointing to grow),
+    or up to G generations unless search.patience stops it first."""
+    cfg = tiny_config(tmp_path, {"search": {"patience": 2, "generations": 6}})
+    stopped = _extension_note(cfg, {"generation": 3, "stopped": True, "stalled": 2}, tmp_path)
+    assert "adds no generation: the search stopped early after generation 2" in stopped
+    assert "search.patience" in stopped and f"evo-subens grow {tmp_path}" in stopped
+    going = _extension_note(cfg, {"generation": 3, "stopped": False, "stalled": 1}, tmp_path)
+    assert "goes on from 3 to 6 generations unless it stops early" in going and "(1 so far)" in going
 
 
 @pytest.mark.slow

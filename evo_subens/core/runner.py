@@ -29,7 +29,7 @@ from .config import RunConfig, apply_overrides, config_from_dict, config_to_dict
 from .logs import check_resume_compatible, read_run_config
 from .pipeline import Pipeline
 from .problem import prepare_workers
-from .progress import say, start_run_clock
+from .progress import after_generations, say, start_run_clock
 from .rundir import create_run_dir, remove_stale_temp_files, write_run_config
 from .state import RunResult, RunState
 from .worker import torch_threads
@@ -121,6 +121,8 @@ def _resume(run_dir: Path, cfg: RunConfig, saved: dict, progress: Progress) -> R
     if state is not None and state.search and cfg.search.generations < state.search["generation"]:
         raise ConfigError("search.generations", f"at least the {state.search['generation']} generations "
                                                 f"{run_dir} has already run", cfg.search.generations)
+    if state is not None and state.search and cfg.search.generations > saved["search"]["generations"]:
+        progress(_extension_note(cfg, state.search, run_dir))
     task.load()
     task.check_data(run_dir)
     parent = _build_parent(cfg, task)
@@ -130,6 +132,22 @@ def _resume(run_dir: Path, cfg: RunConfig, saved: dict, progress: Progress) -> R
     if cfg != config_from_dict(saved):
         write_run_config(run_dir, cfg)
     return Pipeline(cfg, run_dir, task, parent, state, progress).run()
+
+
+def _extension_note(cfg: RunConfig, search: dict, run_dir: Path) -> str:
+    """What ``resume ... search.generations=G`` runs: the same as a run configured with G generations, so an
+    early stop (``search.patience``) holds there as it would have from the start."""
+    ran, planned, patience = search["generation"], cfg.search.generations, cfg.search.patience
+    if search.get("stopped"):
+        return (f"[resume] search.generations={planned} adds no generation: the search stopped early "
+                f"{after_generations(ran)} ({patience} generation(s) without a better best candidate, "
+                f"search.patience), as a run configured with {planned} would have; to search past an early "
+                f"stop: evo-subens grow {run_dir} --generations N --members M")
+    if not patience:
+        return f"[resume] the search goes on from {ran} to {planned} generations"
+    return (f"[resume] the search goes on from {ran} to {planned} generations unless it stops early: "
+            f"search.patience={patience} ends it after {patience} generation(s) in a row without a better best "
+            f"candidate ({search.get('stalled', 0)} so far), as in a run configured with {planned} generations")
 
 
 def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: Progress = say) -> RunResult:

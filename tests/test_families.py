@@ -266,11 +266,11 @@ def test_old_sparse_population_logs_load_with_todays_columns(tmp_path: Path) -> 
 def test_noisy_log_columns_keep_their_place() -> None:
     """The default family's columns and their order are those the population log always had."""
     schema = population_schema(family_class("noisy").log_columns, ["accuracy", "nll"])
-    assert list(schema)[:8] == ["generation", "candidate", "parent", "seed", "mask_seed", "density", "sigma",
-                                "depth"]
-    assert set(schema) - set(POPULATION_SCHEMA) == {"seed", "mask_seed", "density", "sigma", "depth",
+    assert list(schema)[:9] == ["generation", "candidate", "parent", "seed", "mask_seed", "density", "sigma",
+                                "grid_sigma", "depth"]
+    assert set(schema) - set(POPULATION_SCHEMA) == {"seed", "mask_seed", "density", "sigma", "grid_sigma", "depth",
                                                     "val_accuracy", "val_nll"}
-    assert list(schema)[8:11] == ["fitness", "val_accuracy", "val_nll"]  # the task's metrics follow the fitness
+    assert list(schema)[9:12] == ["fitness", "val_accuracy", "val_nll"]  # the task's metrics follow the fitness
     assert make_family(ChildrenConfig()).describe(make_family(ChildrenConfig()).root("p")) == {
-        "seed": -1, "mask_seed": -1, "density": 0.0, "sigma": 0.0, "depth": 0}
+        "seed": -1, "mask_seed": -1, "density": 0.0, "sigma": 0.0, "grid_sigma": 0.0, "depth": 0}
     assert flatten_config(config_to_dict(RunConfig()))["children.family"] == "noisy"

@@ -312,3 +312,29 @@ def test_parent_fingerprint_of_model_with_scalar_buffers() -> None:
     fingerprint = parent_fingerprint(state)
     state["2.num_batches_tracked"] += 1
     assert parent_fingerprint(state) != fingerprint
+
+
+@pytest.mark.slow
+def test_grid_sweep_logs_its_grid_point(tmp_path: Path) -> None:
+    """A density x sigma sweep whose step size adapts: the log's sigma is the scaled one, and grid_sigma
+    names the grid point each candidate came from, so a sweep groups into its cells (also in load_runs and
+    in logs written before the column, where it is filled in)."""
+    import pandas as pd
+
+    import evo_subens
+    from conftest import TINY, deep_merge
+
+    grid = {"density_grid": [1.0, 0.1], "sigma_grid": [0.1, 0.3]}
+    config = deep_merge(TINY, {"output_dir": str(tmp_path), "name": "sweep", "children": grid,
+                               "search": {"generations": 3, "step_size": "one_fifth"}})
+    result = evo_subens.run(config, progress=lambda line: None)
+    pop = result.population[result.population["generation"] >= 0]
+    assert (pop["step_scale"] != 1.0).any()  # the search scaled some steps
+    assert set(pop["grid_sigma"]) == {0.1, 0.3}
+    np.testing.assert_allclose(pop["sigma"], pop["grid_sigma"] * pop["step_scale"], rtol=1e-12)
+    cells = evo_subens.load_runs(tmp_path).query("generation >= 0").groupby(["density", "grid_sigma"]).size()
+    assert cells.index.tolist() == [(0.1, 0.1), (0.1, 0.3), (1.0, 0.1), (1.0, 0.3)]
+    old = pd.read_parquet(result.run_dir / "population.parquet").drop(columns=["grid_sigma"])
+    old.to_parquet(result.run_dir / "population.parquet", index=False)
+    filled = evo_subens.load_population(result.run_dir)
+    np.testing.assert_allclose(filled["grid_sigma"], result.population["grid_sigma"], rtol=1e-12)

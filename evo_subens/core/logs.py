@@ -157,7 +157,7 @@ def load_population(run_dir: str | Path) -> pd.DataFrame:
     if family is not None:
         renamed = {old: new for old, new in family.legacy_log_columns.items()
                    if old in frame.columns and new not in frame.columns}
-        frame = frame.rename(columns=renamed)
+        frame = family.complete_log(frame.rename(columns=renamed))
         schema = population_schema(family.log_columns, _logged_metrics(Path(run_dir)))
     missing = set(schema) - set(frame.columns)
     if missing:

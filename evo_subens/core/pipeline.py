@@ -413,7 +413,7 @@ class Pipeline:
         for record in [self.reference, *self.search.records]:
             row = record.as_row()
             row["is_member"] = record.candidate in member_ids
-            row.update(self.family.describe(record.genome))
+            row.update(self.family.log_row(record.genome, record.step_scale))
             row["worker"] = "local" if record.worker == LOCAL_WORKER else f"actor-{record.worker}"
             rows.append(row)
         return rows

@@ -132,6 +132,16 @@ class Family(ABC):
     def describe(self, genome: str) -> dict[str, Any]:
         """The genome's values of :attr:`log_columns`, for its row of the population log."""
 
+    def log_row(self, genome: str, step_scale: float) -> dict[str, Any]:
+        """:meth:`describe` for a candidate made with ``step_scale`` times the configured step (the row's
+        ``step_scale``), for families whose columns depend on it."""
+        return self.describe(genome)
+
+    @classmethod
+    def complete_log(cls, frame: pd.DataFrame) -> pd.DataFrame:
+        """A population log written before some of :attr:`log_columns` existed, with them filled in."""
+        return frame
+
     def mutated_parameters(self, model: nn.Module) -> list[str] | None:
         """Names of the only parameters children can differ from the parent in, when the family knows
         them without training (evaluation then caches activations before them); None: any parameter."""

@@ -168,6 +168,8 @@ class NoisyFamily(Family):
         "mask_seed": "int64",  # mask seed of that mutation
         "density": "float64",  # share of the eligible parameters it perturbed
         "sigma": "float64",    # its noise scale
+        "grid_sigma": "float64",  # the configured sigma it was made from (its sigma_grid point, or
+                                  # children.sigma), before the search scaled its step: group sweeps by it
         "depth": "int64",      # mutations from the trained parent
     }
 
@@ -212,12 +214,28 @@ class NoisyFamily(Family):
         return NoisyMaterialiser(model, self.space)
 
     def describe(self, genome: str) -> dict[str, Any]:
+        return self.log_row(genome, 1.0)
+
+    def log_row(self, genome: str, step_scale: float) -> dict[str, Any]:
         steps = decode_genome(genome)["steps"]
         if not steps:
-            return {"seed": -1, "mask_seed": -1, "density": 0.0, "sigma": 0.0, "depth": 0}
+            return {"seed": -1, "mask_seed": -1, "density": 0.0, "sigma": 0.0, "grid_sigma": 0.0, "depth": 0}
         mask_seed, noise_seed, density, sigma = steps[-1]
         return {"seed": noise_seed, "mask_seed": mask_seed, "density": float(density), "sigma": float(sigma),
-                "depth": len(steps)}
+                "grid_sigma": self._grid_sigma(float(sigma) / step_scale), "depth": len(steps)}
+
+    def _grid_sigma(self, unscaled: float) -> float:
+        """The configured sigma nearest ``unscaled`` (a logged sigma divided by its step scale, equal to the
+        configured one but for float rounding)."""
+        configured = {s for _, s in self.mutation_settings()}
+        return min(configured, key=lambda s: abs(s - unscaled))
+
+    @classmethod
+    def complete_log(cls, frame: pd.DataFrame) -> pd.DataFrame:
+        if "grid_sigma" not in frame.columns:  # logs from before it: the step-scaled sigma, unscaled
+            at = list(frame.columns).index("sigma") + 1
+            frame.insert(at, "grid_sigma", (frame["sigma"] / frame["step_scale"]).where(frame["depth"] > 0, 0.0))
+        return frame
 
     def summary(self) -> str:
         densities = self.cfg.density_grid or [self.cfg.density]
@@ -235,9 +253,10 @@ class NoisyFamily(Family):
         """The mutation window, when generation 0 swept several sigmas: its mean validation accuracy
         against sigma, one line per density."""
         first = population[population["generation"] == 0]
-        if first["sigma"].nunique() < 2:
+        if first["grid_sigma"].nunique() < 2:
             return []
-        window = first.groupby(["density", "sigma"])["val_accuracy"].mean().reset_index()
+        window = (first.groupby(["density", "grid_sigma"])["val_accuracy"].mean().reset_index()
+                  .rename(columns={"grid_sigma": "sigma"}))
         from matplotlib.figure import Figure  # only reports draw
 
         figure = Figure(figsize=(6.4, 4.0))

@@ -1,6 +1,7 @@
 # `make run`: set up .venv (and system packages) and run the default job (`make run SEED=1`: another
 # seed).  `make test`: run the test suite (what CI runs).  `make test-fast`: the tests marked neither
-# slow, ray nor cluster (markers in pyproject.toml), in under a minute.
+# slow, ray nor cluster (markers in pyproject.toml), in under a minute.  `make readme-check`: the
+# README's Quick start output against what the code prints now.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -22,7 +23,7 @@ QT5_GUI_LIB ?= $(firstword $(wildcard /usr/lib/*/libQt5Gui.so.5 /usr/lib64/libQt
 APT_GET ?= apt-get
 AS_ROOT ?= $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
-.PHONY: run test test-fast bench clean-venv system-packages
+.PHONY: run test test-fast bench readme-check clean-venv system-packages
 
 $(STAMP): pyproject.toml
 	@# A torch already in $(PY) (e.g. a CUDA build on a GPU machine) is kept: the venv sees it.
@@ -75,6 +76,10 @@ test-fast: $(STAMP) system-packages
 
 bench: $(STAMP)
 	$(BIN)/evo-subens bench throughput
+
+# The README's Quick start output against what the default job prints now (as long as `make run`).
+readme-check: $(STAMP)
+	$(BIN)/python tests/readme_output.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -256,3 +256,20 @@ def test_a_one_member_baseline_prints_no_disagreement_of_zero() -> None:
     assert "disagreement n/a (one member)" in _summary(SimpleNamespace(method="single"), metrics)
     metrics["members"].append(metrics["members"][0])
     assert "disagreement 0.0000" in _summary(SimpleNamespace(method="snapshot"), metrics)
+
+
+def test_report_names_the_ensemble_rule_that_chose() -> None:
+    from conftest import tiny_dict
+
+    from evo_subens.core.config import config_from_dict, config_to_dict
+    from evo_subens.families.noisy import NoisyFamily
+    from evo_subens.report.run_report import _describe_config
+
+    config = config_to_dict(config_from_dict(tiny_dict("/tmp/unused", {"search": {"scoring": "tuned", "fitness": "nll"},
+                                                                        "finetune": {"epochs": 1}})))
+    family = NoisyFamily(config_from_dict(config).children)
+    metrics = {"members": [{}] * 3, "test_samples": 2000, "search": {"generations_run": 2, "stopped_early": False}}
+    text = _describe_config(config, metrics, family, _population(2))
+    assert "ensemble of 3 (greedy from the parent and every tuned candidate)" in text and "2,000 test samples" in text
+    config["search"]["scoring"] = "raw"
+    assert "(topk selection)" in _describe_config(config, metrics, family, _population(2))

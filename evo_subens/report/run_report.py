@@ -180,12 +180,16 @@ def _describe_config(config: dict, metrics: dict, family: Family | None,
         search = config["search"]
         extent = search_extent(population, search["generations"], metrics.get("search"), search.get("patience"))
         members = len(metrics.get("members", []))
+        # Tuned scoring chooses its ensemble greedily from the pool; ensemble.selection is not used.
+        rule = ("greedy from the parent and every tuned candidate" if search.get("scoring") == "tuned"
+                else f"{config['ensemble']['selection']} selection")
         parts.append(f"**{family.name}** children ({family.summary()}); {extent}, fitness val {search['fitness']}; "
-                     f"ensemble of {members} ({config['ensemble']['selection']} selection)"
+                     f"ensemble of {members} ({rule})"
                      + ("; one member, so no diversity to measure" if members == 1 else ""))
     else:
         parts.append(f"method **{method}**, {len(metrics.get('members', []))} member(s)")
-    return ". ".join(parts) + f". {metrics.get('test_samples', '?')} test samples."
+    samples = metrics.get("test_samples")
+    return ". ".join(parts) + f". {'?' if samples is None else f'{samples:,}'} test samples."
 
 
 def _metrics_row(name: str, m: dict) -> str:

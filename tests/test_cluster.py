@@ -151,7 +151,8 @@ def test_placement_group_actors_report_their_node(ray_session, tiny_config, tmp_
         problem.evaluate(batch)
         evals = batch.evals.cpu().numpy()
         nodes = {problem.worker_node(int(row[4]), int(row[5])) for row in evals}
-        assert nodes == {ray_session.get_runtime_context().get_node_id()}
+        here = ray_session.get_runtime_context().get_node_id(), ray_session.util.get_node_ip_address()
+        assert nodes == {here}  # (node id, its IP): the one node of the session's Ray
     finally:
         problem.close()
     assert placement_group_table(group)["state"] == "REMOVED"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -48,9 +49,11 @@ def test_default_yaml_loads_every_value() -> None:
 
 
 def test_no_config_file_gives_the_defaults() -> None:
-    """load_config(None) is the dataclass defaults, with the scoring the default task resolves to."""
+    """load_config(None) is the dataclass defaults, with the scoring the default task resolves to and the
+    driver's threads resolved to the CPUs this process may use."""
     defaults = RunConfig()
     defaults.search.scoring = "tuned"  # null: the classification task's
+    defaults.workers.driver_threads = len(os.sched_getaffinity(0))
     assert load_config(None) == defaults
 
 

@@ -270,7 +270,7 @@ class Pipeline:
         growing = bool(state.grow)
         prior = [search.records[c] for c in state.members] if growing else []
         count = state.grow if growing else cfg.ensemble.size
-        self.progress(f"[members] choosing {count} candidates ({cfg.ensemble.selection}) from "
+        self.progress(f"[members] choosing {count} candidate(s) ({cfg.ensemble.selection}) from "
                       f"{len(search.records):,} on the validation split")
         fresh, comparison = self.task.select(search.records, count, prior, self.states_of)
         trained = self.family.trains_children

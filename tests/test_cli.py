@@ -85,6 +85,7 @@ def test_result_does_not_depend_on_omp_num_threads(cli_run, cli_command: list[st
                       "threads": yaml.safe_load((cwd / "runs" / name / "config.yaml").read_text())["workers"][
                           "driver_threads"]} for name in (RUN_NAME, "cli-run-omp1"))
     assert first["threads"] == second["threads"] == len(os.sched_getaffinity(0))
+    assert first["metrics"]["numerics"]["threads"] == first["threads"]  # recorded beside the CPU's kernels
     assert untimed(first["metrics"]) == untimed(second["metrics"])
 
 

@@ -34,7 +34,7 @@ from .rundir import write_json, write_population, write_state
 from .pool import EnsemblePool
 from .search import REFERENCE_GENERATION, ROOT_CANDIDATE, CandidateRecord, SubnetworkSearch
 from .state import RunResult, RunState
-from .worker import parent_fingerprint
+from .worker import numerics, parent_fingerprint
 
 
 class Pipeline:
@@ -384,6 +384,7 @@ class Pipeline:
         metrics["method"] = "subnetworks"
         metrics["cost"] = task.cost(records=search.records, selected=len(chosen), members=len(members))
         metrics["verdict"] = task.verdict(metrics)
+        metrics["numerics"] = numerics()
         write_json(self.run_dir / "metrics.json", metrics)
         state.stage, state.grow = "done", None
         self._checkpoint()

@@ -43,6 +43,14 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def numerics() -> dict[str, object]:
+    """What besides the config and seed decides a run's float rounding in this process: the torch build, the
+    CPU vector instructions its kernels use (AVX2 and AVX-512 round differently) and its thread count. Two
+    runs of one config agree bit for bit where these agree; ``metrics.json`` records them."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
+
+
 @dataclass(frozen=True)
 class CandidateScore:
     """Validation metrics of one candidate (``values``: one per metric the task declares, in its order) and

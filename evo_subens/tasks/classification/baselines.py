@@ -44,6 +44,7 @@ from .models import build_model
 from ...nn import count_parameters, state_copy
 from ...core.progress import run_seconds, say
 from ...core.rundir import write_json, write_state
+from ...core.worker import numerics
 from ...core.state import RunResult
 from .results import ensemble_test_metrics
 from .training import lr_factor, predict_members, predict_with_features, train
@@ -328,6 +329,7 @@ def run_baseline(cfg: RunConfig, run_dir: Path, data: DatasetSplits, progress: P
                                           for i, info in enumerate(output.models)])
     metrics = baseline_metrics(cfg, data, output)
     metrics["temperature"] = _temperature(cfg, data, output)
+    metrics["numerics"] = numerics()
     write_json(run_dir / "metrics.json", metrics)
     progress(_summary(cfg, metrics))
     progress(f"[run] results in {run_dir} ({run_seconds():.0f}s)")

@@ -9,7 +9,7 @@ import sys
 
 import yaml
 
-from .core.config import config_to_dict, field_docs, load_config
+from .core.config import field_docs, load_config
 from .errors import UserError
 from .core.progress import say, start_cli_clock
 
@@ -93,7 +93,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
         overrides.insert(0, args.config)
         args.config = None
     cfg = load_config(args.config, overrides)
-    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    from .core.rundir import used_config  # here: it loads torch, which the other commands' help does not need
+
+    print(yaml.safe_dump(used_config(cfg), sort_keys=False), end="")
     return 0
 
 

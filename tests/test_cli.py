@@ -118,3 +118,10 @@ def test_config_command_with_overrides_only(capsys: pytest.CaptureFixture) -> No
     assert cli.main(["config", "search.population=3", "search.elites=2"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["search"]["population"] == 3 and printed["search"]["elites"] == 2
+
+
+def test_config_command_prints_what_a_run_records(capsys: pytest.CaptureFixture) -> None:
+    """With model.architecture set, `evo-subens config` leaves out model.name, as config.yaml does."""
+    assert cli.main(["config", "model.architecture=tabnet:TabularNet"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["architecture"] == "tabnet:TabularNet" and "name" not in printed["model"]

@@ -234,10 +234,16 @@ def create_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
     return run_dir
 
 
-def write_run_config(run_dir: Path, cfg: RunConfig) -> None:
-    """Write the resolved config (with the run directory's name) as ``config.yaml``. ``model.name`` is left
-    out where ``model.architecture`` is set: that model is never built, and the record holds what was used."""
-    resolved = dict(config_to_dict(cfg), name=Path(run_dir).name)
+def used_config(cfg: RunConfig) -> dict:
+    """The resolved config as a run records it: ``model.name`` is left out where ``model.architecture`` is
+    set, since that model is never built and the record holds what was used."""
+    resolved = config_to_dict(cfg)
     if resolved["model"].get("architecture"):
         resolved["model"] = {k: v for k, v in resolved["model"].items() if k != "name"}
+    return resolved
+
+
+def write_run_config(run_dir: Path, cfg: RunConfig) -> None:
+    """Write :func:`used_config` (with the run directory's name) as ``config.yaml``."""
+    resolved = dict(used_config(cfg), name=Path(run_dir).name)
     write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from evo_subens.core.reaper import descendants
+from evo_subens.core.reaper import descendants, session_processes
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # each test's CLI process starts a Ray of its own
 
@@ -73,6 +73,49 @@ def test_sigkilled_driver_leaves_no_ray_process(tmp_path: Path, tiny_yaml_text: 
     assert "Token authentication is enabled" not in err
     assert "constructor arguments in the object store" not in err
     assert "Traceback" not in err
+
+
+def _started_ticks(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+@pytest.mark.parametrize("delay", [0.3, 1.5, 3.0])
+def test_driver_killed_while_ray_starts_leaves_nothing(tmp_path: Path, tiny_yaml_text: str, cli_command: list[str],
+                                                       delay: float) -> None:
+    """SIGKILL the driver ``delay`` seconds after it says it is starting Ray (ray.init takes a few): within
+    30 s nothing of that Ray is left, neither a process the driver had started by then nor one Ray started
+    afterwards (its agents, which outlive the raylet that spawns them)."""
+    (tmp_path / "tiny.yaml").write_text(tiny_yaml_text)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen([*cli_command, "run", "tiny.yaml", "name=early", "workers.executor=ray"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                            start_new_session=True)
+    started = _started_ticks(proc.pid)
+    recorded: dict[int, int] = {}
+    try:
+        for line in proc.stdout:
+            if line.startswith("[workers] starting Ray on this machine"):
+                break
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:  # what the driver has started by the kill, as closely as we can
+            recorded.update(descendants(proc.pid))
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while (_alive(recorded) or session_processes(proc.pid, started)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _alive(recorded) == {} and session_processes(proc.pid, started) == {}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in {**recorded, **session_processes(proc.pid, started)}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def test_unplaceable_actors_stop_the_run_before_training(tmp_path: Path, tiny_yaml_text: str,

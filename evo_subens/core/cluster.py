@@ -120,8 +120,8 @@ def connect(address: str | None, local_runtime_env: dict | None = None) -> None:
         return
     address, field = resolve_address(address)
     if address is None:
+        reaper.start()  # before ray.init: a Ray this process starts ends with it, even killed while it starts
         ray.init(include_dashboard=False, runtime_env=local_runtime_env)
-        reaper.start()  # a Ray this process started ends with it, even after a SIGKILL
         return
     check_reachable(address, field)
     cwd = os.getcwd()

@@ -8,12 +8,21 @@ second and, once the driver is gone, terminates the ones it recorded. It learns 
 from a pipe whose only writer is the driver: the kernel closes it when the driver exits, SIGKILL
 included, so no pid is polled and a reused pid cannot fool it.
 
+It starts before ``ray.init`` and also ends what it never saw: a driver killed while Ray starts dies
+before the half-second scan finds Ray's agents, which the raylet spawns late and which outlive it. Ray
+names the session folder of a Ray it starts after the starting process
+(``session_<date>_<time>_<us>_<driver pid>``), and every process of that Ray names the folder in its
+command line or, for those that rename themselves (``ray::DashboardAgent``), holds its log files open in
+it; processes started after the reaper that do so are that Ray's, whoever their parent is now. A cluster
+the driver only joins has other session folders and is never touched.
+
 Linux only (it reads ``/proc``); elsewhere :func:`start` does nothing.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -64,6 +73,39 @@ def descendants(root: int, table: dict[int, tuple[int, int]] | None = None) -> d
     return found
 
 
+def _mentions(pid: int, folder: re.Pattern) -> bool:
+    """Whether ``pid``'s command line names ``folder``, or, for a process that renamed itself ``ray::...``,
+    one of its open files lies in it."""
+    try:
+        command = (PROC / str(pid) / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    if folder.search(command):
+        return True
+    if not command.startswith("ray::"):
+        return False
+    try:
+        fds = os.listdir(PROC / str(pid) / "fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if folder.search(os.readlink(PROC / str(pid) / "fd" / fd)):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def session_processes(driver: int, since: int, table: dict[int, tuple[int, int]] | None = None) -> dict[int, int]:
+    """pid -> start time of the processes of the Ray that ``driver`` started: started at or after ``since``
+    (clock ticks since boot) and naming its session folder (see the module docstring)."""
+    folder = re.compile(rf"session_\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_{driver}(?!\d)")
+    table = _processes() if table is None else table
+    return {pid: started for pid, (_, started) in table.items()
+            if started >= since and pid != os.getpid() and _mentions(pid, folder)}
+
+
 def _alive(recorded: dict[int, int]) -> list[int]:
     """The recorded processes that still run (same pid and start time: not a reused pid)."""
     return [pid for pid, started in recorded.items() if (_stat(pid) or (0, -1))[1] == started]
@@ -80,6 +122,7 @@ def _signal_all(pids: list[int], sig: int) -> None:
 def watch(driver: int, pipe: int) -> None:
     """Record ``driver``'s descendants until ``pipe`` reaches end of file, then end the survivors."""
     me = os.getpid()
+    since = (_stat(me) or (0, 0))[1]
     recorded: dict[int, int] = {}
     while True:
         ready, _, _ = select.select([pipe], [], [], POLL_S)
@@ -92,6 +135,7 @@ def watch(driver: int, pipe: int) -> None:
     table = _processes()
     for pid in _alive(recorded):
         recorded.update(descendants(pid, table))
+    recorded.update(session_processes(driver, since, table))
     recorded.pop(me, None)
     _signal_all(_alive(recorded), signal.SIGTERM)
     deadline = time.monotonic() + TERM_GRACE_S

@@ -22,8 +22,10 @@ import pytest
 import yaml
 
 from conftest import TINY, deep_merge
+from test_resume import _assert_same_run
 
 import evo_subens
+from evo_subens.core.reaper import descendants
 from evo_subens.cli import _with_address, build_parser, main
 from evo_subens.core.cluster import (LOCAL_NODE, check_output_dir, check_reachable, placeable_actors,
                                 resolve_address, token_settings)
@@ -209,6 +211,33 @@ def test_join_errors_name_the_missing_token_setting(tmp_path: Path) -> None:
     assert str(token) in given and "must be the one the cluster was started with" in given
 
 
+def test_lost_head_ends_the_driver_with_one_line(tmp_path: Path) -> None:
+    """A head that stops accepting connections ends the driver within the watch's bound: exit code 3 and one
+    line naming the cluster and the command that continues the run, no traceback."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    code = ("import time; from evo_subens.core.cluster import HeadWatch; "
+            f"HeadWatch('127.0.0.1:{port}', 'evo-subens resume runs/x', interval=0.2, lost_after=1.0).start(); "
+            "print('watching', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "watching"
+        time.sleep(1.0)
+        assert proc.poll() is None  # the head answers: the watch waits
+        server.close()
+        lost = time.monotonic()
+        assert proc.wait(timeout=10) == 3
+        assert time.monotonic() - lost < 5
+        err = proc.stderr.read().strip().splitlines()
+        assert len(err) == 1 and f"lost the Ray cluster at 127.0.0.1:{port}" in err[0]
+        assert err[0].endswith("continue it with: evo-subens resume runs/x")
+    finally:
+        proc.kill()
+        server.close()
+
+
 README_HEAD = "head:6379"  # how the README's recipe names the head node's address
 
 
@@ -286,6 +315,18 @@ class Cluster:
                               capture_output=True, text=True, timeout=60)
         return set(re.findall(r"node_([0-9a-f]{56})", done.stdout))
 
+    def kill_head(self) -> None:
+        """SIGKILL the head node's GCS and raylet (the raylet that holds Ray's head resource) and what they
+        started."""
+        pids = [int(pid) for pattern in (f"gcs_server.*{self.temp_dir}", f"raylet.*{self.temp_dir}.*__internal_head__")
+                for pid in subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()]
+        assert len(pids) == 2, pids
+        for pid in [*pids, *[child for pid in pids for child in descendants(pid)]]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
     def stop(self) -> None:
         _stop_cluster(self.temp_dir)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -343,6 +384,46 @@ def test_search_runs_on_both_nodes(cluster: Cluster, cli_command, tmp_path: Path
     assert population["host"].str.fullmatch(r"\d+\.\d+\.\d+\.\d+").all()  # readable beside the node id
     # workers.num_actors left out: one actor per CPU of the cluster (2 nodes x 2 CPUs)
     assert re.search(r"\[workers\] evaluating 4 Ray actors on cpu, node \S+ \(4\)", done.stdout), done.stdout
+
+
+@pytest.mark.cluster
+@pytest.mark.ray
+@pytest.mark.slow
+def test_lost_head_stops_the_run_and_resume_finishes_it(cli_command, tmp_path: Path) -> None:
+    """The head's GCS and raylet SIGKILLed mid-search: the driver ends within the head watch's bound (exit
+    code 3, one line naming the cluster and how to resume, no traceback); `resume` on a Ray of this machine
+    ends with the same population log, members and metrics as an uninterrupted run."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(deep_merge(TINY, {"workers": {"executor": "ray", "num_actors": 2},
+                                                       "search": {"population": 8, "generations": 40}})))
+    cluster = Cluster()
+    try:
+        cluster.start()
+        proc = subprocess.Popen([*cli_command, "run", str(config), f"output_dir={tmp_path / 'runs'}", "name=headless",
+                                 "--address", cluster.address], env=dict(cluster.env, PYTHONUNBUFFERED="1"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if line.startswith("[search] generation 1 (2 of"):
+                break
+        cluster.kill_head()
+        killed = time.monotonic()
+        assert proc.wait(timeout=60) == 3, proc.stderr.read()[-3000:]
+        print(f"driver ended {time.monotonic() - killed:.1f} s after the head was killed")
+        assert time.monotonic() - killed < 30
+        err = proc.stderr.read()
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert "lost the Ray cluster at" in last and f"evo-subens resume {tmp_path / 'runs' / 'headless'}" in last
+    finally:
+        cluster.stop()
+    plain = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    resumed = subprocess.run([*cli_command, "resume", str(tmp_path / "runs" / "headless"), "workers.address=null"],
+                             env=plain, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = subprocess.run([*cli_command, "run", str(config), f"output_dir={tmp_path / 'runs'}", "name=straight",
+                                "workers.executor=local"], env=plain, capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    _assert_same_run(tmp_path / "runs" / "headless", tmp_path / "runs" / "straight")
 
 
 @pytest.mark.cluster

@@ -14,6 +14,8 @@ import logging
 import math
 import os
 import socket
+import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -261,3 +263,64 @@ def check_output_dir(output_dir: str) -> None:
         raise ConfigError("output_dir", "an absolute path when the run is a Ray job (the job's working "
                                         "directory is a temporary copy that Ray deletes), e.g. "
                                         "output_dir=/shared/runs", output_dir)
+
+
+HEAD_LOST_S = 10.0  # the head's GCS refusing connections this long: the cluster is gone
+EXIT_CLUSTER_LOST = 3
+
+
+class HeadWatch:
+    """Ends the driver, with one line naming the lost cluster and the command that continues the run, once
+    the Ray head (its GCS) has refused connections for ``lost_after`` seconds.
+
+    Without it a driver whose head went down repeats Ray's connection errors for a minute and then Ray
+    aborts the process from C++; a search waiting on actors of a dead cluster would otherwise wait that
+    long at best. Every checkpoint is written atomically, so ending the process at any moment loses at
+    most the generation in flight, which ``resume`` evaluates again.
+    """
+
+    def __init__(self, gcs_address: str, resume_command: str, *, interval: float = 1.0,
+                 lost_after: float = HEAD_LOST_S):
+        host, _, port = gcs_address.rpartition(":")
+        self.address, self.target = gcs_address, (host, int(port))
+        self.resume_command, self.interval, self.lost_after = resume_command, interval, lost_after
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="evo-subens-head-watch", daemon=True)
+
+    def start(self) -> HeadWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        down_since = None
+        while not self._stop.wait(self.interval):
+            try:
+                socket.create_connection(self.target, timeout=self.interval).close()
+                down_since = None
+            except OSError:
+                down_since = time.monotonic() if down_since is None else down_since
+                if time.monotonic() - down_since >= self.lost_after and not self._stop.is_set():
+                    self._give_up()
+
+    def _give_up(self) -> None:
+        sys.stdout.flush()
+        sys.stderr.write(f"evo-subens: error: lost the Ray cluster at {self.address}: its head has refused "
+                         f"connections for {self.lost_after:g} s; the run is checkpointed, continue it with: "
+                         f"{self.resume_command}\n")
+        sys.stderr.flush()
+        os._exit(EXIT_CLUSTER_LOST)  # Ray's threads would keep the process waiting on the dead cluster
+
+
+def watch_head(run_dir: Path, workers: WorkersConfig) -> HeadWatch | None:
+    """A started :class:`HeadWatch` for a run evaluating on Ray (None for the in-process executor)."""
+    if workers.executor != "ray" or not ray.is_initialized():
+        return None
+    command = f"evo-subens resume {run_dir}"
+    if workers.address:
+        command += " --address HOST:PORT (a new cluster's head) or workers.address=null (a Ray on this machine)"
+    elif os.environ.get("RAY_ADDRESS"):
+        command += " with RAY_ADDRESS set to a new cluster's head, or unset for a Ray on this machine"
+    return HeadWatch(ray.get_runtime_context().gcs_address, command).start()

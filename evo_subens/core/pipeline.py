@@ -23,7 +23,7 @@ from ..families import make_family
 from ..nn import count_parameters, state_copy
 from ..tasks.base import Progress, Task
 from .checkpoint import save_checkpoint, set_rng_state
-from .cluster import LOCAL_NODE
+from .cluster import LOCAL_NODE, watch_head
 from .config import RunConfig, config_to_dict
 from .divergence import TieWarning, report_divergence
 from .faults import crash_point
@@ -55,11 +55,14 @@ class Pipeline:
         self.progress(self.task.describe_data())
         self.parent_stage()
         self.start_search()
+        head = watch_head(self.run_dir, self.cfg.workers)
         try:
             self.search_stage()
             self.members_stage()
             self.finetune_stage()
         finally:
+            if head is not None:
+                head.stop()
             self.generations.close()
             self.problem.close()
         chosen_states = self.stored_members()

@@ -327,6 +327,27 @@ class Cluster:
             except OSError:
                 pass
 
+    def kill_worker_node(self) -> None:
+        """SIGKILL the worker node's raylet (the raylet without Ray's head resource) and what it started: its
+        workers (our actors among them) and agents."""
+        pids = [int(pid) for pid in subprocess.run(["pgrep", "-f", f"raylet.*{self.temp_dir}"], capture_output=True,
+                                                   text=True).stdout.split()
+                if b"__internal_head__" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(pids) == 1, pids
+        for pid in [*pids, *descendants(pids[0])]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def add_worker_node(self) -> None:
+        """Start the README recipe's other node again and wait until the head counts it."""
+        for words in self.recipe["workers"]:
+            self._ray_start(*_at(words, self.address, self.port))
+        deadline = time.monotonic() + 60
+        while len(self.node_ids()) < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+
     def stop(self) -> None:
         _stop_cluster(self.temp_dir)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -424,6 +445,62 @@ def test_lost_head_stops_the_run_and_resume_finishes_it(cli_command, tmp_path: P
                                 "workers.executor=local"], env=plain, capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
     _assert_same_run(tmp_path / "runs" / "headless", tmp_path / "runs" / "straight")
+
+
+def _run_until_killed(command: list[str], env: dict, kill) -> tuple[subprocess.Popen, float]:
+    """Start ``command``, call ``kill()`` once its search has run two generations; the process and when."""
+    proc = subprocess.Popen(command, env=dict(env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("[search] generation 1 (2 of"):
+            break
+    kill()
+    return proc, time.monotonic()
+
+
+@pytest.mark.cluster
+@pytest.mark.ray
+@pytest.mark.slow
+def test_lost_worker_node(cli_command, tmp_path: Path) -> None:
+    """The worker node's raylet and workers SIGKILLed mid-search. With a spread placement group the lost actor
+    is restarted on the head, the run says which candidates its new process evaluated and ends identical to
+    an uninterrupted run. With an actor per CPU of both nodes there is no room left: after
+    workers.lost_nodes_wait the run stops with exit code 3 naming workers.num_actors, and `resume` with
+    fewer actors on what is left ends identical too."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(deep_merge(TINY, {"workers": {"executor": "ray"},
+                                                       "search": {"population": 8, "generations": 60}})))
+    runs = tmp_path / "runs"
+    plain = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    reference = subprocess.run([*cli_command, "run", str(config), f"output_dir={runs}", "name=straight",
+                                "workers.executor=local"], env=plain, capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    cluster = Cluster()
+    try:
+        cluster.start()
+        base = [*cli_command, "run", str(config), f"output_dir={runs}", "--address", cluster.address]
+        proc, _ = _run_until_killed([*base, "name=spread", "workers.num_actors=2", "workers.placement=spread"],
+                                    cluster.env, cluster.kill_worker_node)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        assert re.search(r"\[workers\] actor-\d was lost \(pid \d+\) and restarted; .*evaluated candidate\(s\) \d+",
+                         out), out[-3000:]
+        _assert_same_run(runs / "spread", runs / "straight")
+
+        cluster.add_worker_node()
+        proc, killed = _run_until_killed([*base, "name=full", "workers.num_actors=4", "workers.lost_nodes_wait=5"],
+                                         cluster.env, cluster.kill_worker_node)
+        out, err = proc.communicate(timeout=120)
+        print(f"driver ended {time.monotonic() - killed:.1f} s after the worker node was killed")
+        assert proc.returncode == 3, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert "has lost nodes" in last and "workers.num_actors" in last and "Traceback" not in err
+        resumed = subprocess.run([*cli_command, "resume", str(runs / "full"), "workers.num_actors=2", "--address",
+                                  cluster.address], env=cluster.env, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        _assert_same_run(runs / "full", runs / "straight")
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.cluster

@@ -130,3 +130,52 @@ def test_unplaceable_actors_stop_the_run_before_training(tmp_path: Path, tiny_ya
     assert "config field 'workers.num_actors'" in proc.stderr and "Traceback" not in proc.stderr
     assert "[parent]" not in proc.stdout
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_stopped_actor_is_replaced_and_its_work_redone(tmp_path: Path, tiny_yaml_text: str,
+                                                       cli_command: list[str]) -> None:
+    """SIGSTOP one evaluation actor mid-search: within workers.stall_timeout (+ a ping interval) the run says
+    so, ends it, Ray starts it again, and the run ends with the same population log, members and metrics as
+    an uninterrupted in-process run."""
+    from test_resume import _assert_same_run
+
+    (tmp_path / "tiny.yaml").write_text(tiny_yaml_text)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    args = ["run", "tiny.yaml", "search.generations=60", "workers.num_actors=2"]
+    reference = subprocess.run([*cli_command, *args, "name=straight", "workers.executor=local"], cwd=tmp_path,
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    proc = subprocess.Popen([*cli_command, *args, "name=stopped", "workers.executor=ray", "workers.stall_timeout=3"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(env, PYTHONUNBUFFERED="1"), start_new_session=True)
+    victim = None
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("[search] generation 1 (2 of"):
+                break
+        actors = [pid for pid in descendants(proc.pid)
+                  if b"EvaluationActor" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(actors) == 2, "".join(lines)[-3000:]
+        victim = actors[0]
+        os.kill(victim, signal.SIGSTOP)
+        stopped = time.monotonic()
+        for line in proc.stdout:
+            lines.append(line)
+            if "has not answered for 3 s" in line:
+                print(f"stall reported {time.monotonic() - stopped:.1f} s after SIGSTOP")
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if victim is not None:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except OSError:
+                pass
+    out = "".join(lines)
+    assert "has not answered for 3 s (stopped or stuck)" in out, out[-3000:]
+    assert f"was lost (pid {victim}) and restarted" in out, out[-3000:]
+    _assert_same_run(tmp_path / "runs" / "stopped", tmp_path / "runs" / "straight")

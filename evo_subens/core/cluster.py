@@ -270,20 +270,25 @@ EXIT_CLUSTER_LOST = 3
 
 
 class HeadWatch:
-    """Ends the driver, with one line naming the lost cluster and the command that continues the run, once
-    the Ray head (its GCS) has refused connections for ``lost_after`` seconds.
+    """Ends the driver, with one line naming what was lost and the command that continues the run, once the
+    Ray head (its GCS) has refused connections for ``lost_after`` seconds, or once the cluster has lacked
+    the CPUs or GPUs its actors hold (``needs``) for ``short_after`` seconds.
 
     Without it a driver whose head went down repeats Ray's connection errors for a minute and then Ray
-    aborts the process from C++; a search waiting on actors of a dead cluster would otherwise wait that
-    long at best. Every checkpoint is written atomically, so ending the process at any moment loses at
-    most the generation in flight, which ``resume`` evaluates again.
+    aborts the process from C++; and an actor whose node is gone, with no room left for it elsewhere, is
+    restarted by Ray only when room appears, so the search would wait forever on its tasks. Every
+    checkpoint is written atomically, so ending the process at any moment loses at most the generation in
+    flight, which ``resume`` evaluates again.
     """
 
     def __init__(self, gcs_address: str, resume_command: str, *, interval: float = 1.0,
-                 lost_after: float = HEAD_LOST_S):
+                 lost_after: float = HEAD_LOST_S, needs: Mapping[str, float] | None = None,
+                 short_after: float = 60.0):
         host, _, port = gcs_address.rpartition(":")
         self.address, self.target = gcs_address, (host, int(port))
         self.resume_command, self.interval, self.lost_after = resume_command, interval, lost_after
+        self.needs = {k: v for k, v in (needs or {}).items() if v > 0}
+        self.short_after = short_after
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="evo-subens-head-watch", daemon=True)
 
@@ -295,7 +300,7 @@ class HeadWatch:
         self._stop.set()
 
     def _watch(self) -> None:
-        down_since = None
+        down_since = short_since = None
         while not self._stop.wait(self.interval):
             try:
                 socket.create_connection(self.target, timeout=self.interval).close()
@@ -303,19 +308,36 @@ class HeadWatch:
             except OSError:
                 down_since = time.monotonic() if down_since is None else down_since
                 if time.monotonic() - down_since >= self.lost_after and not self._stop.is_set():
-                    self._give_up()
+                    self._give_up(f"lost the Ray cluster at {self.address}: its head has refused connections "
+                                  f"for {self.lost_after:g} s")
+                continue
+            short = self._shortfall()
+            short_since = None if not short else time.monotonic() if short_since is None else short_since
+            if short and time.monotonic() - short_since >= self.short_after and not self._stop.is_set():
+                self._give_up(f"the Ray cluster at {self.address} has lost nodes: for {self.short_after:g} s it has "
+                              f"had {short}, so Ray cannot place every actor again (fewer actors, "
+                              f"workers.num_actors=N, fit what is left)")
 
-    def _give_up(self) -> None:
+    def _shortfall(self) -> str:
+        """What the cluster lacks of ``needs`` (e.g. '2 of the 4 CPUs the actors hold'), or ''."""
+        if not self.needs:
+            return ""
+        have = ray.cluster_resources()
+        lacking = [f"{have.get(name, 0):g} of the {need:g} {name}s the actors hold"
+                   for name, need in self.needs.items() if have.get(name, 0) < need]
+        return " and ".join(lacking)
+
+    def _give_up(self, what: str) -> None:
         sys.stdout.flush()
-        sys.stderr.write(f"evo-subens: error: lost the Ray cluster at {self.address}: its head has refused "
-                         f"connections for {self.lost_after:g} s; the run is checkpointed, continue it with: "
+        sys.stderr.write(f"evo-subens: error: {what}; the run is checkpointed, continue it with: "
                          f"{self.resume_command}\n")
         sys.stderr.flush()
         os._exit(EXIT_CLUSTER_LOST)  # Ray's threads would keep the process waiting on the dead cluster
 
 
-def watch_head(run_dir: Path, workers: WorkersConfig) -> HeadWatch | None:
-    """A started :class:`HeadWatch` for a run evaluating on Ray (None for the in-process executor)."""
+def watch_head(run_dir: Path, workers: WorkersConfig, needs: Mapping[str, float]) -> HeadWatch | None:
+    """A started :class:`HeadWatch` for a run evaluating on Ray whose actors hold ``needs`` (None for the
+    in-process executor)."""
     if workers.executor != "ray" or not ray.is_initialized():
         return None
     command = f"evo-subens resume {run_dir}"
@@ -323,4 +345,5 @@ def watch_head(run_dir: Path, workers: WorkersConfig) -> HeadWatch | None:
         command += " --address HOST:PORT (a new cluster's head) or workers.address=null (a Ray on this machine)"
     elif os.environ.get("RAY_ADDRESS"):
         command += " with RAY_ADDRESS set to a new cluster's head, or unset for a Ray on this machine"
-    return HeadWatch(ray.get_runtime_context().gcs_address, command).start()
+    return HeadWatch(ray.get_runtime_context().gcs_address, command, needs=needs,
+                     short_after=workers.lost_nodes_wait).start()

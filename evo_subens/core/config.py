@@ -201,6 +201,12 @@ class WorkersConfig:
                                              "(about 2 tasks per actor per generation)", ge=1)
     resources: dict = option({}, "custom Ray resources each actor requests, e.g. {accelerator_x: 1}; nodes "
                                  "offer them with `ray start --resources`")
+    stall_timeout: float = option(30.0, "seconds an actor may leave the driver's pings unanswered (a stopped or "
+                                        "stuck process; a busy one answers) before it is ended, restarted by "
+                                        "Ray and its unfinished work redone; 0 = never", ge=0)
+    lost_nodes_wait: float = option(60.0, "seconds the run waits, once nodes are gone and the rest cannot hold "
+                                          "every actor, for nodes to return (an autoscaler's replacements) "
+                                          "before it stops with the resume command", gt=0)
     placement: str = option("none", "none: Ray's default scheduling; spread / pack: one placement group "
                                     "bundle per actor, spread over the cluster's nodes or packed onto few",
                             choices=("none", "spread", "pack"))

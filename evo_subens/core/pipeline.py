@@ -32,6 +32,7 @@ from .problem import LOCAL_WORKER, make_problem
 from .progress import Steps, after_generations, generation_name, run_seconds
 from .rundir import write_json, write_population, write_state
 from .pool import EnsemblePool
+from .stalls import StallWatch
 from .search import REFERENCE_GENERATION, ROOT_CANDIDATE, CandidateRecord, SubnetworkSearch
 from .state import RunResult, RunState
 from .worker import numerics, parent_fingerprint
@@ -55,14 +56,17 @@ class Pipeline:
         self.progress(self.task.describe_data())
         self.parent_stage()
         self.start_search()
-        head = watch_head(self.run_dir, self.cfg.workers)
+        head = watch_head(self.run_dir, self.cfg.workers, self.problem.resources_held())
+        stalls = (StallWatch(self.problem, self.cfg.workers.stall_timeout, self.progress).start()
+                  if self.cfg.workers.executor == "ray" and self.cfg.workers.stall_timeout else None)
         try:
             self.search_stage()
             self.members_stage()
             self.finetune_stage()
         finally:
-            if head is not None:
-                head.stop()
+            for watch in (head, stalls):
+                if watch is not None:
+                    watch.stop()
             self.generations.close()
             self.problem.close()
         chosen_states = self.stored_members()
@@ -176,8 +180,11 @@ class Pipeline:
             self.progress(f"[workers] evaluating {self._workers_where()}")
         for incident in search.incidents:
             if incident["generation"] == search.generation - 1:
+                redone = incident.get("candidates")
                 self.progress(f"[workers] actor-{incident['worker']} was lost (pid {incident['lost_pid']}) and "
-                              f"restarted; its unfinished candidates were evaluated again")
+                              f"restarted; its unfinished candidates were evaluated again"
+                              + (f": its new process evaluated candidate(s) {', '.join(map(str, redone))}"
+                                 if redone else ""))
         self.generations.step(self._generation_line(seconds, state.checks[-1]))
         report_divergence(rows, search.generation - 1, self.family, self.run_dir, self.progress)
         tied = self.ties.check(self._latest())

@@ -112,6 +112,19 @@ class SubnetworkProblem(Problem):
             self._nodes[key] = tuple(ray.get(self.actors[worker].call.remote("node_id", [], {})))
         return self._nodes[key]
 
+    def resources_held(self) -> dict[str, float]:
+        """The CPUs and GPUs the actors hold together (none for the in-process executor)."""
+        if not self._num_actors:
+            return {}
+        threads = self.payload.threads if self.payload is not None else 1
+        return {"CPU": float(self._num_actors * threads),
+                "GPU": float(self._num_actors * (self._num_gpus_per_actor or 0))}
+
+    def alive(self) -> int:
+        """This process's id: the stall watch's ping (answered in the actor's second call slot, beside any
+        work in the first)."""
+        return os.getpid()
+
     def start_actors(self) -> None:
         """Start the configured actors now. EvoTorch starts them at the first evaluation, which a run resumed
         after its search never reaches: without this its members would tune in the driver."""
@@ -217,19 +230,29 @@ class SubnetworkProblem(Problem):
     def finetune(self, jobs: list[tuple[str, int, dict | None]]) -> Iterator[dict[str, torch.Tensor]]:
         """Fine-tuned weights of each ``(genome, seed, start weights or None)`` job, yielded in job order.
 
-        On actors every job is submitted at once, round robin, so members tune in parallel while the
-        caller stores (and checkpoints) each result as it comes; in-process they run one after another,
-        through the same code.
+        On actors the members tune in parallel, one job per actor at a time (an actor's second call slot is
+        kept for the stall watch's pings), while the caller stores (and checkpoints) each result as it comes;
+        in-process they run one after another, through the same code. A job's result does not depend on
+        the actor that runs it.
         """
         self.start_actors()
         if self.actors is None:
             for genome, seed, start in jobs:
                 yield self.local_finetune(genome, seed, start)
             return
-        futures = [self.actors[i % len(self.actors)].call.remote("local_finetune", [genome, seed, start], {})
-                   for i, (genome, seed, start) in enumerate(jobs)]
-        for future in futures:
-            yield ray.get(future)
+        waiting, running, done, next_out = list(enumerate(jobs)), {}, {}, 0
+        idle = list(range(len(self.actors)))
+        while next_out < len(jobs):
+            while idle and waiting:
+                actor, (i, (genome, seed, start)) = idle.pop(0), waiting.pop(0)
+                running[self.actors[actor].call.remote("local_finetune", [genome, seed, start], {})] = (i, actor)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            i, actor = running.pop(ready[0])
+            done[i] = ray.get(ready[0])
+            idle.append(actor)
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
 
     def make_batch(self, genomes: list[str]) -> SolutionBatch:
         """An unevaluated batch holding ``genomes``."""
@@ -258,8 +281,10 @@ def actor_options(workers: WorkersConfig, group: PlacementGroup | None = None) -
     env = dict(ACTOR_ENV, OMP_NUM_THREADS=str(workers.threads_per_actor))
     # A lost actor (process killed, node gone) is restarted by Ray and its unfinished tasks are retried,
     # so a generation completes with every candidate evaluated exactly once.
+    # Two call slots: the work (the driver sends an actor one piece of work at a time) and the stall watch's
+    # pings, which a stopped or stuck process cannot answer while a busy one can.
     options = {"num_cpus": workers.threads_per_actor, "runtime_env": {"env_vars": env},
-               "max_restarts": -1, "max_task_retries": -1}
+               "max_restarts": -1, "max_task_retries": -1, "max_concurrency": 2}
     if workers.resources:
         options["resources"] = dict(workers.resources)
     if group is not None:

@@ -198,13 +198,15 @@ class SubnetworkSearch(SearchAlgorithm):
         if self.pool is not None and state.get("pool") is not None:
             self.pool.load_state_dict(state["pool"])
 
-    def _note_restarts(self, rows: list[tuple[int, int]]) -> None:
-        """Record a lost worker when an actor index reports a new process id (Ray restarted it)."""
-        for worker, pid in rows:
+    def _note_restarts(self, rows: list[tuple[int, int, int]]) -> None:
+        """Record a lost worker when an actor index reports a new process id (Ray restarted it), with the
+        candidates its new process evaluated in this generation (the lost one's unfinished ones among them)."""
+        for worker, pid, _ in rows:
             previous = self.worker_pids.get(worker)
             if previous is not None and previous != pid:
+                redone = [c for w, p, c in rows if w == worker and p == pid]
                 self.incidents.append({"generation": self.generation, "worker": worker, "lost_pid": previous,
-                                       "new_pid": pid})
+                                       "new_pid": pid, "candidates": redone})
             self.worker_pids[worker] = pid
 
     def _best_fitness(self) -> float:
@@ -252,7 +254,7 @@ class SubnetworkSearch(SearchAlgorithm):
             new.append(CandidateRecord(self.generation, first_id + i, parent_id, genome, fitness, metrics,
                                        seconds, int(worker), node=node, host=host, finished_at=finished,
                                        raced=bool(raced), diverged=bool(diverged), step_scale=scale))
-            pids.append((int(worker), int(pid)))
+            pids.append((int(worker), int(pid), first_id + i))
         self._note_restarts(pids)
         self.records.extend(new)
         return new

@@ -1,0 +1,66 @@
+"""Actors that stop answering: found by a ping that a busy actor answers and a stopped or stuck one cannot,
+then ended so that Ray starts them again and retries their unfinished work.
+
+Ray restarts an actor whose process dies, but not one whose process is alive and silent (stopped with
+SIGSTOP, deadlocked, swapped out for good): a search would wait on it forever. Each actor has a second
+call slot (``max_concurrency=2``; the driver sends it one piece of work at a time), so a ping answers
+within milliseconds while the first slot works. An actor that leaves ``timeout`` seconds of pings
+unanswered, on a node Ray still counts as alive (a lost node's actors are Ray's to restart), is killed
+with ``ray.kill(no_restart=False)``: Ray restarts it, the new process fetches the payload again and the
+retried work gives the same results, since a candidate's score does not depend on the process.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import ray
+
+from .problem import SubnetworkProblem
+
+
+class StallWatch:
+    """Pings every actor of ``problem`` each ``interval`` seconds; ends those silent for ``timeout``."""
+
+    def __init__(self, problem: SubnetworkProblem, timeout: float, progress: Callable[[str], None],
+                 interval: float | None = None):
+        self.problem, self.timeout, self.progress = problem, timeout, progress
+        self.interval = interval if interval is not None else min(5.0, timeout / 2)
+        self.ended: list[dict] = []  # {"worker": i, "silent_s": timeout} per actor ended
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="evo-subens-stall-watch", daemon=True)
+
+    def start(self) -> StallWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        restarting: set[int] = set()  # ended, not yet answering again: not ended twice
+        while not self._stop.wait(self.interval):
+            actors = self.problem.actors
+            if not actors:
+                continue
+            pings = {actor.call.remote("alive", [], {}): i for i, actor in enumerate(actors)}
+            answered, silent = ray.wait(list(pings), num_returns=len(pings), timeout=self.timeout)
+            if self._stop.is_set():
+                return
+            restarting -= {pings[ping] for ping in answered}
+            live_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+            for ping in silent:
+                i, node = pings[ping], self._node_of(pings[ping])
+                if i in restarting or (node is not None and node not in live_nodes):
+                    continue
+                restarting.add(i)
+                self.ended.append({"worker": i, "silent_s": self.timeout})
+                self.progress(f"[workers] actor-{i} has not answered for {self.timeout:g} s (stopped or stuck): "
+                              f"ending it, so that Ray starts it again and retries its unfinished work")
+                ray.kill(actors[i], no_restart=False)
+
+    def _node_of(self, worker: int) -> str | None:
+        """The Ray node the actor was last seen on (its newest process the driver asked about)."""
+        nodes = [node for (w, _), (node, _) in list(self.problem._nodes.items()) if w == worker]
+        return nodes[-1] if nodes else None

@@ -25,7 +25,7 @@ from conftest import TINY, deep_merge
 from test_resume import _assert_same_run
 
 import evo_subens
-from evo_subens.core.reaper import descendants
+from evo_subens.core.reaper import descendants, mentions
 from evo_subens.cli import _with_address, build_parser, main
 from evo_subens.core.cluster import (LOCAL_NODE, check_output_dir, check_reachable, placeable_actors,
                                 resolve_address, token_settings)
@@ -170,18 +170,11 @@ def test_in_process_candidates_are_on_node_local(make_config) -> None:
 
 
 def _cluster_processes(temp_dir: str) -> list[int]:
-    """Processes whose command line names the cluster's own temp dir: exactly the ones it started."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if temp_dir.encode() in cmdline and int(entry.name) != os.getpid():
-            pids.append(int(entry.name))
-    return pids
+    """Processes that name the cluster's own temp dir in their command line, or (Ray's agents, which rename
+    themselves ray::...) hold files open in it: exactly the ones it started."""
+    folder = re.compile(re.escape(temp_dir))
+    return [int(entry.name) for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and int(entry.name) != os.getpid() and mentions(int(entry.name), folder)]
 
 
 def _stop_cluster(temp_dir: str) -> None:
@@ -437,6 +430,7 @@ def test_lost_head_stops_the_run_and_resume_finishes_it(cli_command, tmp_path: P
         assert "lost the Ray cluster at" in last and f"evo-subens resume {tmp_path / 'runs' / 'headless'}" in last
     finally:
         cluster.stop()
+    assert _cluster_processes(cluster.temp_dir) == []  # nothing the test started survives it
     plain = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     resumed = subprocess.run([*cli_command, "resume", str(tmp_path / "runs" / "headless"), "workers.address=null"],
                              env=plain, capture_output=True, text=True, timeout=300)
@@ -501,6 +495,7 @@ def test_lost_worker_node(cli_command, tmp_path: Path) -> None:
         _assert_same_run(runs / "full", runs / "straight")
     finally:
         cluster.stop()
+    assert _cluster_processes(cluster.temp_dir) == []  # nothing the test started survives it
 
 
 @pytest.mark.cluster

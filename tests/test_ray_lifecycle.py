@@ -149,7 +149,7 @@ def test_stopped_actor_is_replaced_and_its_work_redone(tmp_path: Path, tiny_yaml
     proc = subprocess.Popen([*cli_command, *args, "name=stopped", "workers.executor=ray", "workers.stall_timeout=3"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(env, PYTHONUNBUFFERED="1"), start_new_session=True)
-    victim = None
+    victim, recorded = None, {}
     try:
         lines = []
         for line in proc.stdout:
@@ -160,6 +160,7 @@ def test_stopped_actor_is_replaced_and_its_work_redone(tmp_path: Path, tiny_yaml
                   if b"EvaluationActor" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(actors) == 2, "".join(lines)[-3000:]
         victim = actors[0]
+        recorded = descendants(proc.pid)
         os.kill(victim, signal.SIGSTOP)
         stopped = time.monotonic()
         for line in proc.stdout:
@@ -175,6 +176,10 @@ def test_stopped_actor_is_replaced_and_its_work_redone(tmp_path: Path, tiny_yaml
                 os.kill(victim, signal.SIGKILL)
             except OSError:
                 pass
+    deadline = time.monotonic() + 30
+    while _alive(recorded) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _alive(recorded) == {}  # nothing the run started survives it, the stopped actor included
     out = "".join(lines)
     assert "has not answered for 3 s (stopped or stuck)" in out, out[-3000:]
     assert f"was lost (pid {victim}) and restarted" in out, out[-3000:]

@@ -73,7 +73,7 @@ def descendants(root: int, table: dict[int, tuple[int, int]] | None = None) -> d
     return found
 
 
-def _mentions(pid: int, folder: re.Pattern) -> bool:
+def mentions(pid: int, folder: re.Pattern) -> bool:
     """Whether ``pid``'s command line names ``folder``, or, for a process that renamed itself ``ray::...``,
     one of its open files lies in it."""
     try:
@@ -103,7 +103,7 @@ def session_processes(driver: int, since: int, table: dict[int, tuple[int, int]]
     folder = re.compile(rf"session_\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_{driver}(?!\d)")
     table = _processes() if table is None else table
     return {pid: started for pid, (_, started) in table.items()
-            if started >= since and pid != os.getpid() and _mentions(pid, folder)}
+            if started >= since and pid != os.getpid() and mentions(pid, folder)}
 
 
 def _alive(recorded: dict[int, int]) -> list[int]:

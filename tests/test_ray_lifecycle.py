@@ -30,6 +30,16 @@ def _alive(recorded: dict[int, int]) -> dict[int, str]:
     return alive
 
 
+def _lines_until(proc: subprocess.Popen, prefix: str) -> list[str]:
+    """The run's output lines up to the first that starts with ``prefix`` (checked to be there)."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"no line starting with {prefix!r} in:\n" + "".join(lines)[-3000:])
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 def test_sigkilled_driver_leaves_no_ray_process(tmp_path: Path, tiny_yaml_text: str, cli_command: list[str]) -> None:
     """SIGKILL the driver of a Ray run inside its search: within a few seconds no process of that run's
@@ -44,12 +54,7 @@ def test_sigkilled_driver_leaves_no_ray_process(tmp_path: Path, tiny_yaml_text: 
                             text=True, env=env, start_new_session=True)
     recorded: dict[int, int] = {}
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("[search] generation 1 (2 of"):
-                break
-        assert any(line.startswith("[search] generation 1 (2 of") for line in lines), "".join(lines)[-3000:]
+        lines = _lines_until(proc, "[search] generation 1 (2 of")
         recorded = descendants(proc.pid)
         commands = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
                             for pid in recorded if Path(f"/proc/{pid}/cmdline").exists())
@@ -95,9 +100,7 @@ def test_driver_killed_while_ray_starts_leaves_nothing(tmp_path: Path, tiny_yaml
     started = _started_ticks(proc.pid)
     recorded: dict[int, int] = {}
     try:
-        for line in proc.stdout:
-            if line.startswith("[workers] starting Ray on this machine"):
-                break
+        _lines_until(proc, "[workers] starting Ray on this machine")
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline:  # what the driver has started by the kill, as closely as we can
             recorded.update(descendants(proc.pid))
@@ -151,11 +154,7 @@ def test_stopped_actor_is_replaced_and_its_work_redone(tmp_path: Path, tiny_yaml
                             env=dict(env, PYTHONUNBUFFERED="1"), start_new_session=True)
     victim, recorded = None, {}
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("[search] generation 1 (2 of"):
-                break
+        lines = _lines_until(proc, "[search] generation 1 (2 of")
         actors = [pid for pid in descendants(proc.pid)
                   if b"EvaluationActor" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(actors) == 2, "".join(lines)[-3000:]

@@ -15,7 +15,6 @@ import math
 import os
 import socket
 import sys
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from . import reaper
+from .watch import Watch
 from .config import RunConfig, WorkersConfig
 from ..errors import ConfigError, UserError
 from .rundir import check_output_folder, check_run_name
@@ -269,7 +269,7 @@ HEAD_LOST_S = 10.0  # the head's GCS refusing connections this long: the cluster
 EXIT_CLUSTER_LOST = 3
 
 
-class HeadWatch:
+class HeadWatch(Watch):
     """Ends the driver, with one line naming what was lost and the command that continues the run, once the
     Ray head (its GCS) has refused connections for ``lost_after`` seconds, or once the cluster has lacked
     the CPUs or GPUs its actors hold (``needs``) for ``short_after`` seconds.
@@ -289,31 +289,23 @@ class HeadWatch:
         self.resume_command, self.interval, self.lost_after = resume_command, interval, lost_after
         self.needs = {k: v for k, v in (needs or {}).items() if v > 0}
         self.short_after = short_after
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="evo-subens-head-watch", daemon=True)
+        super().__init__("evo-subens-head-watch")
 
-    def start(self) -> HeadWatch:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _watch(self) -> None:
+    def watch(self) -> None:
         down_since = short_since = None
-        while not self._stop.wait(self.interval):
+        while not self.stopped.wait(self.interval):
             try:
                 socket.create_connection(self.target, timeout=self.interval).close()
                 down_since = None
             except OSError:
                 down_since = time.monotonic() if down_since is None else down_since
-                if time.monotonic() - down_since >= self.lost_after and not self._stop.is_set():
+                if time.monotonic() - down_since >= self.lost_after and not self.stopped.is_set():
                     self._give_up(f"lost the Ray cluster at {self.address}: its head has refused connections "
                                   f"for {self.lost_after:g} s")
                 continue
             short = self._shortfall()
             short_since = None if not short else time.monotonic() if short_since is None else short_since
-            if short and time.monotonic() - short_since >= self.short_after and not self._stop.is_set():
+            if short and time.monotonic() - short_since >= self.short_after and not self.stopped.is_set():
                 self._give_up(f"the Ray cluster at {self.address} has lost nodes: for {self.short_after:g} s it has "
                               f"had {short}, so Ray cannot place every actor again (fewer actors, "
                               f"workers.num_actors=N, fit what is left)")

@@ -12,15 +12,15 @@ retried work gives the same results, since a candidate's score does not depend o
 
 from __future__ import annotations
 
-import threading
 from typing import Callable
 
 import ray
 
 from .problem import SubnetworkProblem
+from .watch import Watch
 
 
-class StallWatch:
+class StallWatch(Watch):
     """Pings every actor of ``problem`` each ``interval`` seconds; ends those silent for ``timeout``."""
 
     def __init__(self, problem: SubnetworkProblem, timeout: float, progress: Callable[[str], None],
@@ -28,25 +28,17 @@ class StallWatch:
         self.problem, self.timeout, self.progress = problem, timeout, progress
         self.interval = interval if interval is not None else min(5.0, timeout / 2)
         self.ended: list[dict] = []  # {"worker": i, "silent_s": timeout} per actor ended
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="evo-subens-stall-watch", daemon=True)
+        super().__init__("evo-subens-stall-watch")
 
-    def start(self) -> StallWatch:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _watch(self) -> None:
+    def watch(self) -> None:
         restarting: set[int] = set()  # ended, not yet answering again: not ended twice
-        while not self._stop.wait(self.interval):
+        while not self.stopped.wait(self.interval):
             actors = self.problem.actors
             if not actors:
                 continue
             pings = {actor.call.remote("alive", [], {}): i for i, actor in enumerate(actors)}
             answered, silent = ray.wait(list(pings), num_returns=len(pings), timeout=self.timeout)
-            if self._stop.is_set():
+            if self.stopped.is_set():
                 return
             restarting -= {pings[ping] for ping in answered}
             live_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}

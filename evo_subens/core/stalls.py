@@ -12,6 +12,7 @@ retried work gives the same results, since a candidate's score does not depend o
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import ray
@@ -37,10 +38,10 @@ class StallWatch(Watch):
             if not actors:
                 continue
             pings = {actor.call.remote("alive", [], {}): i for i, actor in enumerate(actors)}
-            answered, silent = ray.wait(list(pings), num_returns=len(pings), timeout=self.timeout)
+            silent = self._unanswered(list(pings))
             if self.stopped.is_set():
                 return
-            restarting -= {pings[ping] for ping in answered}
+            restarting -= {i for ping, i in pings.items() if ping not in silent}
             live_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
             for ping in silent:
                 i, node = pings[ping], self._node_of(pings[ping])
@@ -51,6 +52,14 @@ class StallWatch(Watch):
                 self.progress(f"[workers] actor-{i} has not answered for {self.timeout:g} s (stopped or stuck): "
                               f"ending it, so that Ray starts it again and retries its unfinished work")
                 ray.kill(actors[i], no_restart=False)
+
+    def _unanswered(self, pings: list) -> list:
+        """The pings still unanswered after ``timeout`` seconds (or once the watch is stopped), waited for
+        in slices of at most a second so that :meth:`stop` never waits for a whole timeout."""
+        deadline = time.monotonic() + self.timeout
+        while pings and not self.stopped.is_set() and time.monotonic() < deadline:
+            _, pings = ray.wait(pings, num_returns=len(pings), timeout=min(1.0, deadline - time.monotonic()))
+        return pings
 
     def _node_of(self, worker: int) -> str | None:
         """The Ray node the actor was last seen on (its newest process the driver asked about)."""

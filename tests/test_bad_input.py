@@ -18,6 +18,7 @@ from evo_subens.tasks.classification.models import build_model
 from evo_subens.core.runner import run
 
 from conftest import tiny_dict
+from run_output import Lines
 
 
 class ExplodingNet(nn.Module):
@@ -146,12 +147,12 @@ def test_ctrl_c_says_where_the_run_stopped(folder: Path, cli_command: list[str])
     proc = subprocess.Popen([*cli_command, *args], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    errors = Lines(proc.stderr)
     try:
-        for line in proc.stdout:
-            if line.startswith("[search] generation 1 (2 of 40)"):
-                break
+        Lines(proc.stdout).until("[search] generation 1 (2 of 40)")
         os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        err = errors.rest(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from conftest import TINY, deep_merge
+from run_output import Lines
 from test_resume import _assert_same_run
 
 import evo_subens
@@ -215,15 +216,16 @@ def test_lost_head_ends_the_driver_with_one_line(tmp_path: Path) -> None:
             f"HeadWatch('127.0.0.1:{port}', 'evo-subens resume runs/x', interval=0.2, lost_after=1.0).start(); "
             "print('watching', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = Lines(proc.stdout), Lines(proc.stderr)
     try:
-        assert proc.stdout.readline().strip() == "watching"
+        out.until("watching", timeout=120)
         time.sleep(1.0)
         assert proc.poll() is None  # the head answers: the watch waits
         server.close()
         lost = time.monotonic()
         assert proc.wait(timeout=10) == 3
         assert time.monotonic() - lost < 5
-        err = proc.stderr.read().strip().splitlines()
+        err = err.rest(timeout=30).strip().splitlines()
         assert len(err) == 1 and f"lost the Ray cluster at 127.0.0.1:{port}" in err[0]
         assert err[0].endswith("continue it with: evo-subens resume runs/x")
     finally:
@@ -340,6 +342,7 @@ class Cluster:
         deadline = time.monotonic() + 60
         while len(self.node_ids()) < 2 and time.monotonic() < deadline:
             time.sleep(1)
+        assert len(self.node_ids()) == 2, "the restarted worker node did not join the head"
 
     def stop(self) -> None:
         _stop_cluster(self.temp_dir)
@@ -398,6 +401,18 @@ def test_search_runs_on_both_nodes(cluster: Cluster, cli_command, tmp_path: Path
     assert population["host"].str.fullmatch(r"\d+\.\d+\.\d+\.\d+").all()  # readable beside the node id
     # workers.num_actors left out: one actor per CPU of the cluster (2 nodes x 2 CPUs)
     assert re.search(r"\[workers\] evaluating 4 Ray actors on cpu, node \S+ \(4\)", done.stdout), done.stdout
+    # A driver that joined the cluster and is SIGKILLed mid-search takes none of the cluster's processes along.
+    before = set(_cluster_processes(cluster.temp_dir))
+    proc = subprocess.Popen([*command, "name=killed", "search.generations=200"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=dict(cluster.env, PYTHONUNBUFFERED="1"))
+    try:
+        Lines(proc.stdout).until("[search] generation 1 (2 of")
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    time.sleep(5)  # longer than a reaper takes to end what it recorded
+    assert before <= set(_cluster_processes(cluster.temp_dir))
+    assert len(cluster.node_ids()) == 2
 
 
 @pytest.mark.cluster
@@ -410,25 +425,26 @@ def test_lost_head_stops_the_run_and_resume_finishes_it(cli_command, tmp_path: P
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(deep_merge(TINY, {"workers": {"executor": "ray", "num_actors": 2},
                                                        "search": {"population": 8, "generations": 40}})))
-    cluster = Cluster()
+    cluster, proc = Cluster(), None
     try:
         cluster.start()
         proc = subprocess.Popen([*cli_command, "run", str(config), f"output_dir={tmp_path / 'runs'}", "name=headless",
                                  "--address", cluster.address], env=dict(cluster.env, PYTHONUNBUFFERED="1"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for line in proc.stdout:
-            if line.startswith("[search] generation 1 (2 of"):
-                break
+        errors = Lines(proc.stderr)
+        Lines(proc.stdout).until("[search] generation 1 (2 of")
         cluster.kill_head()
         killed = time.monotonic()
-        assert proc.wait(timeout=60) == 3, proc.stderr.read()[-3000:]
+        assert proc.wait(timeout=60) == 3, errors.rest(timeout=30)[-3000:]
         print(f"driver ended {time.monotonic() - killed:.1f} s after the head was killed")
         assert time.monotonic() - killed < 30
-        err = proc.stderr.read()
+        err = errors.rest(timeout=30)
         assert "Traceback" not in err
         last = err.strip().splitlines()[-1]
         assert "lost the Ray cluster at" in last and f"evo-subens resume {tmp_path / 'runs' / 'headless'}" in last
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
         cluster.stop()
     assert _cluster_processes(cluster.temp_dir) == []  # nothing the test started survives it
     plain = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
@@ -441,15 +457,17 @@ def test_lost_head_stops_the_run_and_resume_finishes_it(cli_command, tmp_path: P
     _assert_same_run(tmp_path / "runs" / "headless", tmp_path / "runs" / "straight")
 
 
-def _run_until_killed(command: list[str], env: dict, kill) -> tuple[subprocess.Popen, float]:
-    """Start ``command``, call ``kill()`` once its search has run two generations; the process and when."""
+def _run_until_killed(command: list[str], env: dict, kill, started: list[subprocess.Popen]
+                      ) -> tuple[subprocess.Popen, Lines, Lines, float]:
+    """Start ``command`` (added to ``started``), call ``kill()`` once its search has run two generations:
+    the process, its stdout and stderr, and when ``kill()`` returned."""
     proc = subprocess.Popen(command, env=dict(env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("[search] generation 1 (2 of"):
-            break
+    started.append(proc)
+    out, err = Lines(proc.stdout), Lines(proc.stderr)
+    out.until("[search] generation 1 (2 of")
     kill()
-    return proc, time.monotonic()
+    return proc, out, err, time.monotonic()
 
 
 @pytest.mark.cluster
@@ -469,24 +487,26 @@ def test_lost_worker_node(cli_command, tmp_path: Path) -> None:
     reference = subprocess.run([*cli_command, "run", str(config), f"output_dir={runs}", "name=straight",
                                 "workers.executor=local"], env=plain, capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    cluster = Cluster()
+    cluster, drivers = Cluster(), []
     try:
         cluster.start()
         base = [*cli_command, "run", str(config), f"output_dir={runs}", "--address", cluster.address]
-        proc, _ = _run_until_killed([*base, "name=spread", "workers.num_actors=2", "workers.placement=spread"],
-                                    cluster.env, cluster.kill_worker_node)
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
+        proc, out, err, _ = _run_until_killed([*base, "name=spread", "workers.num_actors=2", "workers.placement=spread"],
+                                              cluster.env, cluster.kill_worker_node, drivers)
+        assert proc.wait(timeout=300) == 0, err.rest(timeout=30)[-3000:]
+        out = out.rest(timeout=30)
         assert re.search(r"\[workers\] actor-\d was lost \(pid \d+\) and restarted; .*evaluated candidate\(s\) \d+",
                          out), out[-3000:]
         _assert_same_run(runs / "spread", runs / "straight")
 
         cluster.add_worker_node()
-        proc, killed = _run_until_killed([*base, "name=full", "workers.num_actors=4", "workers.lost_nodes_wait=5"],
-                                         cluster.env, cluster.kill_worker_node)
-        out, err = proc.communicate(timeout=120)
+        proc, out, err, killed = _run_until_killed([*base, "name=full", "workers.num_actors=4",
+                                                    "workers.lost_nodes_wait=5"], cluster.env, cluster.kill_worker_node,
+                                                   drivers)
+        code = proc.wait(timeout=120)
         print(f"driver ended {time.monotonic() - killed:.1f} s after the worker node was killed")
-        assert proc.returncode == 3, err[-3000:]
+        err = err.rest(timeout=30)
+        assert code == 3, err[-3000:]
         last = err.strip().splitlines()[-1]
         assert "has lost nodes" in last and "workers.num_actors" in last and "Traceback" not in err
         resumed = subprocess.run([*cli_command, "resume", str(runs / "full"), "workers.num_actors=2", "--address",
@@ -494,6 +514,9 @@ def test_lost_worker_node(cli_command, tmp_path: Path) -> None:
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         _assert_same_run(runs / "full", runs / "straight")
     finally:
+        for proc in drivers:
+            if proc.poll() is None:
+                proc.kill()
         cluster.stop()
     assert _cluster_processes(cluster.temp_dir) == []  # nothing the test started survives it
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from evo_subens.core.progress import Steps, process_age, say
+from run_output import Lines
 
 ARGS = ["tiny.yaml", "workers.executor=local", "parent.epochs=3"]
 
@@ -34,9 +35,11 @@ def test_piped_run_prints_each_step_when_it_happens(tmp_path: Path, tiny_yaml_te
                             stderr=subprocess.PIPE, text=True, env=env)
     # What the run had written when each line arrived: a line held back until exit would arrive after
     # the run directory's last file (metrics.json) exists.
-    arrivals = [(time.monotonic(), line.rstrip("\n"), (run_dir / "metrics.json").exists()) for line in proc.stdout]
-    proc.wait(timeout=300)
-    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    errors, arrivals = Lines(proc.stderr), []
+    for line in iter(Lines(proc.stdout).next_line, None):
+        arrivals.append((time.monotonic(), line.rstrip("\n"), (run_dir / "metrics.json").exists()))
+    proc.wait(timeout=60)
+    assert proc.returncode == 0, errors.rest(timeout=30)[-3000:]
     lines = [line for _, line, _ in arrivals]
     assert not any("\r" in line or " left" in line for line in lines)
     assert lines[:2] == ["[run] tiny.yaml: checking the config", "[run] tiny.yaml: config valid; loading the engine"]

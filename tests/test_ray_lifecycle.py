@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from evo_subens.core.reaper import descendants, session_processes
+from run_output import Lines
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # each test's CLI process starts a Ray of its own
 
@@ -30,16 +31,6 @@ def _alive(recorded: dict[int, int]) -> dict[int, str]:
     return alive
 
 
-def _lines_until(proc: subprocess.Popen, prefix: str) -> list[str]:
-    """The run's output lines up to the first that starts with ``prefix`` (checked to be there)."""
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith(prefix):
-            return lines
-    raise AssertionError(f"no line starting with {prefix!r} in:\n" + "".join(lines)[-3000:])
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 def test_sigkilled_driver_leaves_no_ray_process(tmp_path: Path, tiny_yaml_text: str, cli_command: list[str]) -> None:
     """SIGKILL the driver of a Ray run inside its search: within a few seconds no process of that run's
@@ -52,9 +43,10 @@ def test_sigkilled_driver_leaves_no_ray_process(tmp_path: Path, tiny_yaml_text: 
     env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen([*cli_command, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, start_new_session=True)
+    out, err = Lines(proc.stdout), Lines(proc.stderr)
     recorded: dict[int, int] = {}
     try:
-        lines = _lines_until(proc, "[search] generation 1 (2 of")
+        lines = out.until("[search] generation 1 (2 of")
         recorded = descendants(proc.pid)
         commands = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
                             for pid in recorded if Path(f"/proc/{pid}/cmdline").exists())
@@ -73,7 +65,7 @@ def test_sigkilled_driver_leaves_no_ray_process(tmp_path: Path, tiny_yaml_text: 
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-    err = proc.stderr.read()
+    err = err.rest(timeout=60)
     assert any(line.startswith("[workers] Ray is up, token authentication on") for line in lines), "".join(lines)
     assert "Token authentication is enabled" not in err
     assert "constructor arguments in the object store" not in err
@@ -100,7 +92,7 @@ def test_driver_killed_while_ray_starts_leaves_nothing(tmp_path: Path, tiny_yaml
     started = _started_ticks(proc.pid)
     recorded: dict[int, int] = {}
     try:
-        _lines_until(proc, "[workers] starting Ray on this machine")
+        Lines(proc.stdout).until("[workers] starting Ray on this machine")
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline:  # what the driver has started by the kill, as closely as we can
             recorded.update(descendants(proc.pid))
@@ -152,9 +144,10 @@ def test_stopped_actor_is_replaced_and_its_work_redone(tmp_path: Path, tiny_yaml
     proc = subprocess.Popen([*cli_command, *args, "name=stopped", "workers.executor=ray", "workers.stall_timeout=3"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(env, PYTHONUNBUFFERED="1"), start_new_session=True)
+    out, err = Lines(proc.stdout), Lines(proc.stderr)
     victim, recorded = None, {}
     try:
-        lines = _lines_until(proc, "[search] generation 1 (2 of")
+        lines = out.until("[search] generation 1 (2 of")
         actors = [pid for pid in descendants(proc.pid)
                   if b"EvaluationActor" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(actors) == 2, "".join(lines)[-3000:]
@@ -162,11 +155,9 @@ def test_stopped_actor_is_replaced_and_its_work_redone(tmp_path: Path, tiny_yaml
         recorded = descendants(proc.pid)
         os.kill(victim, signal.SIGSTOP)
         stopped = time.monotonic()
-        for line in proc.stdout:
-            lines.append(line)
-            if "has not answered for 3 s" in line:
-                print(f"stall reported {time.monotonic() - stopped:.1f} s after SIGSTOP")
-        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+        out.until("[workers] actor-")
+        print(f"stall reported {time.monotonic() - stopped:.1f} s after SIGSTOP")
+        assert proc.wait(timeout=300) == 0, err.rest(timeout=60)[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -179,7 +170,7 @@ def test_stopped_actor_is_replaced_and_its_work_redone(tmp_path: Path, tiny_yaml
     while _alive(recorded) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _alive(recorded) == {}  # nothing the run started survives it, the stopped actor included
-    out = "".join(lines)
+    out = out.rest(timeout=60)
     assert "has not answered for 3 s (stopped or stuck)" in out, out[-3000:]
     assert f"was lost (pid {victim}) and restarted" in out, out[-3000:]
     _assert_same_run(tmp_path / "runs" / "stopped", tmp_path / "runs" / "straight")

@@ -25,6 +25,7 @@ import evo_subens
 from evo_subens.core.runner import _extension_note
 from evo_subens import cli
 from evo_subens.errors import RunDirError
+from evo_subens.tasks import unused_sections
 
 from conftest import RUNTIME_COLUMNS, TINY, deep_merge, untimed
 
@@ -360,6 +361,14 @@ def test_load_runs_flattens_configs(tmp_path: Path) -> None:
     assert set(runs["run"]) == {"s0.2", "s0.4"}
     assert runs.groupby("children.sigma").size().to_dict() == {0.2: 17, 0.4: 17}  # 16 candidates + the parent
     assert (runs["search.population"] == 8).all()
+    # Only the fields a classification run reads: no rl sections, no baseline's; all of them on request.
+    sections = {column.split(".")[0] for column in runs.columns if "." in column}
+    assert sections == {"data", "model", "parent", "children", "search", "workers", "finetune", "ensemble"}
+    assert {"env.id", "ppo.lr", "policy.name", "baseline.members"} <= set(evo_subens.load_runs(tmp_path,
+                                                                                             all_columns=True))
+    # An rl run reads the other task's sections; baselines read theirs.
+    assert unused_sections("rl", "subnetworks") == {"data", "parent", "baseline"}
+    assert unused_sections("classification", "deep_ensemble") == {"env", "ppo", "policy"}
 
 
 @pytest.mark.slow

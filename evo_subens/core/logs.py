@@ -18,6 +18,7 @@ import pyarrow
 from .config import DEFAULT_FAMILY, ChildrenConfig, family_section
 from .options import parse_yaml
 from ..errors import RunDirError, UserError
+from ..tasks import unused_sections
 from .rundir import POPULATION_SCHEMA, population_schema
 
 # Population-log columns added after the first release, with the value older logs mean by them.
@@ -165,9 +166,18 @@ def load_population(run_dir: str | Path) -> pd.DataFrame:
     return frame[list(schema)] if family is not None else frame
 
 
-def load_runs(runs_dir: str | Path = "runs") -> pd.DataFrame:
+def load_runs(runs_dir: str | Path = "runs", *, all_columns: bool = False) -> pd.DataFrame:
     """The population logs of every run under ``runs_dir``, with a ``run`` column and the run's config
-    flattened into columns (``search.population``, ``children.sigma``, ...) for ``groupby``."""
+    flattened into columns (``search.population``, ``children.sigma``, ...) for ``groupby``.
+
+    A run's columns are the config fields it reads: its task's sections (a classification run has no
+    ``env.*``, ``ppo.*`` or ``policy.*``), its family's ``children.*`` fields, and ``baseline.*`` only for a
+    baseline. Runs that differ in these get the union, empty where a run has no such field.
+    ``all_columns=True`` keeps every field of every run's config.
+
+        >>> runs = evo_subens.load_runs("runs")
+        >>> runs[runs.generation >= 0].groupby(["run", "children.sigma"])["val_nll"].min()
+    """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise RunDirError(f"runs folder {runs_dir} does not exist")
@@ -175,6 +185,9 @@ def load_runs(runs_dir: str | Path = "runs") -> pd.DataFrame:
     for run_dir in sorted(p for p in runs_dir.iterdir() if (p / "population.parquet").is_file()):
         frame = load_population(run_dir)
         config = flatten_config(read_run_config(run_dir))
+        if not all_columns:
+            unused = unused_sections(config.get("task", "classification"), config.get("method", "subnetworks"))
+            config = {key: value for key, value in config.items() if key.split(".", 1)[0] not in unused}
         frame.insert(0, "run", run_dir.name)
         for key, value in config.items():
             frame[key] = str(value) if isinstance(value, (list, dict)) else value

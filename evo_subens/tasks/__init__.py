@@ -19,6 +19,17 @@ TASKS: dict[str, str] = {"classification": "evo_subens.tasks.classification.task
 TASK_METRICS: dict[str, str] = {"classification": "evo_subens.tasks.classification.metrics:VALIDATION_METRICS",
                                 "rl": "evo_subens.tasks.rl.metrics:VALIDATION_METRICS"}
 
+# The config sections only one task reads (model, children, search, ... serve both): a run of the other task
+# records them at their defaults, which say nothing about it.
+TASK_SECTIONS: dict[str, tuple[str, ...]] = {"classification": ("data", "parent"), "rl": ("env", "ppo", "policy")}
+
+
+def unused_sections(task: str, method: str) -> set[str]:
+    """The config sections a run of ``task`` with ``method`` does not read: the other tasks' own, and
+    ``baseline`` for the engine's own method."""
+    unused = {section for name, sections in TASK_SECTIONS.items() if name != task for section in sections}
+    return unused | ({"baseline"} if method == "subnetworks" else set())
+
 
 def _load(spec: str):
     module, _, attr = spec.partition(":")

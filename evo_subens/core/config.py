@@ -60,6 +60,14 @@ class TrainConfig:
 
 
 @dataclass
+class ParentConfig(TrainConfig):
+    check_learned: bool = option(True, "stop the run before the search when the trained parent scores near "
+                                       "chance on the selection split or its training loss never fell; false: "
+                                       "say so and go on (the scikit-learn estimator's default, since "
+                                       "scikit-learn fits any data)")
+
+
+@dataclass
 class FinetuneConfig(TrainConfig):
     epochs: int = option(2, "SGD epochs on each selected member (in the workers, in parallel) before the "
                             "ensemble is built: the 'optimise' of sample, perturb, optimise; 0 = off", ge=0)
@@ -293,7 +301,7 @@ class RunConfig:
                                          "the final metrics are", choices=tuple(TASKS))
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "dataset and splits"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "parent architecture"})
-    parent: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "parent training (SGD)"})
+    parent: ParentConfig = field(default_factory=ParentConfig, metadata={"doc": "parent training (SGD)"})
     children: ChildrenConfig = field(default_factory=ChildrenConfig, metadata={"doc": "child family"})
     search: SearchConfig = field(default_factory=SearchConfig, metadata={"doc": "population loop"})
     workers: WorkersConfig = field(default_factory=WorkersConfig, metadata={"doc": "evaluation workers"})

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RunDirError
+from ..errors import RunDirError, UserError
 from ..families import make_family
 from ..nn import count_parameters, state_copy
 from ..tasks.base import Progress, Task
@@ -84,7 +84,12 @@ class Pipeline:
             else:
                 self.task.train_parent(parent)
             parent.eval()
-            self.task.check_parent_learned(parent)
+            try:
+                self.task.check_parent_learned(parent)
+            except UserError as exc:
+                if cfg.parent.check_learned or cfg.model.parent_path:
+                    raise
+                self.progress(f"[parent] warning: {exc}; going on, as parent.check_learned is false")
             self.parent_state = state_copy(parent)
             write_state(self.run_dir / "parent.pt", self.parent_state)
             self.state = RunState(stage="parent", parent_id=parent_fingerprint(self.parent_state))

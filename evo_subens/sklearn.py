@@ -124,7 +124,9 @@ class SubnetworkEnsembleClassifier(ClassifierMixin, BaseEstimator):
         """Mean member probabilities, shape (n_samples, n_classes), columns in ``classes_`` order."""
         check_is_fitted(self, "ensemble_")
         X = validate_data(self, X, dtype=np.float32, reset=False)
-        return self.ensemble_.predict_proba(X).astype(np.float64)
+        probs = self.ensemble_.predict_proba(X).astype(np.float64)
+        # The module's float32 rows sum to 1 within ~1e-7; scikit-learn's log loss wants float64's 1.
+        return probs / probs.sum(axis=1, keepdims=True)
 
     def predict(self, X: Any) -> np.ndarray:
         """The class label of highest mean probability for each sample."""

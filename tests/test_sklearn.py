@@ -48,6 +48,7 @@ def test_grid_search_over_sigma_in_a_pipeline(wine) -> None:
     assert "children" not in CHEAP  # the grid set the field on a copy, not on the dict the estimator was given
     assert set(grid.predict(x_test)) <= set(y) and list(best.classes_) == sorted(set(y))
     assert grid.score(x_test, y_test) > -0.5  # log loss well under chance's log(3) = 1.10
+    np.testing.assert_allclose(grid.predict_proba(x_test).sum(axis=1), 1.0, rtol=1e-12)  # as log_loss checks
     cross = cross_val_score(SubnetworkEnsembleClassifier(**CHEAP), x_train, y_train, cv=3)
     assert cross.min() > 0.8
 

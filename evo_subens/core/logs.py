@@ -26,7 +26,7 @@ ADDED_COLUMNS = {"node": "", "raced": False, "diverged": False, "step_scale": 1.
                  "host": "", "finished_at": None}
 
 # Fields a resume may change: how long the search runs and where/how it is evaluated.
-RESUMABLE_CHANGES = ("search.generations", "workers.", "name", "output_dir")
+RESUMABLE_CHANGES = ("search.generations", "workers.", "tracking.", "name", "output_dir")
 
 # Fields whose default changed behaviour when they were added: a run directory written before them
 # did what these values do, so they fill in for the missing keys (other new fields' defaults already
@@ -100,6 +100,16 @@ def flatten_config(data: dict, prefix: str = "") -> dict:
     return flat
 
 
+def config_columns(config: dict, all_columns: bool = False) -> dict:
+    """A run's config flattened (``search.population``), without the sections its task and method do not
+    read (see :func:`~evo_subens.tasks.unused_sections`) unless ``all_columns``."""
+    flat = flatten_config(config)
+    if all_columns:
+        return flat
+    unused = unused_sections(flat.get("task", "classification"), flat.get("method", "subnetworks"))
+    return {key: value for key, value in flat.items() if key.split(".", 1)[0] not in unused}
+
+
 def check_resume_compatible(saved: dict, new: dict, run_dir: Path) -> None:
     """Refuse changes that would make a resumed run a different run (model, data, family, seed, ...)."""
     before, after = flatten_config(saved), flatten_config(new)
@@ -108,7 +118,7 @@ def check_resume_compatible(saved: dict, new: dict, run_dir: Path) -> None:
             continue
         raise RunDirError(f"cannot resume {run_dir} with {key}={after.get(key)!r} (the run has "
                           f"{before.get(key)!r}): that would be a different run; start a new one instead. "
-                          f"Resume may change search.generations and workers.*")
+                          f"Resume may change search.generations, workers.* and tracking.*")
 
 
 def _logged_family(run_dir: Path) -> type | None:
@@ -184,10 +194,7 @@ def load_runs(runs_dir: str | Path = "runs", *, all_columns: bool = False) -> pd
     frames = []
     for run_dir in sorted(p for p in runs_dir.iterdir() if (p / "population.parquet").is_file()):
         frame = load_population(run_dir)
-        config = flatten_config(read_run_config(run_dir))
-        if not all_columns:
-            unused = unused_sections(config.get("task", "classification"), config.get("method", "subnetworks"))
-            config = {key: value for key, value in config.items() if key.split(".", 1)[0] not in unused}
+        config = config_columns(read_run_config(run_dir), all_columns)
         frame.insert(0, "run", run_dir.name)
         for key, value in config.items():
             frame[key] = str(value) if isinstance(value, (list, dict)) else value

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -27,12 +28,13 @@ from .cluster import LOCAL_NODE, watch_head
 from .config import RunConfig, config_to_dict
 from .divergence import TieWarning, report_divergence
 from .faults import crash_point
-from .logs import load_population
+from .logs import config_columns, load_population
 from .problem import LOCAL_WORKER, make_problem
 from .progress import Steps, after_generations, generation_name, run_seconds
-from .rundir import write_json, write_population, write_state
+from .rundir import used_config, write_json, write_population, write_state
 from .pool import EnsemblePool
 from .stalls import StallWatch
+from .tracking import Trackers, numbers_in
 from .search import REFERENCE_GENERATION, ROOT_CANDIDATE, CandidateRecord, SubnetworkSearch
 from .state import RunResult, RunState
 from .worker import numerics, parent_fingerprint
@@ -56,6 +58,21 @@ class Pipeline:
         self.progress(self.task.describe_data())
         self.parent_stage()
         self.start_search()
+        self.trackers = self._open_trackers()
+        try:
+            self._search_and_tune()
+            chosen_states = self.stored_members()
+            self.accept_stage(chosen_states)
+            result = self.results_stage(chosen_states)
+            if self.trackers is not None:
+                self.trackers.finish(result.metrics, self._tracked_artefacts())
+            return result
+        finally:
+            if self.trackers is not None:
+                self.trackers.close()
+
+    def _search_and_tune(self) -> None:
+        """The stages that use the workers, with the watches on the cluster running beside them."""
         head = watch_head(self.run_dir, self.cfg.workers, self.problem.resources_held())
         stalls = (StallWatch(self.problem, self.cfg.workers.stall_timeout, self.progress).start()
                   if self.cfg.workers.executor == "ray" and self.cfg.workers.stall_timeout else None)
@@ -69,9 +86,6 @@ class Pipeline:
                     watch.stop()
             self.generations.close()
             self.problem.close()
-        chosen_states = self.stored_members()
-        self.accept_stage(chosen_states)
-        return self.results_stage(chosen_states)
 
     # Stage 1 ---------------------------------------------------------------------------------------------
     def parent_stage(self) -> None:
@@ -180,6 +194,8 @@ class Pipeline:
         rows = self._population_rows([])
         write_population(self.run_dir / "population.parquet", rows, self.family.log_columns,
                          [m.name for m in self.task.metrics])
+        if self.trackers is not None:
+            self.trackers.generations(self._tracked_generations())
         if self._first_generation:
             self._first_generation = False
             self.progress(f"[workers] evaluating {self._workers_where()}")
@@ -409,6 +425,41 @@ class Pipeline:
             self.progress(line)
         self.progress(f"[run] results in {self.run_dir} ({run_seconds():.0f}s)")
         return RunResult(self.run_dir, metrics, load_population(self.run_dir), [m.genome for m in members])
+
+    # Tracking --------------------------------------------------------------------------------------------
+    def _open_trackers(self) -> Trackers | None:
+        """The trackers ``tracking`` asks for (None: none), caught up with the generations already run."""
+        tracking = self.cfg.tracking
+        if not (tracking.mlflow or tracking.tensorboard):
+            return None
+        trackers = Trackers(tracking, self.run_dir, config_columns(used_config(self.cfg)))
+        trackers.generations(self._tracked_generations())
+        return trackers
+
+    def _tracked_generations(self) -> list[dict[str, float]]:
+        """Per generation run: its check (metrics.json's search.generations entry, numbers only) and its
+        candidates' best, median and worst fitness."""
+        higher = self.search.ranking.fitness_metric.higher_is_better
+        stats = []
+        for check in self.state.checks:
+            values = {f"search/{key}": value for key, value in numbers_in(
+                {k: v for k, v in check.items() if k not in ("generation", "candidate")}).items()}
+            fitness = sorted(r.fitness for r in self.search.records
+                             if r.generation == check["generation"] and not math.isnan(r.fitness))
+            if fitness:
+                best, worst = (fitness[-1], fitness[0]) if higher else (fitness[0], fitness[-1])
+                values.update({"population/fitness_best": best, "population/fitness_worst": worst,
+                               "population/fitness_median": statistics.median(fitness)})
+            stats.append(values)
+        return stats
+
+    def _tracked_artefacts(self) -> list[Path]:
+        """The report (written now, without the slow feature pictures), its plots, config and metrics."""
+        from ..report.run_report import write_report
+
+        report = write_report(self.run_dir, features=False, progress=lambda line: None)
+        return [report, *sorted(self.run_dir.glob("*.png")), self.run_dir / "config.yaml",
+                self.run_dir / "metrics.json"]
 
     # Helpers ---------------------------------------------------------------------------------------------
     def _chosen(self) -> list[CandidateRecord]:

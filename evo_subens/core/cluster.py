@@ -303,7 +303,10 @@ class HeadWatch(Watch):
                     self._give_up(f"lost the Ray cluster at {self.address}: its head has refused connections "
                                   f"for {self.lost_after:g} s")
                 continue
-            short = self._shortfall()
+            try:
+                short = self._shortfall()
+            except Exception:  # noqa: BLE001 - Ray busy or reconnecting: the next check asks again
+                continue
             short_since = None if not short else time.monotonic() if short_since is None else short_since
             if short and time.monotonic() - short_since >= self.short_after and not self.stopped.is_set():
                 self._give_up(f"the Ray cluster at {self.address} has lost nodes: for {self.short_after:g} s it has "

@@ -4,10 +4,12 @@ then ended so that Ray starts them again and retries their unfinished work.
 Ray restarts an actor whose process dies, but not one whose process is alive and silent (stopped with
 SIGSTOP, deadlocked, swapped out for good): a search would wait on it forever. Each actor has a second
 call slot (``max_concurrency=2``; the driver sends it one piece of work at a time), so a ping answers
-within milliseconds while the first slot works. An actor that leaves ``timeout`` seconds of pings
-unanswered, on a node Ray still counts as alive (a lost node's actors are Ray's to restart), is killed
-with ``ray.kill(no_restart=False)``: Ray restarts it, the new process fetches the payload again and the
-retried work gives the same results, since a candidate's score does not depend on the process.
+within milliseconds while the first slot works. An actor that has answered since it (re)started and then
+leaves ``timeout`` seconds of pings unanswered, on a node Ray still counts as alive (a lost node's actors
+are Ray's to restart), is killed with ``ray.kill(no_restart=False)``: Ray restarts it, the new process
+fetches the payload again and the retried work gives the same results, since a candidate's score does not
+depend on the process. An error in the watch itself is reported and the watch goes on: a watch that died
+would leave the search waiting on a stopped actor forever.
 """
 
 from __future__ import annotations
@@ -32,33 +34,48 @@ class StallWatch(Watch):
         super().__init__("evo-subens-stall-watch")
 
     def watch(self) -> None:
-        restarting: set[int] = set()  # ended, not yet answering again: not ended twice
+        answering: set[int] = set()  # actors that answered since they (re)started: only these are ended
         while not self.stopped.wait(self.interval):
-            actors = self.problem.actors
-            if not actors:
+            try:
+                self._check(answering)
+            except Exception as exc:  # noqa: BLE001 - a dead watch would leave a stopped actor waited on forever
+                self.progress(f"[workers] stall watch: {type(exc).__name__}: {exc}; checking again in "
+                              f"{self.interval:g} s")
+
+    def _check(self, answering: set[int]) -> None:
+        """Ping every actor; end those that answered before and now leave ``timeout`` seconds unanswered.
+
+        An actor that has not answered since it (re)started is still starting: importing torch and fetching
+        the payload can take longer than ``timeout`` on a loaded machine, and ending it then would only
+        start it again, so it is left to Ray until its first answer."""
+        actors = self.problem.actors
+        if not actors:
+            return
+        pings = {actor.call.remote("alive", [], {}): i for i, actor in enumerate(actors)}
+        silent = self._unanswered(list(pings))
+        if self.stopped.is_set():
+            return
+        answering |= {i for ping, i in pings.items() if ping not in silent}
+        live_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        for ping in silent:
+            i, node = pings[ping], self._node_of(pings[ping])
+            if i not in answering or (node is not None and node not in live_nodes):
                 continue
-            pings = {actor.call.remote("alive", [], {}): i for i, actor in enumerate(actors)}
-            silent = self._unanswered(list(pings))
-            if self.stopped.is_set():
-                return
-            restarting -= {i for ping, i in pings.items() if ping not in silent}
-            live_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-            for ping in silent:
-                i, node = pings[ping], self._node_of(pings[ping])
-                if i in restarting or (node is not None and node not in live_nodes):
-                    continue
-                restarting.add(i)
-                self.ended.append({"worker": i, "silent_s": self.timeout})
-                self.progress(f"[workers] actor-{i} has not answered for {self.timeout:g} s (stopped or stuck): "
-                              f"ending it, so that Ray starts it again and retries its unfinished work")
-                ray.kill(actors[i], no_restart=False)
+            answering.discard(i)
+            self.ended.append({"worker": i, "silent_s": self.timeout})
+            self.progress(f"[workers] actor-{i} has not answered for {self.timeout:g} s (stopped or stuck): "
+                          f"ending it, so that Ray starts it again and retries its unfinished work")
+            ray.kill(actors[i], no_restart=False)
 
     def _unanswered(self, pings: list) -> list:
         """The pings still unanswered after ``timeout`` seconds (or once the watch is stopped), waited for
         in slices of at most a second so that :meth:`stop` never waits for a whole timeout."""
         deadline = time.monotonic() + self.timeout
-        while pings and not self.stopped.is_set() and time.monotonic() < deadline:
-            _, pings = ray.wait(pings, num_returns=len(pings), timeout=min(1.0, deadline - time.monotonic()))
+        while pings and not self.stopped.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            _, pings = ray.wait(pings, num_returns=len(pings), timeout=min(1.0, left))
         return pings
 
     def _node_of(self, worker: int) -> str | None:

@@ -1,0 +1,97 @@
+"""The stall watch on its own, with small actors of the session's Ray: it ends an actor that answered and
+then went silent, leaves alone one that is still starting, and survives errors of its own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from evo_subens.core.stalls import StallWatch
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+class _Problem:
+    """What the watch reads of a SubnetworkProblem: its actors and the nodes they were seen on."""
+
+    def __init__(self, actors: list, fail_first: int = 0):
+        self._actors, self._nodes, self.fail_first = actors, {}, fail_first
+
+    @property
+    def actors(self) -> list:
+        if self.fail_first:
+            self.fail_first -= 1
+            raise RuntimeError("the actors are being replaced")
+        return self._actors
+
+
+def _starting_actor(ray, start_s: float):
+    @ray.remote(num_cpus=0, max_concurrency=2, max_restarts=-1, max_task_retries=-1)
+    class Starting:
+        def __init__(self, delay: float):
+            time.sleep(delay)  # importing torch and fetching a payload, on a loaded machine
+
+        def call(self, name: str, args: list, kwargs: dict) -> int:
+            return os.getpid()
+
+    return Starting.remote(start_s)
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return condition()
+
+
+def test_an_actor_still_starting_is_left_alone_and_a_stopped_one_is_ended(ray_session) -> None:
+    """Timeout 1 s: an actor whose start takes 3 s is not ended for its silence while it starts; once it
+    has answered, SIGSTOP makes it silent and the watch ends it (once), and Ray starts it again."""
+    ray = ray_session
+    actor = _starting_actor(ray, 3.0)
+    lines: list[str] = []
+    watch = StallWatch(_Problem([actor]), timeout=1.0, progress=lines.append, interval=0.3).start()
+    try:
+        pid = ray.get(actor.call.remote("alive", [], {}), timeout=60)
+        time.sleep(1.0)
+        assert watch.ended == [] and lines == []  # 3 s of silence while starting: not a stall
+        os.kill(pid, signal.SIGSTOP)
+        assert _wait_for(lambda: watch.ended, 10), lines
+        assert lines == ["[workers] actor-0 has not answered for 1 s (stopped or stuck): ending it, so that Ray "
+                         "starts it again and retries its unfinished work"]
+        assert ray.get(actor.call.remote("alive", [], {}), timeout=60) != pid  # a new process answers
+        assert len(watch.ended) == 1  # the new process's start was not taken for a stall
+    finally:
+        watch.stop()
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, UnboundLocalError):
+            pass
+        ray.kill(actor)
+
+
+def test_the_watch_reports_its_own_errors_and_goes_on(ray_session) -> None:
+    """An error inside a check (here: the actors being read while replaced) is one progress line, and the
+    next check runs: a watch that died would leave a stopped actor waited on forever."""
+    ray = ray_session
+    actor = _starting_actor(ray, 0.0)
+    lines: list[str] = []
+    problem = _Problem([actor], fail_first=1)
+    watch = StallWatch(problem, timeout=1.0, progress=lines.append, interval=0.2).start()
+    try:
+        pid = ray.get(actor.call.remote("alive", [], {}), timeout=60)
+        assert _wait_for(lambda: lines, 5)
+        assert lines == ["[workers] stall watch: RuntimeError: the actors are being replaced; checking again in "
+                         "0.2 s"]
+        os.kill(pid, signal.SIGSTOP)
+        assert _wait_for(lambda: watch.ended, 10), lines  # still watching
+    finally:
+        watch.stop()
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, UnboundLocalError):
+            pass
+        ray.kill(actor)

@@ -17,13 +17,8 @@ _END = None  # put on the queue at end of file
 
 
 class Lines:
-    """The lines of ``stream`` (a text pipe of a ``subprocess.Popen``), read as they arrive."""
-
-    def __init__(self, stream: IO[str]):
-        self.seen: list[str] = []  # every line handed out so far, in order
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._ended = False
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+    """The lines of ``stream`` (a text pipe of a ``subprocess.Popen``), read as they arrive; ``beside``: the
+    same process's other stream, whose output failure messages show too."""
 
     def _read(self, stream: IO[str]) -> None:
         try:
@@ -33,12 +28,32 @@ class Lines:
             pass
         self._queue.put(_END)
 
+    def __init__(self, stream: IO[str], beside: Lines | None = None):
+        self.seen: list[str] = []  # every line handed out so far, in order
+        self.beside = beside  # the process's other stream: its output goes into failure messages too
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._ended = False
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _failure(self, what: str) -> AssertionError:
+        text = f"{what}; the output so far:\n" + "".join(self.seen)[-3000:]
+        if self.beside is not None:
+            time.sleep(0.5)  # what the other stream's thread has yet to hand over
+            while True:
+                try:
+                    line = self.beside._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if line is not _END:
+                    self.beside.seen.append(line)
+            text += "\nand on the other stream:\n" + "".join(self.beside.seen)[-3000:]
+        return AssertionError(text)
+
     def _next(self, deadline: float, waiting_for: str) -> str | None:
         try:
             line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
-            raise AssertionError(f"{waiting_for}: nothing within the deadline; the output so far:\n"
-                                 + "".join(self.seen)[-3000:]) from None
+            raise self._failure(f"{waiting_for}: nothing within the deadline") from None
         if line is _END:
             self._ended = True
         else:
@@ -58,7 +73,7 @@ class Lines:
             line = self._next(deadline, f"waiting for a line starting with {prefix!r}")
             if line is not None and line.startswith(prefix):
                 return list(self.seen)
-        raise AssertionError(f"no line starting with {prefix!r} in:\n" + "".join(self.seen)[-3000:])
+        raise self._failure(f"no line starting with {prefix!r}")
 
     def rest(self, timeout: float = 300) -> str:
         """Everything read, up to the end of the stream (the process and every holder of its pipe gone)."""

@@ -149,7 +149,7 @@ def test_ctrl_c_says_where_the_run_stopped(folder: Path, cli_command: list[str])
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     errors = Lines(proc.stderr)
     try:
-        Lines(proc.stdout).until("[search] generation 1 (2 of 40)")
+        Lines(proc.stdout, beside=errors).until("[search] generation 1 (2 of 40)")
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
         err = errors.rest(timeout=30)

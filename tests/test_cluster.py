@@ -216,7 +216,8 @@ def test_lost_head_ends_the_driver_with_one_line(tmp_path: Path) -> None:
             f"HeadWatch('127.0.0.1:{port}', 'evo-subens resume runs/x', interval=0.2, lost_after=1.0).start(); "
             "print('watching', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = Lines(proc.stdout), Lines(proc.stderr)
+    err = Lines(proc.stderr)
+    out = Lines(proc.stdout, beside=err)
     try:
         out.until("watching", timeout=120)
         time.sleep(1.0)
@@ -432,7 +433,7 @@ def test_lost_head_stops_the_run_and_resume_finishes_it(cli_command, tmp_path: P
                                  "--address", cluster.address], env=dict(cluster.env, PYTHONUNBUFFERED="1"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         errors = Lines(proc.stderr)
-        Lines(proc.stdout).until("[search] generation 1 (2 of")
+        Lines(proc.stdout, beside=errors).until("[search] generation 1 (2 of")
         cluster.kill_head()
         killed = time.monotonic()
         assert proc.wait(timeout=60) == 3, errors.rest(timeout=30)[-3000:]
@@ -464,7 +465,8 @@ def _run_until_killed(command: list[str], env: dict, kill, started: list[subproc
     proc = subprocess.Popen(command, env=dict(env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     started.append(proc)
-    out, err = Lines(proc.stdout), Lines(proc.stderr)
+    err = Lines(proc.stderr)
+    out = Lines(proc.stdout, beside=err)
     out.until("[search] generation 1 (2 of")
     kill()
     return proc, out, err, time.monotonic()

@@ -43,7 +43,8 @@ def test_sigkilled_driver_leaves_no_ray_process(tmp_path: Path, tiny_yaml_text: 
     env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen([*cli_command, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, start_new_session=True)
-    out, err = Lines(proc.stdout), Lines(proc.stderr)
+    err = Lines(proc.stderr)
+    out = Lines(proc.stdout, beside=err)
     recorded: dict[int, int] = {}
     try:
         lines = out.until("[search] generation 1 (2 of")
@@ -144,7 +145,8 @@ def test_stopped_actor_is_replaced_and_its_work_redone(tmp_path: Path, tiny_yaml
     proc = subprocess.Popen([*cli_command, *args, "name=stopped", "workers.executor=ray", "workers.stall_timeout=3"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(env, PYTHONUNBUFFERED="1"), start_new_session=True)
-    out, err = Lines(proc.stdout), Lines(proc.stderr)
+    err = Lines(proc.stderr)
+    out = Lines(proc.stdout, beside=err)
     victim, recorded = None, {}
     try:
         lines = out.until("[search] generation 1 (2 of")

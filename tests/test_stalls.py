@@ -40,6 +40,17 @@ def _starting_actor(ray, start_s: float):
     return Starting.remote(start_s)
 
 
+def _clean_up(ray, watch: StallWatch, actor, pid: int | None) -> None:
+    """Stop the watch, and end the actor and its stopped process (if the test got that far)."""
+    watch.stop()
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    ray.kill(actor)
+
+
 def _wait_for(condition, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while not condition() and time.monotonic() < deadline:
@@ -53,7 +64,7 @@ def test_an_actor_still_starting_is_left_alone_and_a_stopped_one_is_ended(ray_se
     ray = ray_session
     actor = _starting_actor(ray, 3.0)
     lines: list[str] = []
-    watch = StallWatch(_Problem([actor]), timeout=1.0, progress=lines.append, interval=0.3).start()
+    watch, pid = StallWatch(_Problem([actor]), timeout=1.0, progress=lines.append, interval=0.3).start(), None
     try:
         pid = ray.get(actor.call.remote("alive", [], {}), timeout=60)
         time.sleep(1.0)
@@ -65,12 +76,7 @@ def test_an_actor_still_starting_is_left_alone_and_a_stopped_one_is_ended(ray_se
         assert ray.get(actor.call.remote("alive", [], {}), timeout=60) != pid  # a new process answers
         assert len(watch.ended) == 1  # the new process's start was not taken for a stall
     finally:
-        watch.stop()
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (OSError, UnboundLocalError):
-            pass
-        ray.kill(actor)
+        _clean_up(ray, watch, actor, pid)
 
 
 def test_the_watch_reports_its_own_errors_and_goes_on(ray_session) -> None:
@@ -80,7 +86,7 @@ def test_the_watch_reports_its_own_errors_and_goes_on(ray_session) -> None:
     actor = _starting_actor(ray, 0.0)
     lines: list[str] = []
     problem = _Problem([actor], fail_first=1)
-    watch = StallWatch(problem, timeout=1.0, progress=lines.append, interval=0.2).start()
+    watch, pid = StallWatch(problem, timeout=1.0, progress=lines.append, interval=0.2).start(), None
     try:
         pid = ray.get(actor.call.remote("alive", [], {}), timeout=60)
         assert _wait_for(lambda: lines, 5)
@@ -89,9 +95,4 @@ def test_the_watch_reports_its_own_errors_and_goes_on(ray_session) -> None:
         os.kill(pid, signal.SIGSTOP)
         assert _wait_for(lambda: watch.ended, 10), lines  # still watching
     finally:
-        watch.stop()
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (OSError, UnboundLocalError):
-            pass
-        ray.kill(actor)
+        _clean_up(ray, watch, actor, pid)

@@ -453,6 +453,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    return config_from_dict(read_config_dict(path, overrides))
+
+
+def read_config_dict(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """The sections a YAML config file holds (none when ``path`` is None), ``key=value`` overrides applied:
+    what :func:`load_config` validates, before any default is filled in."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -476,7 +482,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigFileError(f"config file {path} holds {kind.get(type(data), type(data).__name__)}; "
                                   f"expected a mapping of sections (e.g. 'search: {{population: 16}}')")
     apply_overrides(data, overrides or [])
-    return config_from_dict(data)
+    return data
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -34,7 +35,7 @@ from .progress import Steps, after_generations, generation_name, run_seconds
 from .rundir import used_config, write_json, write_population, write_state
 from .pool import EnsemblePool
 from .stalls import StallWatch
-from .tracking import Trackers, numbers_in
+from .tracking import Tracker, Trackers, numbers_in
 from .search import REFERENCE_GENERATION, ROOT_CANDIDATE, CandidateRecord, SubnetworkSearch
 from .state import RunResult, RunState
 from .worker import numerics, parent_fingerprint
@@ -44,8 +45,9 @@ class Pipeline:
     """The stages of one subnetwork run, sharing the run's parent, workers and search."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, task: Task, parent: torch.nn.Module,
-                 state: RunState | None, progress: Progress):
+                 state: RunState | None, progress: Progress, trackers: Sequence[Tracker] = ()):
         self.cfg, self.run_dir, self.task, self.parent, self.progress = cfg, run_dir, task, parent, progress
+        self.extra_trackers = list(trackers)
         self.state = state
         self.family = make_family(cfg.children)
         self.starts: dict[int, dict] = {}  # weights of trained children fetched while their workers are up
@@ -430,9 +432,9 @@ class Pipeline:
     def _open_trackers(self) -> Trackers | None:
         """The trackers ``tracking`` asks for (None: none), caught up with the generations already run."""
         tracking = self.cfg.tracking
-        if not (tracking.mlflow or tracking.tensorboard):
+        if not (tracking.mlflow or tracking.tensorboard or self.extra_trackers):
             return None
-        trackers = Trackers(tracking, self.run_dir, config_columns(used_config(self.cfg)))
+        trackers = Trackers(tracking, self.run_dir, config_columns(used_config(self.cfg)), self.extra_trackers)
         trackers.generations(self._tracked_generations())
         return trackers
 

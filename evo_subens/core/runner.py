@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -32,6 +33,7 @@ from .problem import prepare_workers
 from .progress import after_generations, say, start_run_clock
 from .rundir import create_run_dir, remove_stale_temp_files, write_run_config
 from .state import RunResult, RunState
+from .tracking import Tracker
 from .worker import torch_threads
 
 __all__ = ["RunResult", "grow", "resume", "run"]
@@ -64,21 +66,25 @@ def _new_run_dir(cfg: RunConfig, config_name: str, task: Task) -> Path:
 
 
 def run(config: RunConfig | dict | str | Path, overrides: list[str] | None = None, *, data: object = None,
-        progress: Progress = say) -> RunResult:
+        progress: Progress = say, trackers: Sequence[Tracker] = ()) -> RunResult:
     """Run a whole search from a :class:`RunConfig`, a nested dict or a YAML path, plus ``key=value``
     overrides (not applied to a ready :class:`RunConfig`).
 
     ``data``: the data in memory instead of the config's ``data.name`` / ``data.path``: ``(x, y)``,
     ``(x, y, x_test, y_test)``, a dict of those keys (numpy arrays, tensors or lists), a torch ``Dataset`` of
     (input, label) pairs or ``(train, test)`` Datasets. It is saved into the run directory (``data.npz``),
-    so report, resume, grow and ``load_ensemble`` work as for data read from files."""
+    so report, resume, grow and ``load_ensemble`` work as for data read from files.
+
+    ``trackers``: more places each generation's statistics and the final metrics go, beside those the
+    ``tracking`` section turns on (e.g. :func:`evo_subens.tune.trainable`'s reports to Ray Tune)."""
     start_run_clock()
     cfg, config_name = _load_config_arg(config, overrides)
     with torch_threads(cfg.workers.driver_threads):
-        return _run(cfg, config_name, data, progress)
+        return _run(cfg, config_name, data, progress, trackers)
 
 
-def _run(cfg: RunConfig, config_name: str, data: object, progress: Progress) -> RunResult:
+def _run(cfg: RunConfig, config_name: str, data: object, progress: Progress,
+         trackers: Sequence[Tracker]) -> RunResult:
     check_before_run(cfg)
     task = make_task(cfg, progress)
     task.load(data)
@@ -88,10 +94,11 @@ def _run(cfg: RunConfig, config_name: str, data: object, progress: Progress) -> 
     parent = _build_parent(cfg, task)
     prepare_workers(cfg.workers, progress)  # Ray up and the actors placeable before training or the run dir
     run_dir = _new_run_dir(cfg, config_name, task)
-    return Pipeline(cfg, run_dir, task, parent, None, progress).run()
+    return Pipeline(cfg, run_dir, task, parent, None, progress, trackers).run()
 
 
-def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress: Progress = say) -> RunResult:
+def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress: Progress = say,
+           trackers: Sequence[Tracker] = ()) -> RunResult:
     """Go on with ``run_dir`` from its newest usable checkpoint.
 
     Compatible overrides: ``search.generations`` (to extend a search) and ``workers.*`` (actors, GPUs,
@@ -107,10 +114,10 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress:
     check_resume_compatible(config_to_dict(config_from_dict(saved)), config_to_dict(cfg), run_dir)
     check_address(cfg.workers)
     with torch_threads(cfg.workers.driver_threads):
-        return _resume(run_dir, cfg, saved, progress)
+        return _resume(run_dir, cfg, saved, progress, trackers)
 
 
-def _resume(run_dir: Path, cfg: RunConfig, saved: dict, progress: Progress) -> RunResult:
+def _resume(run_dir: Path, cfg: RunConfig, saved: dict, progress: Progress, trackers: Sequence[Tracker]) -> RunResult:
     task = make_task(cfg, progress)
     if cfg.method != "subnetworks":  # baselines keep no checkpoints; run again, they give the same result
         task.load()
@@ -131,7 +138,7 @@ def _resume(run_dir: Path, cfg: RunConfig, saved: dict, progress: Progress) -> R
         progress(f"[resume] removed {path.name}, left by an interrupted write")
     if cfg != config_from_dict(saved):
         write_run_config(run_dir, cfg)
-    return Pipeline(cfg, run_dir, task, parent, state, progress).run()
+    return Pipeline(cfg, run_dir, task, parent, state, progress, trackers).run()
 
 
 def _extension_note(cfg: RunConfig, search: dict, run_dir: Path) -> str:

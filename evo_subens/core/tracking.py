@@ -18,7 +18,7 @@ import json
 import math
 import numbers
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import UserError
 from .config import TrackingConfig
@@ -120,11 +120,11 @@ class TensorBoardTracker(Tracker):
 class Trackers:
     """The trackers ``tracking`` turns on for one run directory, with what they have been sent."""
 
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, params: dict[str, Any]):
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, params: dict[str, Any], extra: Sequence[Tracker] = ()):
         self.run_dir = Path(run_dir)
         state = self._read_state()
         self.sent = int(state.get("generations_sent", 0))
-        self.trackers: list[Tracker] = []
+        self.trackers: list[Tracker] = list(extra)
         if cfg.mlflow:
             mlflow = MlflowTracker(cfg, self.run_dir.parent, self.run_dir.name, params, state.get("mlflow_run_id"))
             self.trackers.append(mlflow)

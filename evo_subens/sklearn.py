@@ -8,11 +8,13 @@ searched and the best joined into an ensemble, which ``predict_proba`` averages.
     >>> GridSearchCV(clf, {"children__sigma": [0.25, 0.5]}, cv=3).fit(X, y).best_params_
 
 Each section of a run's config (``data``, ``model``, ``parent``, ``children``, ``search``, ``finetune``,
-``ensemble``, ``workers``) is a constructor parameter holding that section's fields as a dict, exactly as
-in a YAML config; fields left out keep the engine's defaults. ``section__field`` names one field, as
-scikit-learn names nested parameters, in ``set_params`` and in grids (``children__sigma``,
+``ensemble``, ``workers``, ``tracking``) is a constructor parameter holding that section's fields as a
+dict, exactly as in a YAML config; fields left out keep the engine's defaults. ``section__field`` names
+one field, as scikit-learn names nested parameters, in ``set_params`` and in grids (``children__sigma``,
 ``model__kwargs__hidden``). The model defaults to the registry's ``mlp`` and the evaluation to this process
 (``workers={"executor": "ray"}`` evaluates in Ray actors, on a cluster with ``workers.address``).
+``tracking`` logs each fit as a run of its own; it needs ``output_dir`` (or ``tracking.mlflow_uri`` for
+MLflow), since the run directory is otherwise temporary.
 
 ``fit`` trains on all of ``X``: the engine's validation split (``data.validation_size``) is carved from it
 for the search, and no test split is held out (the run's own test metrics are on ``X``; score on data of
@@ -35,7 +37,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .errors import UserError
 
-SECTIONS = ("data", "model", "parent", "children", "search", "finetune", "ensemble", "workers")
+SECTIONS = ("data", "model", "parent", "children", "search", "finetune", "ensemble", "workers", "tracking")
 
 
 class SubnetworkEnsembleClassifier(ClassifierMixin, BaseEstimator):
@@ -53,8 +55,8 @@ class SubnetworkEnsembleClassifier(ClassifierMixin, BaseEstimator):
 
     def __init__(self, data: dict | None = None, model: dict | None = None, parent: dict | None = None,
                  children: dict | None = None, search: dict | None = None, finetune: dict | None = None,
-                 ensemble: dict | None = None, workers: dict | None = None, seed: int = 0,
-                 output_dir: str | None = None, verbose: bool = False):
+                 ensemble: dict | None = None, workers: dict | None = None, tracking: dict | None = None,
+                 seed: int = 0, output_dir: str | None = None, verbose: bool = False):
         self.data = data
         self.model = model
         self.parent = parent
@@ -63,6 +65,7 @@ class SubnetworkEnsembleClassifier(ClassifierMixin, BaseEstimator):
         self.finetune = finetune
         self.ensemble = ensemble
         self.workers = workers
+        self.tracking = tracking
         self.seed = seed
         self.output_dir = output_dir
         self.verbose = verbose
@@ -140,6 +143,12 @@ class SubnetworkEnsembleClassifier(ClassifierMixin, BaseEstimator):
                 raise ValueError(f"{type(self).__name__}({section}=...): expected a dict of the config's "
                                  f"{section} fields or None, got {getattr(self, section)!r}")
         config = {section: copy.deepcopy(getattr(self, section) or {}) for section in SECTIONS}
+        tracking = config["tracking"]
+        if self.output_dir is None and (tracking.get("tensorboard") or
+                                        (tracking.get("mlflow") and not tracking.get("mlflow_uri"))):
+            raise ValueError(f"{type(self).__name__}: tracking writes into the run directory (TensorBoard) or "
+                             f"beside it (MLflow's default store), which is temporary without output_dir: set "
+                             f"output_dir, or tracking.mlflow_uri for MLflow")
         config["model"] = {"name": "mlp", **config["model"]}
         config["workers"] = {"executor": "local", **config["workers"]}
         config["parent"] = {"check_learned": False, **config["parent"]}

@@ -87,5 +87,7 @@ def test_bad_parameters_are_value_errors() -> None:
         SubnetworkEnsembleClassifier(children=0.5).fit(x, y)
     with pytest.raises(ValueError, match="children.sigmaa"):
         SubnetworkEnsembleClassifier(children={"sigmaa": 0.5}).fit(x, y)
+    with pytest.raises(ValueError, match="tracking writes into the run directory"):
+        SubnetworkEnsembleClassifier(tracking={"tensorboard": True}).fit(x, y)
     with pytest.raises(ValueError, match="'colour' is not a config section"):
         SubnetworkEnsembleClassifier().set_params(colour__red=1)

@@ -363,7 +363,7 @@ def test_load_runs_flattens_configs(tmp_path: Path) -> None:
     assert (runs["search.population"] == 8).all()
     # Only the fields a classification run reads: no rl sections, no baseline's; all of them on request.
     sections = {column.split(".")[0] for column in runs.columns if "." in column}
-    assert sections == {"data", "model", "parent", "children", "search", "workers", "finetune", "ensemble"}
+    assert sections == {"data", "model", "parent", "children", "search", "workers", "finetune", "ensemble", "tracking"}
     assert {"env.id", "ppo.lr", "policy.name", "baseline.members"} <= set(evo_subens.load_runs(tmp_path,
                                                                                              all_columns=True))
     # An rl run reads the other task's sections; baselines read theirs.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -29,13 +28,13 @@ from .cluster import LOCAL_NODE, watch_head
 from .config import RunConfig, config_to_dict
 from .divergence import TieWarning, report_divergence
 from .faults import crash_point
-from .logs import config_columns, load_population
+from .logs import load_population
 from .problem import LOCAL_WORKER, make_problem
 from .progress import Steps, after_generations, generation_name, run_seconds
-from .rundir import used_config, write_json, write_population, write_state
+from .rundir import write_json, write_population, write_state
 from .pool import EnsemblePool
 from .stalls import StallWatch
-from .tracking import Tracker, Trackers, numbers_in
+from .tracking import Tracker, Trackers, generation_stats, report_artefacts
 from .search import REFERENCE_GENERATION, ROOT_CANDIDATE, CandidateRecord, SubnetworkSearch
 from .state import RunResult, RunState
 from .worker import numerics, parent_fingerprint
@@ -60,14 +59,14 @@ class Pipeline:
         self.progress(self.task.describe_data())
         self.parent_stage()
         self.start_search()
-        self.trackers = self._open_trackers()
+        self.trackers = Trackers.open(self.cfg, self.run_dir, self.extra_trackers, self._tracked_generations)
         try:
             self._search_and_tune()
             chosen_states = self.stored_members()
             self.accept_stage(chosen_states)
             result = self.results_stage(chosen_states)
             if self.trackers is not None:
-                self.trackers.finish(result.metrics, self._tracked_artefacts())
+                self.trackers.finish(result.metrics, report_artefacts(self.run_dir))
             return result
         finally:
             if self.trackers is not None:
@@ -428,40 +427,9 @@ class Pipeline:
         self.progress(f"[run] results in {self.run_dir} ({run_seconds():.0f}s)")
         return RunResult(self.run_dir, metrics, load_population(self.run_dir), [m.genome for m in members])
 
-    # Tracking --------------------------------------------------------------------------------------------
-    def _open_trackers(self) -> Trackers | None:
-        """The trackers ``tracking`` asks for (None: none), caught up with the generations already run."""
-        tracking = self.cfg.tracking
-        if not (tracking.mlflow or tracking.tensorboard or self.extra_trackers):
-            return None
-        trackers = Trackers(tracking, self.run_dir, config_columns(used_config(self.cfg)), self.extra_trackers)
-        trackers.generations(self._tracked_generations())
-        return trackers
-
     def _tracked_generations(self) -> list[dict[str, float]]:
-        """Per generation run: its check (metrics.json's search.generations entry, numbers only) and its
-        candidates' best, median and worst fitness."""
-        higher = self.search.ranking.fitness_metric.higher_is_better
-        stats = []
-        for check in self.state.checks:
-            values = {f"search/{key}": value for key, value in numbers_in(
-                {k: v for k, v in check.items() if k not in ("generation", "candidate")}).items()}
-            fitness = sorted(r.fitness for r in self.search.records
-                             if r.generation == check["generation"] and not math.isnan(r.fitness))
-            if fitness:
-                best, worst = (fitness[-1], fitness[0]) if higher else (fitness[0], fitness[-1])
-                values.update({"population/fitness_best": best, "population/fitness_worst": worst,
-                               "population/fitness_median": statistics.median(fitness)})
-            stats.append(values)
-        return stats
-
-    def _tracked_artefacts(self) -> list[Path]:
-        """The report (written now, without the slow feature pictures), its plots, config and metrics."""
-        from ..report.run_report import write_report
-
-        report = write_report(self.run_dir, features=False, progress=lambda line: None)
-        return [report, *sorted(self.run_dir.glob("*.png")), self.run_dir / "config.yaml",
-                self.run_dir / "metrics.json"]
+        return generation_stats(self.state.checks, self.search.records,
+                                self.search.ranking.fitness_metric.higher_is_better)
 
     # Helpers ---------------------------------------------------------------------------------------------
     def _chosen(self) -> list[CandidateRecord]:

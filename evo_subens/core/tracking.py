@@ -17,12 +17,17 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import statistics
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..errors import UserError
-from .config import TrackingConfig
-from .rundir import write_json
+from .logs import config_columns
+from .rundir import used_config, write_json
+from .tracking_config import TrackingConfig
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 STATE_FILE = "tracking.json"
 TENSORBOARD_DIR = "tensorboard"
@@ -117,8 +122,42 @@ class TensorBoardTracker(Tracker):
         self.writer.close()
 
 
+def generation_stats(checks: list[dict], records: Sequence, higher_is_better: bool) -> list[dict[str, float]]:
+    """Per generation run: its check (metrics.json's ``search.generations`` entry, numbers only) as
+    ``search/*`` and its candidates' best, median and worst fitness as ``population/fitness_*``."""
+    stats = []
+    for check in checks:
+        values = {f"search/{key}": value for key, value in numbers_in(
+            {k: v for k, v in check.items() if k not in ("generation", "candidate")}).items()}
+        fitness = sorted(r.fitness for r in records if r.generation == check["generation"] and not math.isnan(r.fitness))
+        if fitness:
+            best, worst = (fitness[-1], fitness[0]) if higher_is_better else (fitness[0], fitness[-1])
+            values.update({"population/fitness_best": best, "population/fitness_worst": worst,
+                           "population/fitness_median": statistics.median(fitness)})
+        stats.append(values)
+    return stats
+
+
+def report_artefacts(run_dir: Path) -> list[Path]:
+    """The run's report (written now, without the slow feature pictures), its plots, config and metrics."""
+    from ..report.run_report import write_report
+
+    report = write_report(run_dir, features=False, progress=lambda line: None)
+    return [report, *sorted(run_dir.glob("*.png")), run_dir / "config.yaml", run_dir / "metrics.json"]
+
+
 class Trackers:
     """The trackers ``tracking`` turns on for one run directory, with what they have been sent."""
+
+    @classmethod
+    def open(cls, cfg: RunConfig, run_dir: Path, extra: Sequence[Tracker],
+             generations: Callable[[], list[dict[str, float]]]) -> Trackers | None:
+        """The trackers of ``cfg.tracking`` and ``extra`` (None: none), sent the generations already run."""
+        if not (cfg.tracking.mlflow or cfg.tracking.tensorboard or extra):
+            return None
+        trackers = cls(cfg.tracking, run_dir, config_columns(used_config(cfg)), extra)
+        trackers.generations(generations())
+        return trackers
 
     def __init__(self, cfg: TrackingConfig, run_dir: Path, params: dict[str, Any], extra: Sequence[Tracker] = ()):
         self.run_dir = Path(run_dir)

@@ -67,7 +67,7 @@ def test_an_actor_still_starting_is_left_alone_and_a_stopped_one_is_ended(ray_se
     watch, pid = StallWatch(_Problem([actor]), timeout=1.0, progress=lines.append, interval=0.3).start(), None
     try:
         pid = ray.get(actor.call.remote("alive", [], {}), timeout=60)
-        time.sleep(1.0)
+        assert _wait_for(lambda: 0 in watch.answering, 10)
         assert watch.ended == [] and lines == []  # 3 s of silence while starting: not a stall
         os.kill(pid, signal.SIGSTOP)
         assert _wait_for(lambda: watch.ended, 10), lines
@@ -89,7 +89,7 @@ def test_the_watch_reports_its_own_errors_and_goes_on(ray_session) -> None:
     watch, pid = StallWatch(problem, timeout=1.0, progress=lines.append, interval=0.2).start(), None
     try:
         pid = ray.get(actor.call.remote("alive", [], {}), timeout=60)
-        assert _wait_for(lambda: lines, 5)
+        assert _wait_for(lambda: 0 in watch.answering, 10)  # pinged after the failed check
         assert lines == ["[workers] stall watch: RuntimeError: the actors are being replaced; checking again in "
                          "0.2 s"]
         os.kill(pid, signal.SIGSTOP)

@@ -31,13 +31,13 @@ class StallWatch(Watch):
         self.problem, self.timeout, self.progress = problem, timeout, progress
         self.interval = interval if interval is not None else min(5.0, timeout / 2)
         self.ended: list[dict] = []  # {"worker": i, "silent_s": timeout} per actor ended
+        self.answering: set[int] = set()  # actors that answered since they (re)started: only these are ended
         super().__init__("evo-subens-stall-watch")
 
     def watch(self) -> None:
-        answering: set[int] = set()  # actors that answered since they (re)started: only these are ended
         while not self.stopped.wait(self.interval):
             try:
-                self._check(answering)
+                self._check(self.answering)
             except Exception as exc:  # noqa: BLE001 - a dead watch would leave a stopped actor waited on forever
                 self.progress(f"[workers] stall watch: {type(exc).__name__}: {exc}; checking again in "
                               f"{self.interval:g} s")

@@ -178,6 +178,21 @@ def _cluster_processes(temp_dir: str) -> list[int]:
             if entry.name.isdigit() and int(entry.name) != os.getpid() and mentions(int(entry.name), folder)]
 
 
+def _node_processes(temp_dir: str) -> set[int]:
+    """The cluster's own long-lived processes (GCS, raylets, dashboard, log monitors, agents), leaving out
+    its worker processes, which Ray itself starts and ends as jobs come and go."""
+    names = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "Agent")
+    found = set()
+    for pid in _cluster_processes(temp_dir):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if any(name in command for name in names) and "default_worker" not in command:
+            found.add(pid)
+    return found
+
+
 def _stop_cluster(temp_dir: str) -> None:
     """Stop this cluster only (``ray stop`` would stop every Ray on the machine)."""
     for sig, pause in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 1.0)):
@@ -403,7 +418,7 @@ def test_search_runs_on_both_nodes(cluster: Cluster, cli_command, tmp_path: Path
     # workers.num_actors left out: one actor per CPU of the cluster (2 nodes x 2 CPUs)
     assert re.search(r"\[workers\] evaluating 4 Ray actors on cpu, node \S+ \(4\)", done.stdout), done.stdout
     # A driver that joined the cluster and is SIGKILLed mid-search takes none of the cluster's processes along.
-    before = set(_cluster_processes(cluster.temp_dir))
+    before = _node_processes(cluster.temp_dir)
     proc = subprocess.Popen([*command, "name=killed", "search.generations=200"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=dict(cluster.env, PYTHONUNBUFFERED="1"))
     try:
@@ -412,7 +427,7 @@ def test_search_runs_on_both_nodes(cluster: Cluster, cli_command, tmp_path: Path
         proc.kill()
         proc.wait(timeout=30)
     time.sleep(5)  # longer than a reaper takes to end what it recorded
-    assert before <= set(_cluster_processes(cluster.temp_dir))
+    assert before and before <= _node_processes(cluster.temp_dir)
     assert len(cluster.node_ids()) == 2
 
 

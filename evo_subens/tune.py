@@ -100,7 +100,7 @@ def trainable(config: dict | str | Path, overrides: list[str] | None = None) -> 
         trial_dir = Path(tune.get_context().get_trial_dir())
         run_dir = trial_dir / RUN_NAME
         reporter = TuneReporter()
-        quiet = lambda line: None  # noqa: E731 - Tune shows the reported metrics; the run's lines are in its folder
+        quiet = lambda line: None  # noqa: E731 - Tune shows the reported statistics; results are in run_dir
         if (run_dir / "config.yaml").is_file():  # a retried trial: go on from its checkpoint
             resume(run_dir, progress=quiet, trackers=[reporter])
             return

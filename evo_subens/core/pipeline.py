@@ -196,7 +196,7 @@ class Pipeline:
         write_population(self.run_dir / "population.parquet", rows, self.family.log_columns,
                          [m.name for m in self.task.metrics])
         if self.trackers is not None:
-            self.trackers.generations(self._tracked_generations())
+            self.trackers.generations(self._tracked_generations)
         if self._first_generation:
             self._first_generation = False
             self.progress(f"[workers] evaluating {self._workers_where()}")
@@ -427,8 +427,9 @@ class Pipeline:
         self.progress(f"[run] results in {self.run_dir} ({run_seconds():.0f}s)")
         return RunResult(self.run_dir, metrics, load_population(self.run_dir), [m.genome for m in members])
 
-    def _tracked_generations(self) -> list[dict[str, float]]:
-        return generation_stats(self.state.checks, self.search.records,
+    def _tracked_generations(self, first: int) -> list[dict[str, float]]:
+        """The trackers' statistics of generations ``first`` on."""
+        return generation_stats(self.state.checks[first:], self.search.records,
                                 self.search.ranking.fitness_metric.higher_is_better)
 
     # Helpers ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..errors import UserError
-from .logs import config_columns
+from .logs import config_columns, flatten_config
 from .rundir import used_config, write_json
 from .tracking_config import TrackingConfig
 
@@ -33,15 +33,10 @@ STATE_FILE = "tracking.json"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def numbers_in(data: Any, prefix: str = "") -> dict[str, float]:
-    """Every finite number in nested dicts, keyed by its path (``ensemble.nll``); lists are left out."""
-    found = {}
-    if isinstance(data, dict):
-        for key, value in data.items():
-            found.update(numbers_in(value, f"{prefix}{key}."))
-    elif isinstance(data, numbers.Real) and not isinstance(data, bool) and math.isfinite(data):
-        found[prefix[:-1]] = float(data)
-    return found
+def numbers_in(data: dict) -> dict[str, float]:
+    """Every finite number in nested dicts, keyed by its dotted path (``ensemble.nll``); lists are left out."""
+    return {key: float(value) for key, value in flatten_config(data).items()
+            if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)}
 
 
 class Tracker:
@@ -151,12 +146,12 @@ class Trackers:
 
     @classmethod
     def open(cls, cfg: RunConfig, run_dir: Path, extra: Sequence[Tracker],
-             generations: Callable[[], list[dict[str, float]]]) -> Trackers | None:
+             generations: Callable[[int], list[dict[str, float]]]) -> Trackers | None:
         """The trackers of ``cfg.tracking`` and ``extra`` (None: none), sent the generations already run."""
         if not (cfg.tracking.mlflow or cfg.tracking.tensorboard or extra):
             return None
         trackers = cls(cfg.tracking, run_dir, config_columns(used_config(cfg)), extra)
-        trackers.generations(generations())
+        trackers.generations(generations)
         return trackers
 
     def __init__(self, cfg: TrackingConfig, run_dir: Path, params: dict[str, Any], extra: Sequence[Tracker] = ()):
@@ -185,12 +180,13 @@ class Trackers:
     def _save(self) -> None:
         write_json(self.run_dir / STATE_FILE, dict(self.state, generations_sent=self.sent))
 
-    def generations(self, stats: list[dict[str, float]]) -> None:
-        """Send the statistics of every generation so far (one dict per generation) not sent before."""
-        for step in range(self.sent, len(stats)):
+    def generations(self, stats_from: Callable[[int], list[dict[str, float]]]) -> None:
+        """Send the generations not sent before: ``stats_from(first)`` gives the statistics of generations
+        ``first``, ``first + 1``, ... (one dict each), so those sent are not computed again."""
+        for values in stats_from(self.sent):
             for tracker in self.trackers:
-                tracker.generation(step, stats[step])
-            self.sent = step + 1
+                tracker.generation(self.sent, values)
+            self.sent += 1
             self._save()
 
     def finish(self, metrics: dict, artefacts: list[Path]) -> None:

@@ -129,10 +129,6 @@ def test_unplaceable_actors_stop_the_run_before_training(tmp_path: Path, tiny_ya
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
-@pytest.mark.xfail(strict=False, reason="known defect: in 1 of 4 clean-clone suite runs the SIGSTOPped actor was "
-                                        "never ended (no stall line, no watch error) and the run waited until "
-                                        "this test's 300 s bound; cause not found yet (tests/test_stalls.py covers "
-                                        "the watch itself)")
 def test_stopped_actor_is_replaced_and_its_work_redone(tmp_path: Path, tiny_yaml_text: str,
                                                        cli_command: list[str]) -> None:
     """SIGSTOP one evaluation actor mid-search: within workers.stall_timeout (+ a ping interval) the run says

@@ -96,3 +96,26 @@ def test_the_watch_reports_its_own_errors_and_goes_on(ray_session) -> None:
         assert _wait_for(lambda: watch.ended, 10), lines  # still watching
     finally:
         _clean_up(ray, watch, actor, pid)
+
+
+def test_an_actor_stopped_before_its_first_ping_is_ended_once_its_results_were_read(ray_session) -> None:
+    """An actor can start, return a generation's scores and be stopped before the watch's first ping reaches
+    it: the scores the driver read (its node recorded under its pid) count as an answer, so it is ended,
+    not taken for one still starting and waited on forever."""
+    ray = ray_session
+    actor = _starting_actor(ray, 0.0)
+    lines: list[str] = []
+    problem, watch, pid = _Problem([actor]), None, None
+    try:
+        pid = ray.get(actor.call.remote("node_id", [], {}), timeout=60)
+        # as SubnetworkProblem.worker_node records the node of a process whose results the driver read
+        problem._nodes[(0, pid)] = (ray.get_runtime_context().get_node_id(), "127.0.0.1")
+        os.kill(pid, signal.SIGSTOP)
+        watch = StallWatch(problem, timeout=1.0, progress=lines.append, interval=0.3).start()
+        assert _wait_for(lambda: watch.ended, 10), lines
+        assert ray.get(actor.call.remote("alive", [], {}), timeout=60) != pid  # a new process answers
+        time.sleep(2.0)  # several timeouts: the ended process's record does not make the new one a target
+        assert len(watch.ended) == 1, lines
+    finally:
+        if watch is not None:
+            _clean_up(ray, watch, actor, pid)

@@ -4,8 +4,8 @@ then ended so that Ray starts them again and retries their unfinished work.
 Ray restarts an actor whose process dies, but not one whose process is alive and silent (stopped with
 SIGSTOP, deadlocked, swapped out for good): a search would wait on it forever. Each actor has a second
 call slot (``max_concurrency=2``; the driver sends it one piece of work at a time), so a ping answers
-within milliseconds while the first slot works. An actor that has answered since it (re)started and then
-leaves ``timeout`` seconds of pings unanswered, on a node Ray still counts as alive (a lost node's actors
+within milliseconds while the first slot works. An actor the driver has heard from since it (re)started (a
+ping answered, or evaluation results it returned) that then leaves ``timeout`` seconds of pings unanswered, on a node Ray still counts as alive (a lost node's actors
 are Ray's to restart), is killed with ``ray.kill(no_restart=False)``: Ray restarts it, the new process
 fetches the payload again and the retried work gives the same results, since a candidate's score does not
 depend on the process. An error in the watch itself is reported and the watch goes on: a watch that died
@@ -31,7 +31,9 @@ class StallWatch(Watch):
         self.problem, self.timeout, self.progress = problem, timeout, progress
         self.interval = interval if interval is not None else min(5.0, timeout / 2)
         self.ended: list[dict] = []  # {"worker": i, "silent_s": timeout} per actor ended
-        self.answering: set[int] = set()  # actors that answered since they (re)started: only these are ended
+        # actor index -> the pid of its process the driver heard from since it (re)started: only these are ended
+        self.answering: dict[int, int] = {}
+        self._ended_processes: set[tuple[int, int]] = set()  # (actor index, pid) of each process ended
         super().__init__("evo-subens-stall-watch")
 
     def watch(self) -> None:
@@ -42,12 +44,13 @@ class StallWatch(Watch):
                 self.progress(f"[workers] stall watch: {type(exc).__name__}: {exc}; checking again in "
                               f"{self.interval:g} s")
 
-    def _check(self, answering: set[int]) -> None:
-        """Ping every actor; end those that answered before and now leave ``timeout`` seconds unanswered.
+    def _check(self, answering: dict[int, int]) -> None:
+        """Ping every actor; end those heard from before that now leave ``timeout`` seconds unanswered.
 
-        An actor that has not answered since it (re)started is still starting: importing torch and fetching
-        the payload can take longer than ``timeout`` on a loaded machine, and ending it then would only
-        start it again, so it is left to Ray until its first answer."""
+        An actor not heard from since it (re)started is still starting: importing torch and fetching the
+        payload can take longer than ``timeout`` on a loaded machine, and ending it then would only start it
+        again, so it is left to Ray until it answers. Evaluation results count as an answer: an actor can
+        start, score a generation and be stopped between two pings, and would otherwise never be ended."""
         actors = self.problem.actors
         if not actors:
             return
@@ -55,13 +58,17 @@ class StallWatch(Watch):
         silent = self._unanswered(list(pings))
         if self.stopped.is_set():
             return
-        answering |= {i for ping, i in pings.items() if ping not in silent}
+        answered = [ping for ping in pings if ping not in silent]
+        answering.update({pings[ping]: pid for ping, pid in zip(answered, ray.get(answered))})
+        for worker, pid in list(self.problem._nodes):  # processes whose results the driver has read
+            if (worker, pid) not in self._ended_processes:
+                answering.setdefault(worker, pid)
         live_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
         for ping in silent:
             i, node = pings[ping], self._node_of(pings[ping])
             if i not in answering or (node is not None and node not in live_nodes):
                 continue
-            answering.discard(i)
+            self._ended_processes.add((i, answering.pop(i)))
             self.ended.append({"worker": i, "silent_s": self.timeout})
             self.progress(f"[workers] actor-{i} has not answered for {self.timeout:g} s (stopped or stuck): "
                           f"ending it, so that Ray starts it again and retries its unfinished work")

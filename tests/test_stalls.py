@@ -15,10 +15,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 class _Problem:
-    """What the watch reads of a SubnetworkProblem: its actors and the nodes they were seen on."""
+    """What the watch reads of a SubnetworkProblem: its actors and the processes (and nodes) seen."""
 
     def __init__(self, actors: list, fail_first: int = 0):
         self._actors, self._nodes, self.fail_first = actors, {}, fail_first
+
+    def seen_processes(self) -> dict:
+        return dict(self._nodes)
 
     @property
     def actors(self) -> list:

@@ -112,6 +112,11 @@ class SubnetworkProblem(Problem):
             self._nodes[key] = tuple(ray.get(self.actors[worker].call.remote("node_id", [], {})))
         return self._nodes[key]
 
+    def seen_processes(self) -> dict[tuple[int, int], tuple[str, str]]:
+        """``(actor index, pid) -> (node id, IP)`` of every actor process whose results the driver has read,
+        oldest first (a copy: the stall watch reads it from another thread)."""
+        return dict(self._nodes)
+
     def resources_held(self) -> dict[str, float]:
         """The CPUs and GPUs the actors hold together (none for the in-process executor)."""
         if not self._num_actors:

@@ -5,8 +5,8 @@ Ray restarts an actor whose process dies, but not one whose process is alive and
 SIGSTOP, deadlocked, swapped out for good): a search would wait on it forever. Each actor has a second
 call slot (``max_concurrency=2``; the driver sends it one piece of work at a time), so a ping answers
 within milliseconds while the first slot works. An actor the driver has heard from since it (re)started (a
-ping answered, or evaluation results it returned) that then leaves ``timeout`` seconds of pings unanswered, on a node Ray still counts as alive (a lost node's actors
-are Ray's to restart), is killed with ``ray.kill(no_restart=False)``: Ray restarts it, the new process
+ping answered, or evaluation results it returned) that then leaves ``timeout`` seconds of pings unanswered,
+on a node Ray still counts as alive (a lost node's actors are Ray's to restart), is killed with ``ray.kill(no_restart=False)``: Ray restarts it, the new process
 fetches the payload again and the retried work gives the same results, since a candidate's score does not
 depend on the process. An error in the watch itself is reported and the watch goes on: a watch that died
 would leave the search waiting on a stopped actor forever.
@@ -30,21 +30,20 @@ class StallWatch(Watch):
                  interval: float | None = None):
         self.problem, self.timeout, self.progress = problem, timeout, progress
         self.interval = interval if interval is not None else min(5.0, timeout / 2)
-        self.ended: list[dict] = []  # {"worker": i, "silent_s": timeout} per actor ended
+        self.ended: list[dict] = []  # {"worker": i, "pid": pid, "silent_s": timeout} per actor process ended
         # actor index -> the pid of its process the driver heard from since it (re)started: only these are ended
         self.answering: dict[int, int] = {}
-        self._ended_processes: set[tuple[int, int]] = set()  # (actor index, pid) of each process ended
         super().__init__("evo-subens-stall-watch")
 
     def watch(self) -> None:
         while not self.stopped.wait(self.interval):
             try:
-                self._check(self.answering)
+                self._check()
             except Exception as exc:  # noqa: BLE001 - a dead watch would leave a stopped actor waited on forever
                 self.progress(f"[workers] stall watch: {type(exc).__name__}: {exc}; checking again in "
                               f"{self.interval:g} s")
 
-    def _check(self, answering: dict[int, int]) -> None:
+    def _check(self) -> None:
         """Ping every actor; end those heard from before that now leave ``timeout`` seconds unanswered.
 
         An actor not heard from since it (re)started is still starting: importing torch and fetching the
@@ -58,18 +57,19 @@ class StallWatch(Watch):
         silent = self._unanswered(list(pings))
         if self.stopped.is_set():
             return
+        answering, seen = self.answering, self.problem.seen_processes()
         answered = [ping for ping in pings if ping not in silent]
         answering.update({pings[ping]: pid for ping, pid in zip(answered, ray.get(answered))})
-        for worker, pid in list(self.problem._nodes):  # processes whose results the driver has read
-            if (worker, pid) not in self._ended_processes:
+        ended = {(entry["worker"], entry["pid"]) for entry in self.ended}
+        for worker, pid in seen:  # processes whose results the driver has read
+            if (worker, pid) not in ended:
                 answering.setdefault(worker, pid)
         live_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
         for ping in silent:
-            i, node = pings[ping], self._node_of(pings[ping])
+            i, node = pings[ping], self._node_of(pings[ping], seen)
             if i not in answering or (node is not None and node not in live_nodes):
                 continue
-            self._ended_processes.add((i, answering.pop(i)))
-            self.ended.append({"worker": i, "silent_s": self.timeout})
+            self.ended.append({"worker": i, "pid": answering.pop(i), "silent_s": self.timeout})
             self.progress(f"[workers] actor-{i} has not answered for {self.timeout:g} s (stopped or stuck): "
                           f"ending it, so that Ray starts it again and retries its unfinished work")
             ray.kill(actors[i], no_restart=False)
@@ -85,7 +85,8 @@ class StallWatch(Watch):
             _, pings = ray.wait(pings, num_returns=len(pings), timeout=min(1.0, left))
         return pings
 
-    def _node_of(self, worker: int) -> str | None:
+    @staticmethod
+    def _node_of(worker: int, seen: dict[tuple[int, int], tuple[str, str]]) -> str | None:
         """The Ray node the actor was last seen on (its newest process the driver asked about)."""
-        nodes = [node for (w, _), (node, _) in list(self.problem._nodes.items()) if w == worker]
+        nodes = [node for (w, _), (node, _) in seen.items() if w == worker]
         return nodes[-1] if nodes else None

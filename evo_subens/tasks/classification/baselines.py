@@ -108,7 +108,7 @@ def _independent(cfg: RunConfig, data: DatasetSplits, seed: int, splits: list[Sp
     for i, split in enumerate(splits):
         model_seed = seed if len(splits) == 1 else member_seed(seed, i)
         model = _fresh_model(cfg, data, model_seed)
-        train(model, split, _train_cfg(cfg, epochs), seed=model_seed,
+        train(model, split, _train_cfg(cfg, epochs), seed=model_seed, augment=cfg.data.augment,
               on_epoch=_reporter(progress, f"{cfg.method} {i + 1}/{len(splits)}", epochs))
         p, f = _predict(cfg, data, model)
         states.append(state_copy(model))
@@ -142,7 +142,7 @@ def train_bagging(cfg: RunConfig, data: DatasetSplits, seed: int, progress: Prog
     """``members`` models, each on its own random share of the training split, budget split evenly."""
     members = cfg.baseline.members
     subsets = bagging_subsets(len(data.train), cfg.baseline.bagging_share, members, seed)
-    splits = [Split(data.train.x[torch.from_numpy(s)], data.train.y[torch.from_numpy(s)]) for s in subsets]
+    splits = [data.train.subset(s) for s in subsets]
     return _independent(cfg, data, seed, splits, baseline_budget(cfg) // members, progress)
 
 
@@ -198,7 +198,8 @@ def train_mc_dropout(cfg: RunConfig, data: DatasetSplits, seed: int,
     check_baseline(cfg, data)
     epochs = baseline_budget(cfg)
     model = _fresh_model(cfg, data, seed)
-    train(model, data.train, _train_cfg(cfg, epochs), seed=seed, on_epoch=_reporter(progress, cfg.method, epochs))
+    train(model, data.train, _train_cfg(cfg, epochs), seed=seed, augment=cfg.data.augment,
+          on_epoch=_reporter(progress, cfg.method, epochs))
     samples = cfg.baseline.mc_samples
     probs, features = [], []
     if samples == 0:
@@ -229,7 +230,7 @@ def train_snapshot(cfg: RunConfig, data: DatasetSplits, seed: int, progress: Pro
             states.append(state_copy(model))
             models.append({"epochs": epoch + 1, "seed": seed, "train_samples": len(data.train)})
 
-    train(model, data.train, _train_cfg(cfg, epochs), seed=seed,
+    train(model, data.train, _train_cfg(cfg, epochs), seed=seed, augment=cfg.data.augment,
           schedule=functools.partial(lr_factor, "cyclic_cosine", cycles=members),
           on_epoch=_reporter(progress, cfg.method, epochs, snapshot))
     probs, features = _predict_states(cfg, data, states)
@@ -249,7 +250,7 @@ def train_fge(cfg: RunConfig, data: DatasetSplits, seed: int, progress: Progress
     base = cfg.baseline
     pretrain, cyclic = fge_epochs(cfg)
     model = _fresh_model(cfg, data, seed)
-    train(model, data.train, _train_cfg(cfg, pretrain), seed=seed,
+    train(model, data.train, _train_cfg(cfg, pretrain), seed=seed, augment=cfg.data.augment,
           on_epoch=_reporter(progress, "fge pretrain", pretrain))
     states, models = [], []
     half = base.fge_cycle_epochs // 2
@@ -268,7 +269,7 @@ def train_fge(cfg: RunConfig, data: DatasetSplits, seed: int, progress: Progress
         return lr_factor("cyclic_linear", step % cycle_steps, cycle_steps, low=low)
 
     train(model, data.train, _train_cfg(cfg, cyclic, lr=base.fge_lr_max), seed=member_seed(seed, 1),
-          schedule=schedule, on_epoch=_reporter(progress, "fge cycles", cyclic, snapshot))
+          augment=cfg.data.augment, schedule=schedule, on_epoch=_reporter(progress, "fge cycles", cyclic, snapshot))
     probs, features = _predict_states(cfg, data, states)
     epochs = pretrain + cyclic
     return BaselineOutput(states, models, probs, features,

@@ -13,6 +13,8 @@ from ...errors import ConfigError
 DATASET_NAMES = ("mnist1d", "digits", "fashion-mnist", "csv", "npz", "imagefolder", "cifar10", "cifar100", "custom")
 # Those whose preprocessing the config sets (data.scale, standardize, mean, std); the built-ins have theirs fixed.
 OWN_DATA = ("csv", "npz", "imagefolder", "cifar10", "cifar100", "custom")
+# Those that can be read on demand (data.stream).
+STREAMABLE = ("npz", "imagefolder", "custom")
 
 
 @dataclass
@@ -51,6 +53,16 @@ class DataConfig:
                                            "null = keep (all images must then have one size)")
     channels: int | None = option(None, "imagefolder: 1 (grayscale) or 3 (RGB); null = 1 when every image is "
                                         "grayscale, else 3", choices=(1, 3))
+    stream: bool | None = option(None, "imagefolder/npz/custom (a Dataset): true = the training split stays in "
+                                       "its files and is read batch by batch (npz memory-mapped), the validation "
+                                       "and test splits held in their compact form (uint8 images); false = "
+                                       "everything is loaded as float32 arrays; null = stream when those "
+                                       "arrays would exceed 1 GiB. Results are the same either way")
+    workers: int = option(2, "streamed images or Dataset: DataLoader worker processes that read and decode "
+                             "batches ahead of training (0 = in the training process)", ge=0)
+    augment: bool = option(False, "images: each training batch (parent, child tuning, fine-tuning, baselines) "
+                                  "randomly cropped after 4-pixel zero padding and flipped left-right, seeded "
+                                  "by the training seed; validation and test inputs are never augmented")
 
     def check(self) -> None:
         """Fields that only some datasets read are refused elsewhere, so none is silently ignored."""
@@ -61,6 +73,7 @@ class DataConfig:
             "loader": ("custom",),
             "image_size": ("imagefolder",),
             "channels": ("imagefolder",),
+            "stream": STREAMABLE,
         }
         for name in ("scale", "standardize", "mean", "std"):
             reads[name] = OWN_DATA

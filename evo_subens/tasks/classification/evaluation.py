@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ...core.config import ChildrenConfig, FinetuneConfig, ModelConfig
-from .data import Split
+from .splits import Split
+from .streaming import LazyInputs
 from .metrics import VALIDATION_METRICS
 from ...families import make_family
 from .models import build_model, model_stages
@@ -38,13 +39,15 @@ class EvaluationPayload(WorkerPayload):
     parent_state: dict[str, torch.Tensor]
     parent_id: str
     children: ChildrenConfig
-    val_x: torch.Tensor
+    val_x: torch.Tensor | LazyInputs  # streamed data: compact (uint8 images) or memory-mapped, shared per node
     val_y: torch.Tensor
     batch_size: int
     threads: int
     use_gpu: bool = False
-    train_x: torch.Tensor | None = None  # for families that train children (sparse tuning) and fine-tuning
+    # for families that train children (sparse tuning) and fine-tuning; streamed data: read from its files
+    train_x: torch.Tensor | LazyInputs | None = None
     train_y: torch.Tensor | None = None
+    augment: bool = False  # data.augment: training batches are randomly cropped and flipped
     finetune: FinetuneConfig | None = None  # SGD passes on selected members (see finetuned_state)
     activation_cache_mb: float = 0.0  # see WorkersConfig.activation_cache_mb
     autocast: str = "off"  # see WorkersConfig.autocast
@@ -73,7 +76,8 @@ class CandidateEvaluator(Evaluator):
         self.model.load_state_dict(payload.parent_state)
         self.model.to(self.device).eval()
         self.family = make_family(payload.children)
-        trainer = SplitTrainer(Split(payload.train_x, payload.train_y)) if payload.train_x is not None else None
+        trainer = (SplitTrainer(Split(payload.train_x, payload.train_y), payload.augment)
+                   if payload.train_x is not None else None)
         self.materialiser = self.family.bind(self.model, trainer)
         self.val_x = payload.val_x.to(self.device)
         self.val_y = payload.val_y.to(self.device)
@@ -214,7 +218,7 @@ class CandidateEvaluator(Evaluator):
         constraint = self.family.constraint(genome, self.materialiser)
         torch.manual_seed(seed)  # dropout masks, if the model has dropout
         train(model, Split(self.payload.train_x, self.payload.train_y), self.payload.finetune, seed=seed,
-              parameter_filter=constraint)  # ends in evaluation mode
+              parameter_filter=constraint, augment=self.payload.augment)  # ends in evaluation mode
         return model
 
     def child_state(self, genome: str) -> dict[str, torch.Tensor]:

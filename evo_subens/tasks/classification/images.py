@@ -21,7 +21,8 @@ import numpy as np
 
 from ...core.config import DataConfig
 from ...errors import DataError
-from .splits import DatasetSplits, split_own_data
+from .splits import DatasetSplits, should_stream, split_own_data, split_streamed
+from .streaming import ImageFiles
 
 __all__ = ["load_imagefolder", "load_cifar10", "load_cifar100"]
 
@@ -47,26 +48,32 @@ def _class_folders(root: Path, field: str) -> dict[str, list[Path]]:
     return classes
 
 
-def _read_images(files: list[Path], mode: str, size: tuple[int, int] | None) -> np.ndarray:
+def read_image(file: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    """One image as a (channels, height, width) uint8 array in Pillow ``mode``, resized (bilinear) to ``size``
+    (height, width) when given; a DataError names a file Pillow cannot read."""
     from PIL import Image, UnidentifiedImageError
 
-    images, first = [], None
+    try:
+        with Image.open(file) as image:
+            image = image.convert(mode)
+            if size is not None:
+                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"cannot read image {file}: {exc}") from None
+    return (array if array.ndim == 3 else array[:, :, None]).transpose(2, 0, 1)
+
+
+def _read_images(files: list[Path], mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    images = []
     for file in files:
-        try:
-            with Image.open(file) as image:
-                image = image.convert(mode)
-                if size is not None:
-                    image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-                array = np.asarray(image, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DataError(f"cannot read image {file}: {exc}") from None
-        if first is None:
-            first = (file, array.shape)
-        elif array.shape != first[1]:
-            raise DataError(f"image {file} is {array.shape[1]}x{array.shape[0]} but {first[0]} is "
-                            f"{first[1][1]}x{first[1][0]}; set data.image_size: [height, width] to resize all")
-        images.append(array if array.ndim == 3 else array[:, :, None])
-    return np.stack(images).transpose(0, 3, 1, 2)
+        image = read_image(file, mode, size)
+        if images and image.shape != images[0].shape:
+            raise DataError(f"image {file} is {image.shape[2]}x{image.shape[1]} but {files[0]} is "
+                            f"{images[0].shape[2]}x{images[0].shape[1]}; set data.image_size: [height, width] to "
+                            f"resize all")
+        images.append(image)
+    return np.stack(images)
 
 
 def _image_mode(cfg: DataConfig, files: list[Path]) -> str:
@@ -94,18 +101,27 @@ def load_imagefolder(cfg: DataConfig) -> DatasetSplits:
     mode = _image_mode(cfg, files)
     size = tuple(cfg.image_size) if cfg.image_size is not None else None
 
-    def arrays(classes: dict[str, list[Path]]) -> tuple[np.ndarray, np.ndarray]:
-        labels = np.array([name for name, fs in classes.items() for _ in fs])
-        return _read_images([f for fs in classes.values() for f in fs], mode, size), labels
+    def labels_of(classes: dict[str, list[Path]]) -> np.ndarray:
+        return np.array([name for name, fs in classes.items() for _ in fs])
 
-    x, labels = arrays(train)
-    test_x, test_labels = arrays(test) if test is not None else (None, None)
-    if test_x is not None and test_x.shape[1:] != x.shape[1:]:
-        raise DataError(f"data.test_path: its images are {test_x.shape[1:]} (channels, height, width), the "
-                        f"training images {x.shape[1:]}; set data.image_size to resize both")
-    splits = split_own_data("imagefolder", x, labels, test_x, test_labels, cfg, str(root), images=True)
+    def files_of(classes: dict[str, list[Path]]) -> list[Path]:
+        return [f for fs in classes.values() for f in fs]
+
+    labels, test_labels = labels_of(train), labels_of(test) if test is not None else None
+    shape = read_image(files_of(train)[0], mode, size).shape
+    if should_stream(cfg, len(files), shape):
+        source = ImageFiles(files_of(train), mode, size, shape)
+        test_source = ImageFiles(files_of(test), mode, size, shape) if test is not None else None
+        splits = split_streamed("imagefolder", source, labels, test_source, test_labels, cfg, str(root), images=True)
+    else:
+        x = _read_images(files_of(train), mode, size)
+        test_x = _read_images(files_of(test), mode, size) if test is not None else None
+        if test_x is not None and test_x.shape[1:] != x.shape[1:]:
+            raise DataError(f"data.test_path: its images are {test_x.shape[1:]} (channels, height, width), the "
+                            f"training images {x.shape[1:]}; set data.image_size to resize both")
+        splits = split_own_data("imagefolder", x, labels, test_x, test_labels, cfg, str(root), images=True)
     # What the ensemble needs to take images as a user has them (PIL images, other sizes) the way these were read.
-    return dataclasses.replace(splits, image={"size": list(x.shape[2:]), "mode": mode,
+    return dataclasses.replace(splits, image={"size": list(shape[1:]), "mode": mode,
                                               "resize": "bilinear" if size is not None else None})
 
 

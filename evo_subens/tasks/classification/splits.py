@@ -15,21 +15,31 @@ from __future__ import annotations
 import hashlib
 import numbers
 from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from ...core.config import DataConfig
 from ...errors import DataError
+from .streaming import LazyInputs, SampleSource, input_batches
 
-__all__ = ["Split", "DatasetSplits", "InputTransform", "hold_out", "split_pool", "split_own_data"]
+__all__ = ["Split", "DatasetSplits", "InputTransform", "hold_out", "split_pool", "split_own_data",
+           "split_streamed", "STREAM_ABOVE_BYTES"]
+
+# data.stream null streams data whose float32 inputs would take more than this: below it the whole arrays
+# fit comfortably and the in-memory path is faster (no per-batch decoding, no worker processes).
+STREAM_ABOVE_BYTES = 2**30
+# Samples per read when a streamed split is scanned or hashed in order.
+SCAN_BATCH = 512
 
 
 @dataclass(frozen=True)
 class Split:
-    """Features ``x`` (float32) and labels ``y`` (int64) of one split, each with its own storage."""
+    """Features ``x`` (float32: a tensor, or :class:`~.streaming.LazyInputs` read batch by batch) and labels
+    ``y`` (int64) of one split, each with its own storage."""
 
-    x: torch.Tensor
+    x: torch.Tensor | LazyInputs
     y: torch.Tensor
 
     def __post_init__(self) -> None:
@@ -38,6 +48,24 @@ class Split:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the inputs are read on demand rather than held as one tensor."""
+        return isinstance(self.x, LazyInputs)
+
+    def subset(self, index: Any) -> "Split":
+        """The samples at ``index`` (a slice or positions), with their own storage (streamed inputs stay
+        unread)."""
+        if isinstance(index, np.ndarray):
+            index = torch.from_numpy(index)
+        if self.streamed:
+            return Split(self.x.subset(index), self.y[index].clone())
+        return Split(self.x[index].clone(), self.y[index].clone())
+
+    def input_batches(self, batch_size: int) -> "Any":
+        """The inputs in order, ``batch_size`` samples at a time."""
+        return input_batches(self.x, [slice(b, b + batch_size) for b in range(0, len(self), batch_size)])
 
 
 @dataclass(frozen=True)
@@ -83,14 +111,20 @@ class DatasetSplits:
     transform: InputTransform | None = None
     features: tuple[str, ...] | None = None
     image: dict | None = None
+    # Set by loaders that already read every sample in order (streamed data), so it is not read again.
+    known_fingerprint: str | None = None
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the training inputs are read from their files batch by batch."""
+        return self.train.streamed
 
     def fingerprint(self) -> str:
-        """SHA-256 of every split's inputs and labels: the same data loads to the same fingerprint."""
-        digest = hashlib.sha256()
-        for split in (self.train, self.validation, self.test):
-            digest.update(split.x.numpy().tobytes())
-            digest.update(split.y.numpy().tobytes())
-        return digest.hexdigest()
+        """SHA-256 of every split's inputs and labels: the same data loads to the same fingerprint, streamed
+        or in memory (the same float32 bytes are hashed in the same order)."""
+        if self.known_fingerprint is not None:
+            return self.known_fingerprint
+        return fingerprint_of((self.train, self.validation, self.test))
 
     def description(self) -> dict:
         """What the run directory records (``data.json``): enough to rebuild and feed the models without the
@@ -103,6 +137,22 @@ class DatasetSplits:
                 "fingerprint": self.fingerprint()}
 
 
+def fingerprint_of(splits: Sequence[Split], on_batch: Callable[[torch.Tensor], None] | None = None) -> str:
+    """SHA-256 of the splits' inputs (float32 bytes) and labels, in order; ``on_batch`` sees every input
+    batch of a streamed split as it is read (checks that need one pass over the data)."""
+    digest = hashlib.sha256()
+    for split in splits:
+        if split.streamed:
+            for batch in split.input_batches(SCAN_BATCH):
+                if on_batch is not None:
+                    on_batch(batch)
+                digest.update(batch.numpy().tobytes())
+        else:
+            digest.update(split.x.numpy().tobytes())
+        digest.update(split.y.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def hold_out(split: Split, share: float) -> tuple[Split, Split | None]:
     """``split`` cut into a part for decisions and a held-back part of ``share`` of its samples (its tail;
     validation splits are random draws of the pool, so the tail is a random subset). ``share`` 0: no
@@ -113,8 +163,7 @@ def hold_out(split: Split, share: float) -> tuple[Split, Split | None]:
     if held >= len(split):
         raise DataError(f"ensemble.holdout = {share} of {len(split)} validation samples leaves none to select on")
     keep = len(split) - held
-    return (Split(split.x[:keep].clone(), split.y[:keep].clone()),
-            Split(split.x[keep:].clone(), split.y[keep:].clone()))
+    return split.subset(slice(0, keep)), split.subset(slice(keep, None))
 
 
 def make_split(x: np.ndarray, y: np.ndarray) -> Split:
@@ -207,12 +256,55 @@ def class_indices(labels: np.ndarray, test_labels: np.ndarray | None, source: st
     return y.astype(np.int64), None if y_test is None else y_test.astype(np.int64), tuple(classes.tolist())
 
 
-def _transform(cfg: DataConfig, train_x: np.ndarray, default_scale: float, default_standardize: bool) -> InputTransform:
+Moments = Callable[[float], "tuple[np.ndarray, np.ndarray]"]
+
+
+def _stat_axes(sample_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Axes (of a batch) statistics reduce over, and the shape they keep: one value per channel (the first
+    axis of a sample) for images and signals, per feature for vectors."""
+    if len(sample_shape) > 1:
+        return (0,) + tuple(range(2, len(sample_shape) + 1)), (sample_shape[0],) + (1,) * (len(sample_shape) - 1)
+    return (0,), tuple(sample_shape)
+
+
+def array_moments(x: np.ndarray) -> Moments:
+    """Per-channel (or per-feature) mean and standard deviation of ``x / scale``, from the whole array."""
+    def moments(scale: float) -> tuple[np.ndarray, np.ndarray]:
+        axes, stat_shape = _stat_axes(x.shape[1:])
+        scaled = np.asarray(x, dtype=np.float64) / scale
+        return scaled.mean(axis=axes).reshape(stat_shape), scaled.std(axis=axes).reshape(stat_shape)
+    return moments
+
+
+def streamed_moments(source: SampleSource, positions: np.ndarray, workers: int) -> Moments:
+    """As :func:`array_moments`, read batch by batch (Chan et al.'s pairwise merge of batch moments, so
+    a large mean does not cancel the variance away)."""
+    class AsFloat64:
+        def apply(self, raw: np.ndarray) -> np.ndarray:
+            return np.asarray(raw, dtype=np.float64)
+
+    def moments(scale: float) -> tuple[np.ndarray, np.ndarray]:
+        axes, stat_shape = _stat_axes(source.sample_shape)
+        inputs = LazyInputs(source, positions, AsFloat64(), workers)
+        count, mean, m2 = 0, np.zeros(stat_shape), np.zeros(stat_shape)
+        for batch in input_batches(inputs, [slice(b, b + SCAN_BATCH) for b in range(0, len(inputs), SCAN_BATCH)]):
+            values = batch.numpy() / scale
+            n = values.size // int(np.prod(stat_shape))
+            batch_mean = values.mean(axis=axes).reshape(stat_shape)
+            batch_m2 = ((values - batch_mean[None]) ** 2).sum(axis=axes).reshape(stat_shape)
+            delta, total = batch_mean - mean, count + n
+            mean = mean + delta * n / total
+            m2 = m2 + batch_m2 + delta ** 2 * count * n / total
+            count = total
+        return mean, np.sqrt(m2 / count)
+    return moments
+
+
+def _transform(cfg: DataConfig, sample_shape: tuple[int, ...], moments: Moments, default_scale: float,
+               default_standardize: bool) -> InputTransform:
     """The preprocessing of ``cfg``; statistics (data.standardize) from the training split only."""
     scale = float(cfg.scale if cfg.scale is not None else default_scale)
-    sample_shape = train_x.shape[1:]
-    # One value per channel (the first axis of a sample) for images and signals, per feature for vectors.
-    stat_shape = (sample_shape[0],) + (1,) * (len(sample_shape) - 1) if len(sample_shape) > 1 else sample_shape
+    _, stat_shape = _stat_axes(tuple(sample_shape))
     if cfg.mean is not None:
         count = sample_shape[0] if sample_shape else 1
         if len(cfg.mean) != count:
@@ -224,13 +316,18 @@ def _transform(cfg: DataConfig, train_x: np.ndarray, default_scale: float, defau
     standardize = cfg.standardize if cfg.standardize is not None else default_standardize
     if not standardize:
         return InputTransform(scale)
-    scaled = np.asarray(train_x, dtype=np.float64) / scale
-    axes = (0,) + tuple(range(2, scaled.ndim)) if len(sample_shape) > 1 else (0,)
-    mean = scaled.mean(axis=axes).reshape(stat_shape)
-    std = scaled.std(axis=axes).reshape(stat_shape)
+    mean, std = moments(scale)
     # A constant feature has no spread to divide by: it is only centred.
     std = np.where(std > 0, std, 1.0)
     return InputTransform(scale, mean.astype(np.float32), std.astype(np.float32))
+
+
+def should_stream(cfg: DataConfig, samples: int, sample_shape: tuple[int, ...]) -> bool:
+    """``data.stream``, or when it is null whether the inputs as float32 would exceed
+    :data:`STREAM_ABOVE_BYTES`."""
+    if cfg.stream is not None:
+        return cfg.stream
+    return samples * int(np.prod(sample_shape)) * 4 > STREAM_ABOVE_BYTES
 
 
 def split_own_data(name: str, x: np.ndarray, labels: np.ndarray, test_x: np.ndarray | None,
@@ -258,13 +355,62 @@ def split_own_data(name: str, x: np.ndarray, labels: np.ndarray, test_x: np.ndar
         raise DataError(f"{source}: test inputs have sample shape {np.asarray(test_x).shape[1:]}, the training "
                         f"data {x.shape[1:]}")
     val_idx, train_idx = _pool_order(len(y), cfg, cfg.num_samples)
-    transform = _transform(cfg, x[train_idx], 255.0 if images else 1.0, not images)
+    transform = _transform(cfg, x.shape[1:], array_moments(x[train_idx]), 255.0 if images else 1.0, not images)
     train = make_split(transform.apply(x[train_idx]), y[train_idx])
     return DatasetSplits(name=name, train=train,
                          validation=make_split(transform.apply(x[val_idx]), y[val_idx]),
                          test=make_split(transform.apply(test_x), y_test),
                          input_shape=tuple(train.x.shape[1:]), num_classes=len(classes), classes=classes,
                          transform=transform)
+
+
+def split_streamed(name: str, source: SampleSource, labels: np.ndarray, test_source: SampleSource | None,
+                   test_labels: np.ndarray | None, cfg: DataConfig, where: str, *,
+                   images: bool = False) -> DatasetSplits:
+    """:func:`split_own_data` for data read on demand from ``source``: the same splits, preprocessing and
+    float32 inputs, but the training split stays in its files (read in batches by ``data.workers``
+    DataLoader processes), and the validation and test splits of a source that decodes are read once into
+    memory in its compact form (uint8 images). Every sample is read once here, in order, to check it and
+    fingerprint the data."""
+    if len(labels) != len(source):
+        raise DataError(f"{where}: {len(source)} samples but {len(labels)} labels")
+    y, y_test, classes = class_indices(labels, test_labels, where)
+    array = getattr(source, "array", None)
+    if array is not None and array.dtype.kind not in "biuf":
+        raise DataError(f"{where}: inputs must be numbers, got dtype {array.dtype}")
+    if test_source is None:
+        test_positions, pool_positions = carve_test(len(y), cfg.test_size, cfg.seed)
+        if len(test_positions) == 0 or len(pool_positions) < 2:
+            raise DataError(f"{where}: {len(y)} samples are too few to carve a test split of data.test_size = "
+                            f"{cfg.test_size}")
+        test_source, y_test, y = source, y[test_positions], y[pool_positions]
+    else:
+        if tuple(test_source.sample_shape) != tuple(source.sample_shape):
+            raise DataError(f"{where}: test inputs have sample shape {tuple(test_source.sample_shape)}, the "
+                            f"training data {tuple(source.sample_shape)}")
+        test_positions, pool_positions = np.arange(len(test_source)), np.arange(len(y))
+    val_idx, train_idx = _pool_order(len(y), cfg, cfg.num_samples)
+    sample_shape = tuple(source.sample_shape)
+    transform = _transform(cfg, sample_shape, streamed_moments(source, pool_positions[train_idx], cfg.workers),
+                           255.0 if images else 1.0, not images)
+
+    def split(from_source: SampleSource, positions: np.ndarray, labels: np.ndarray, keep_streamed: bool) -> Split:
+        inputs = LazyInputs(from_source, positions, transform, cfg.workers)
+        if not keep_streamed and from_source.decodes:
+            inputs = inputs.in_memory()
+        return Split(inputs, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)).clone())
+
+    train = split(source, pool_positions[train_idx], y[train_idx], True)
+    validation = split(source, pool_positions[val_idx], y[val_idx], False)
+    test = split(test_source, test_positions, y_test, False)
+
+    def finite(batch: torch.Tensor) -> None:
+        if not bool(torch.isfinite(batch).all()):
+            raise DataError(f"{where}: inputs hold NaN or infinite values; fill or drop them first")
+
+    return DatasetSplits(name=name, train=train, validation=validation, test=test, input_shape=sample_shape,
+                         num_classes=len(classes), classes=classes, transform=transform,
+                         known_fingerprint=fingerprint_of((train, validation, test), on_batch=finite))
 
 
 def describe_preprocessing(data: DatasetSplits) -> str:

@@ -21,7 +21,7 @@ from ..base import Task
 from .cost import subnetwork_cost
 from ...core.rundir import write_json
 from ...data_info import DATA_FILE
-from ...errors import DataError, UserError
+from ...errors import ConfigError, DataError, UserError
 from .data import load_dataset
 from .splits import DatasetSplits, Split, describe_preprocessing, hold_out, split_own_data
 from .tabular import as_arrays, save_npz
@@ -90,6 +90,9 @@ class ClassificationTask(Task):
                     setattr(data_cfg, name, str(Path(getattr(data_cfg, name)).expanduser().absolute()))
             self.progress(f"[data] loading {data_cfg.name}" + (f" from {data_cfg.path}" if data_cfg.path else ""))
             self.data = load_dataset(data_cfg)
+        if data_cfg.augment and len(self.data.input_shape) != 3:
+            raise ConfigError("data.augment", f"false for inputs that are not (channels, height, width) images "
+                                              f"({self.data.name} has shape {self.data.input_shape})", True)
         # Decisions see the head of the validation split; the tail is held back to check them.
         self.selection, self.holdout = hold_out(self.data.validation, self.cfg.ensemble.holdout)
 
@@ -107,8 +110,10 @@ class ClassificationTask(Task):
     def describe_data(self) -> str:
         data = self.data
         held = f" + {len(self.holdout):,} held back" if self.holdout is not None else ""
+        streamed = (f"  (training split streamed from its files by {self.cfg.data.workers} DataLoader workers; "
+                    f"validation and test held compact)" if data.streamed else "")
         return (f"[data] {data.name}: train {len(data.train):,}  validation {len(self.selection):,}{held}  "
-                f"test {len(data.test):,}")
+                f"test {len(data.test):,}{streamed}")
 
     def scored_on(self) -> str:
         if self.holdout is None:
@@ -201,7 +206,7 @@ class ClassificationTask(Task):
             report(epoch, loss, seconds)
 
         with Steps(self.progress, cfg.parent.epochs, "[parent]", "epochs") as epochs:
-            train(model, data.train, cfg.parent, seed=cfg.seed, on_epoch=record)
+            train(model, data.train, cfg.parent, seed=cfg.seed, on_epoch=record, augment=cfg.data.augment)
         self.parent_losses = losses
 
     def worker_payload(self, parent_state: dict, parent_id: str) -> EvaluationPayload:
@@ -213,7 +218,8 @@ class ClassificationTask(Task):
             use_gpu=cfg.workers.num_gpus_per_actor > 0, activation_cache_mb=cfg.workers.activation_cache_mb,
             autocast=cfg.workers.autocast, stack_candidates=cfg.workers.stack_candidates,
             finetune=cfg.finetune if cfg.finetune.epochs else None,
-            tune_candidates=cfg.search.scoring == "tuned" and not make_family(cfg.children).trains_children)
+            tune_candidates=cfg.search.scoring == "tuned" and not make_family(cfg.children).trains_children,
+            augment=cfg.data.augment)
         if make_family(cfg.children).trains_children or cfg.finetune.epochs:
             payload.train_x, payload.train_y = data.train.x, data.train.y
         return payload

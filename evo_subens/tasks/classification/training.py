@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.config import TrainConfig
-from .data import Split
+from .splits import Split
+from .streaming import LazyInputs, input_batches
 
 
 def lr_factor(schedule: str, step: int, total_steps: int, *, cycles: int = 1, low: float = 0.0) -> float:
@@ -64,10 +66,12 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int,
           on_epoch: Callable[[int, float, float], None] | None = None,
           parameter_filter: Callable[[nn.Module], None] | None = None,
           forward: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] | None = None,
-          schedule: Callable[[int, int], float] | None = None) -> None:
+          schedule: Callable[[int, int], float] | None = None, augment: bool = False) -> None:
     """Train ``model`` in place on ``data`` for ``cfg.epochs`` epochs.
 
-    Batches are drawn from a generator seeded with ``seed``, so training is a function of its inputs.
+    Batches are drawn from a generator seeded with ``seed``, so training is a function of its inputs;
+    streamed inputs are read batch by batch (the same batches, so the same result as in memory).
+    ``augment``: each image batch is randomly cropped and flipped (:func:`augment_batch`, seeded by ``seed``).
     ``on_epoch(epoch, mean_loss, seconds)`` reports progress; ``parameter_filter(model)`` runs after every
     optimiser step (families with fixed masks re-apply them there); ``forward(model, x, step)`` replaces
     ``model(x)`` for the training logits (families that sample a mask per step use it);
@@ -76,22 +80,35 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int,
     if cfg.epochs == 0:
         return
     optimizer = make_optimizer(model, cfg)
-    generator = torch.Generator().manual_seed(seed)
     n = len(data)
     total_steps = training_steps(cfg, n)
+
+    def batch_order() -> Iterator[torch.Tensor]:
+        """Every epoch's batches (sample indices), drawn from a generator seeded with ``seed``."""
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(cfg.epochs):
+            yield from torch.randperm(n, generator=generator).split(cfg.batch_size)
+
+    # One pass over all epochs' batches, so a streamed split's DataLoader starts its workers once; the loop
+    # draws the same batches again from its own copy of the order for their labels.
+    inputs = input_batches(data.x, batch_order())
+    order = batch_order()
+    augmenter = torch.Generator().manual_seed(augment_seed(seed)) if augment else None
     step = 0
     device = next(model.parameters()).device
     model.train()
     for epoch in range(cfg.epochs):
         started = time.perf_counter()
-        order = torch.randperm(n, generator=generator)
         loss_sum = 0.0
-        for begin in range(0, n, cfg.batch_size):
-            index = order[begin:begin + cfg.batch_size]
+        for _ in range(math.ceil(n / cfg.batch_size)):
+            index = next(order)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * (lr_factor(cfg.lr_schedule, step, total_steps) if schedule is None
                                         else schedule(step, total_steps))
-            x = data.x[index].to(device)
+            x = next(inputs)
+            if augmenter is not None:
+                x = augment_batch(x, augmenter)
+            x = x.to(device)
             logits = model(x) if forward is None else forward(model, x, step)
             loss = F.cross_entropy(logits, data.y[index].to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -106,12 +123,40 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int,
     model.eval()
 
 
+AUGMENT_PADDING = 4
+
+
+def augment_seed(seed: int) -> int:
+    """The augmentation stream of training seed ``seed``, apart from its batch-order stream."""
+    return int.from_bytes(hashlib.sha256(f"augment:{seed}".encode()).digest()[:8], "little") >> 1
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int = AUGMENT_PADDING) -> torch.Tensor:
+    """Standard image augmentation of a (batch, channels, height, width) batch: each image padded with
+    ``padding`` zeros on every side, cropped back to its size at a random offset, and flipped left-right
+    with probability 1/2 (random crop and horizontal flip, as for CIFAR)."""
+    if x.dim() != 4:
+        raise ValueError(f"augmentation needs (batch, channels, height, width) images, got shape {tuple(x.shape)}")
+    n, _, height, width = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    rows = dy[:, None] + torch.arange(height)[None, :]
+    cols = dx[:, None] + torch.arange(width)[None, :]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n)[:, None, None, None]
+    channel = torch.arange(x.shape[1])[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
 class SplitTrainer:
     """The classification task's :class:`~evo_subens.families.base.ChildTrainer`: :func:`train` on a
     training split (families that train children tune them with it)."""
 
-    def __init__(self, data: Split):
+    def __init__(self, data: Split, augment: bool = False):
         self.data = data
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.data)
@@ -121,26 +166,23 @@ class SplitTrainer:
               forward: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] | None = None,
               subset: np.ndarray | None = None) -> None:
         """:func:`train` on the split, or on its samples ``subset`` (indices)."""
-        data = self.data
-        if subset is not None:
-            index = torch.from_numpy(np.asarray(subset))
-            data = Split(data.x[index], data.y[index])
-        train(model, data, cfg, seed=seed, parameter_filter=parameter_filter, forward=forward)
+        data = self.data if subset is None else self.data.subset(np.asarray(subset))
+        train(model, data, cfg, seed=seed, parameter_filter=parameter_filter, forward=forward, augment=self.augment)
 
     def steps(self, cfg: TrainConfig, samples: int) -> int:
         return training_steps(cfg, samples)
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def predict_logits(model: nn.Module, x: torch.Tensor | LazyInputs, batch_size: int = 1000) -> torch.Tensor:
     """Logits of ``model`` on ``x`` (evaluation mode), computed in batches on the model's device."""
     model.eval()
     device = next(model.parameters()).device
-    return torch.cat([model(x[i:i + batch_size].to(device, non_blocking=True)).float()
-                      for i in range(0, len(x), batch_size)]).cpu()
+    batches = input_batches(x, [slice(i, i + batch_size) for i in range(0, len(x), batch_size)])
+    return torch.cat([model(batch.to(device, non_blocking=True)).float() for batch in batches]).cpu()
 
 
-def predict_probs(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def predict_probs(model: nn.Module, x: torch.Tensor | LazyInputs, batch_size: int = 1000) -> torch.Tensor:
     """Softmax probabilities of ``model`` on ``x``."""
     return predict_logits(model, x, batch_size).softmax(dim=1)
 

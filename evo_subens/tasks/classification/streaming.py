@@ -1,0 +1,244 @@
+"""Inputs read when a batch needs them: data larger than memory, streamed from where it lives.
+
+A streamed split's ``x`` is a :class:`LazyInputs`: a :class:`SampleSource` (an image folder's files, a
+memory-mapped array, the user's torch ``Dataset``), the positions of the split's samples in it, and the
+preprocessing (:class:`~.splits.InputTransform`). Indexing it (``x[a:b]``, ``x[index]``) reads and
+preprocesses just those samples; :func:`input_batches` reads a whole sequence of batches through
+``torch.utils.data.DataLoader`` worker processes when the source must decode (images, Datasets).
+
+A batch is the same float32 numbers whichever way it is read (the transform is elementwise), so a streamed
+run gives the same results as the in-memory path on data small enough for both.
+
+    >>> inputs = LazyInputs(ArraySource(np.load("x.npy", mmap_mode="r")), np.arange(1000), InputTransform())
+    >>> inputs[0:256].shape
+    torch.Size([256, ...])
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ...errors import DataError
+
+__all__ = ["SampleSource", "ArraySource", "ImageFiles", "DatasetSource", "LazyInputs", "input_batches"]
+
+
+class SampleSource(ABC):
+    """Raw samples by index: ``read(indices)`` stacks them into one array (uint8 images, float features)."""
+
+    #: whether reading costs decoding work worth spreading over DataLoader worker processes
+    decodes = False
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def sample_shape(self) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def read(self, indices: np.ndarray) -> np.ndarray: ...
+
+
+class ArraySource(SampleSource):
+    """An array in memory or a ``numpy.memmap``. A memory-mapped one pickles as its file, offset and shape
+    (Ray actors and DataLoader workers map the same file, so its pages are cached once per node)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[1:])
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        return np.asarray(self.array[indices])
+
+    def __getstate__(self) -> dict:
+        array = self.array
+        if isinstance(array, np.memmap) and array.filename is not None:
+            return {"memmap": (array.filename, array.offset, array.dtype.str, array.shape)}
+        return {"array": array}
+
+    def __setstate__(self, state: dict) -> None:
+        if "memmap" in state:
+            filename, offset, dtype, shape = state["memmap"]
+            self.array = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=tuple(shape))
+        else:
+            self.array = state["array"]
+
+
+class ImageFiles(SampleSource):
+    """Image files decoded with Pillow into (channels, height, width) uint8 arrays, converted to ``mode``
+    and resized to ``size`` (height, width) when given; every image must come out as ``shape``."""
+
+    decodes = True
+
+    def __init__(self, files: Sequence[Path | str], mode: str, size: tuple[int, int] | None,
+                 shape: tuple[int, int, int]):
+        self.files = [str(f) for f in files]
+        self.mode, self.size, self.shape = mode, size, tuple(shape)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        from .images import read_image
+
+        out = np.empty((len(indices), *self.shape), dtype=np.uint8)
+        for row, index in enumerate(np.asarray(indices).tolist()):
+            image = read_image(Path(self.files[index]), self.mode, self.size)
+            if image.shape != self.shape:
+                raise DataError(f"image {self.files[index]} is {image.shape[2]}x{image.shape[1]} but the others are "
+                                f"{self.shape[2]}x{self.shape[1]}; set data.image_size: [height, width] to resize all")
+            out[row] = image
+        return out
+
+
+class DatasetSource(SampleSource):
+    """A map-style torch ``Dataset`` of (input, label) pairs, read item by item; only the items of a batch
+    are ever held."""
+
+    decodes = True
+
+    def __init__(self, dataset: Any, sample_shape: tuple[int, ...], what: str):
+        self.dataset, self.shape, self.what = dataset, tuple(sample_shape), what
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        from .tabular import dataset_input
+
+        rows = [dataset_input(self.dataset, i, self.what) for i in np.asarray(indices).tolist()]
+        for i, row in zip(np.asarray(indices).tolist(), rows):
+            if row.shape != self.shape:
+                raise DataError(f"{self.what}: item {i} has input shape {row.shape}, item 0 has {self.shape}")
+        return np.stack(rows) if rows else np.empty((0, *self.shape), dtype=np.float32)
+
+
+class LazyInputs:
+    """The float32 inputs of one split, read from ``source`` at ``positions`` and preprocessed by
+    ``transform`` when indexed; ``workers`` DataLoader processes decode batch sequences (sources that
+    decode only). Read-only: it stands where a split's input tensor would."""
+
+    def __init__(self, source: SampleSource, positions: np.ndarray, transform: Any, workers: int = 0,
+                 device: torch.device | str = "cpu"):
+        self.source = source
+        self.positions = np.asarray(positions, dtype=np.int64)
+        self.transform = transform
+        self.workers = workers
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self), *self.source.sample_shape))
+
+    def _positions(self, index: Any) -> np.ndarray:
+        if isinstance(index, torch.Tensor):
+            index = index.numpy()
+        return self.positions[index]
+
+    def read(self, index: Any) -> torch.Tensor:
+        """The preprocessed float32 inputs at ``index`` (a slice, positions within this split, or one
+        position: one sample), on CPU."""
+        positions = self._positions(index)
+        raw = self.source.read(np.atleast_1d(positions))
+        inputs = torch.from_numpy(self.transform.apply(raw))
+        return inputs[0] if np.ndim(positions) == 0 else inputs
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self.read(index).to(self.device)
+
+    def subset(self, index: Any) -> "LazyInputs":
+        """The samples at ``index`` of this split, still unread."""
+        return LazyInputs(self.source, self._positions(index), self.transform, self.workers, self.device)
+
+    def to(self, device: torch.device | str, **_: Any) -> "LazyInputs":
+        """The same inputs, whose batches arrive on ``device``."""
+        return LazyInputs(self.source, self.positions, self.transform, self.workers, device)
+
+    def in_memory(self) -> "LazyInputs":
+        """These inputs read once into memory in the source's own compact form (uint8 images stay uint8:
+        a quarter of their float32 size), preprocessed batch by batch when indexed."""
+        raw = np.concatenate([self.source.read(self.positions[b:b + 1024]) for b in range(0, len(self), 1024)]) \
+            if len(self) else np.empty((0, *self.source.sample_shape), dtype=np.uint8)
+        return LazyInputs(ArraySource(raw), np.arange(len(self)), self.transform, 0, self.device)
+
+    def batches(self, index_batches: Iterable[Any]) -> Iterator[torch.Tensor]:
+        """The inputs of each batch of ``index_batches`` (slices or positions; any iterable, consumed
+        lazily), in order; read ahead by DataLoader worker processes when the source decodes and
+        ``workers`` > 0."""
+        if not (self.source.decodes and self.workers > 0):
+            for index in index_batches:
+                yield self[index]
+            return
+        loader = torch.utils.data.DataLoader(_Reader(self), batch_sampler=_Positions(index_batches, len(self)),
+                                             collate_fn=_as_is, num_workers=self.workers)
+        for batch in loader:
+            yield batch.to(self.device)
+
+    def __repr__(self) -> str:
+        return (f"LazyInputs({type(self.source).__name__}, {len(self)} samples of shape "
+                f"{tuple(self.source.sample_shape)}, workers={self.workers})")
+
+
+class _Reader(torch.utils.data.Dataset):
+    """What a DataLoader worker runs: reads and preprocesses one batch of a LazyInputs at a time."""
+
+    def __init__(self, inputs: LazyInputs):
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitems__(self, index: list[int]) -> torch.Tensor:
+        return self.inputs.read(np.asarray(index, dtype=np.int64))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.inputs.read(np.asarray([i]))[0]
+
+
+class _Positions:
+    """A batch sampler over an iterable of slices or position arrays, drawn lazily."""
+
+    def __init__(self, index_batches: Iterable[Any], length: int):
+        self.index_batches, self.length = index_batches, length
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for index in self.index_batches:
+            if isinstance(index, slice):
+                yield list(range(*index.indices(self.length)))
+            else:
+                yield np.asarray(index).tolist()
+
+
+def _as_is(batch: torch.Tensor) -> torch.Tensor:
+    return batch
+
+
+def input_batches(x: torch.Tensor | LazyInputs, index_batches: Iterable[Any]) -> Iterator[torch.Tensor]:
+    """``x[index]`` for each index in ``index_batches``: tensors are indexed directly, lazy inputs read (and
+    decoded by their workers) batch by batch."""
+    if isinstance(x, LazyInputs):
+        return x.batches(index_batches)
+    return (x[index] for index in index_batches)

@@ -255,7 +255,8 @@ class ActivationCache:
     def build(cls, model: torch.nn.Module, mutated: set[str], x: torch.Tensor, batch_size: int,
               budget_mb: float) -> "ActivationCache | None":
         """The cache for ``model`` whose parameters ``mutated`` may change, or None when the model is not a
-        known chain of stages, its first stage may change, or the activations exceed ``budget_mb``."""
+        known chain of stages, its first stage with weights may change, or the activations exceed
+        ``budget_mb``."""
         stages = model_stages(model)
         if not stages:
             return None
@@ -265,6 +266,8 @@ class ActivationCache:
         if start == 0 or start == len(stages):
             return None
         head = torch.nn.Sequential(*stages[:start])
+        if not any(True for _ in head.parameters()):
+            return None  # leading stages without weights (a flatten) only copy the inputs: nothing to save
         first = head(x[:batch_size])
         batches_count = -(-len(x) // batch_size)
         if first.element_size() * first.numel() * batches_count > budget_mb * 2**20:

@@ -30,8 +30,14 @@ __all__ = ["Split", "DatasetSplits", "InputTransform", "hold_out", "split_pool",
 # data.stream null streams data whose float32 inputs would take more than this: below it the whole arrays
 # fit comfortably and the in-memory path is faster (no per-batch decoding, no worker processes).
 STREAM_ABOVE_BYTES = 2**30
-# Samples per read when a streamed split is scanned or hashed in order.
-SCAN_BATCH = 512
+# Bytes of float32 inputs per batch when a streamed split is scanned or hashed in order (DataLoader workers
+# keep a few such batches in flight).
+SCAN_BATCH_BYTES = 16 * 2**20
+
+
+def scan_batch(sample_shape: Sequence[int]) -> int:
+    """Samples per batch of an in-order scan: about :data:`SCAN_BATCH_BYTES` of float32 inputs."""
+    return max(1, SCAN_BATCH_BYTES // (4 * int(np.prod(sample_shape))))
 
 
 @dataclass(frozen=True)
@@ -79,12 +85,17 @@ class InputTransform:
     std: np.ndarray | None = None
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        out = np.asarray(x, dtype=np.float32)
+        if self.scale == 1.0 and self.mean is None:
+            return np.ascontiguousarray(x, dtype=np.float32)
+        # One float32 copy, then in place (the same elementwise operations): a batch of large images costs
+        # its float size once, not once per step.
+        out = np.array(x, dtype=np.float32, order="C")
         if self.scale != 1.0:
-            out = out / np.float32(self.scale)
+            out /= np.float32(self.scale)
         if self.mean is not None:
-            out = (out - self.mean) / self.std
-        return np.ascontiguousarray(out, dtype=np.float32)
+            out -= self.mean
+            out /= self.std
+        return out
 
     def to_json(self) -> dict:
         return {"scale": self.scale,
@@ -143,13 +154,13 @@ def fingerprint_of(splits: Sequence[Split], on_batch: Callable[[torch.Tensor], N
     digest = hashlib.sha256()
     for split in splits:
         if split.streamed:
-            for batch in split.input_batches(SCAN_BATCH):
+            for batch in split.input_batches(scan_batch(split.x.shape[1:])):
                 if on_batch is not None:
                     on_batch(batch)
-                digest.update(batch.numpy().tobytes())
+                digest.update(batch.contiguous().numpy())
         else:
-            digest.update(split.x.numpy().tobytes())
-        digest.update(split.y.numpy().tobytes())
+            digest.update(split.x.contiguous().numpy())  # hashed in place: no copy of the inputs
+        digest.update(split.y.contiguous().numpy())
     return digest.hexdigest()
 
 
@@ -287,7 +298,8 @@ def streamed_moments(source: SampleSource, positions: np.ndarray, workers: int) 
         axes, stat_shape = _stat_axes(source.sample_shape)
         inputs = LazyInputs(source, positions, AsFloat64(), workers)
         count, mean, m2 = 0, np.zeros(stat_shape), np.zeros(stat_shape)
-        for batch in input_batches(inputs, [slice(b, b + SCAN_BATCH) for b in range(0, len(inputs), SCAN_BATCH)]):
+        size = scan_batch(source.sample_shape) // 2  # float64
+        for batch in input_batches(inputs, [slice(b, b + size) for b in range(0, len(inputs), size)]):
             values = batch.numpy() / scale
             n = values.size // int(np.prod(stat_shape))
             batch_mean = values.mean(axis=axes).reshape(stat_shape)
@@ -405,7 +417,8 @@ def split_streamed(name: str, source: SampleSource, labels: np.ndarray, test_sou
     test = split(test_source, test_positions, y_test, False)
 
     def finite(batch: torch.Tensor) -> None:
-        if not bool(torch.isfinite(batch).all()):
+        # numpy's check: torch's on a batch from a DataLoader worker grows this process's memory by each batch
+        if not np.isfinite(batch.numpy()).all():
             raise DataError(f"{where}: inputs hold NaN or infinite values; fill or drop them first")
 
     return DatasetSplits(name=name, train=train, validation=validation, test=test, input_shape=sample_shape,

@@ -180,8 +180,14 @@ class LazyInputs:
     def in_memory(self) -> "LazyInputs":
         """These inputs read once into memory in the source's own compact form (uint8 images stay uint8:
         a quarter of their float32 size), preprocessed batch by batch when indexed."""
-        raw = np.concatenate([self.source.read(self.positions[b:b + 1024]) for b in range(0, len(self), 1024)]) \
-            if len(self) else np.empty((0, *self.source.sample_shape), dtype=np.uint8)
+        raw = None
+        for begin in range(0, len(self), 1024):
+            chunk = self.source.read(self.positions[begin:begin + 1024])
+            if raw is None:
+                raw = np.empty((len(self), *chunk.shape[1:]), dtype=chunk.dtype)
+            raw[begin:begin + len(chunk)] = chunk
+        if raw is None:
+            raw = np.empty((0, *self.source.sample_shape), dtype=np.uint8)
         return LazyInputs(ArraySource(raw), np.arange(len(self)), self.transform, 0, self.device)
 
     def batches(self, index_batches: Iterable[Any]) -> Iterator[torch.Tensor]:
@@ -195,6 +201,8 @@ class LazyInputs:
         loader = torch.utils.data.DataLoader(_Reader(self), batch_sampler=_Positions(index_batches, len(self)),
                                              collate_fn=_as_is, num_workers=self.workers)
         for batch in loader:
+            if isinstance(batch, _Failure):
+                raise DataError(batch.message)  # the reader's own message, not a worker's traceback
             yield batch.to(self.device)
 
     def __repr__(self) -> str:
@@ -211,11 +219,21 @@ class _Reader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def __getitems__(self, index: list[int]) -> torch.Tensor:
-        return self.inputs.read(np.asarray(index, dtype=np.int64))
+    def __getitems__(self, index: list[int]) -> "torch.Tensor | _Failure":
+        try:
+            return self.inputs.read(np.asarray(index, dtype=np.int64))
+        except DataError as exc:
+            return _Failure(str(exc))
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.inputs.read(np.asarray([i]))[0]
+
+
+class _Failure:
+    """A DataError raised in a worker process, sent back as data so the reading process raises it as is."""
+
+    def __init__(self, message: str):
+        self.message = message
 
 
 class _Positions:

@@ -19,7 +19,8 @@ import numpy as np
 from ...core.config import DataConfig
 from ...errors import DataError
 from ...imports import import_object
-from .splits import DatasetSplits, split_own_data
+from .splits import DatasetSplits, should_stream, split_own_data, split_streamed
+from .streaming import ArraySource, DatasetSource
 
 __all__ = ["load_csv", "load_npz", "load_custom", "as_arrays", "save_npz"]
 
@@ -80,10 +81,10 @@ def load_csv(cfg: DataConfig) -> DatasetSplits:
     return dataclasses.replace(splits, features=tuple(columns))
 
 
-def _read_npz(path: Path, field: str) -> dict[str, np.ndarray]:
+def _read_npz(path: Path, field: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
+            arrays = {key: archive[key] for key in (archive.files if keys is None else keys)}
     except ValueError as exc:  # object arrays need pickle, which could run code: refused
         raise DataError(f"{field}: {path} holds arrays that are not plain numbers ({exc})") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
@@ -91,10 +92,76 @@ def _read_npz(path: Path, field: str) -> dict[str, np.ndarray]:
     return arrays
 
 
+def map_npz_member(path: Path, key: str) -> np.memmap | None:
+    """Array ``key`` of the ``.npz`` file ``path`` memory-mapped where it lies in the archive (read-only),
+    or None when the member is compressed (``numpy.savez_compressed``) and so cannot be mapped."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(f"{key}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with open(path, "rb") as handle:
+            handle.seek(info.header_offset)
+            local = handle.read(30)  # the member's local header: its name and extra field lengths at 26..29
+            name_length, extra_length = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            handle.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(handle)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(handle) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(handle))
+            offset = handle.tell()
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot map array {key} of {path}: {exc}") from None
+    if dtype.hasobject:
+        raise DataError(f"{path}: array {key} holds objects, not plain numbers")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def _streamed_npz(cfg: DataConfig, path: Path) -> DatasetSplits | None:
+    """The npz data memory-mapped (its ``x`` arrays stay on disk), or None when it is not to be streamed
+    (data.stream false, or null and small) or, with data.stream null, cannot be (compressed)."""
+    if cfg.stream is False:
+        return None
+    test_file = _existing_file(cfg.test_path, "data.test_path") if cfg.test_path is not None else None
+    with np.load(path, allow_pickle=False) as archive:
+        keys = set(archive.files)
+    keys = {k[:-4] if k.endswith(".npy") else k for k in keys}
+    _check_keys(dict.fromkeys(keys), f"data.path {path}")
+    x = map_npz_member(path, "x")
+    if x is None or not should_stream(cfg, len(x), x.shape[1:]):
+        if x is None and cfg.stream:
+            raise DataError(f"data.stream: {path} stores x compressed (numpy.savez_compressed), which cannot be "
+                            f"memory-mapped; save it with numpy.savez, or set data.stream: false")
+        return None
+    y = _read_npz(path, "data.path", keys=("y",))["y"]
+    test_x, test_y = None, None
+    if test_file is not None:
+        if "x_test" in keys:
+            raise DataError(f"data.test_path: {path} has its own x_test; give one test set, not two")
+        test_x, test_y = map_npz_member(test_file, "x"), _read_npz(test_file, "data.test_path", keys=("y",))["y"]
+    elif "x_test" in keys:
+        test_x, test_y = map_npz_member(path, "x_test"), _read_npz(path, "data.path", keys=("y_test",))["y_test"]
+    if test_file is not None or "x_test" in keys:
+        if test_x is None:
+            raise DataError(f"data.stream: the test inputs of {test_file or path} are stored compressed, which "
+                            f"cannot be memory-mapped; save them with numpy.savez, or set data.stream: false")
+    source = ArraySource(x)
+    test_source = ArraySource(test_x) if test_x is not None else None
+    if x.ndim < 2:
+        raise DataError(f"{path}: inputs must have one row per sample and at least one feature; got shape {x.shape}")
+    return split_streamed("npz", source, y, test_source, test_y, cfg, str(path))
+
+
 def load_npz(cfg: DataConfig) -> DatasetSplits:
     """An ``.npz`` file (``numpy.savez``) with arrays ``x`` (inputs, one row per sample) and ``y`` (labels),
-    and optionally ``x_test`` and ``y_test``; ``data.test_path`` may name another file with ``x`` and ``y``."""
+    and optionally ``x_test`` and ``y_test``; ``data.test_path`` may name another file with ``x`` and ``y``.
+    Streamed (data.stream), ``x`` is memory-mapped where it lies in the file: only labels are read whole."""
     path = _existing_file(cfg.path, "data.path")
+    try:
+        streamed = _streamed_npz(cfg, path)
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"data.path: cannot read {path} as .npz: {exc}") from None
+    if streamed is not None:
+        return streamed
     arrays = _read_npz(path, "data.path")
     if cfg.test_path is not None:
         test = _read_npz(_existing_file(cfg.test_path, "data.test_path"), "data.test_path")
@@ -179,8 +246,65 @@ def save_npz(arrays: Mapping[str, np.ndarray], path: Path) -> None:
     atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
+def dataset_input(dataset: Any, index: int, what: str) -> np.ndarray:
+    """The input of item ``index`` of a map-style Dataset of (input, label) pairs, as an array."""
+    try:
+        item = dataset[index]
+    except Exception as exc:
+        raise DataError(f"{what}: reading item {index} raised {type(exc).__name__}: {exc}") from None
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise DataError(f"{what}: item {index} is not an (input, label) pair")
+    return _numpy(item[0], f"{what} item {index} input")
+
+
+def _dataset_labels(dataset: Any, what: str) -> np.ndarray:
+    """Every label of a Dataset, from its ``targets`` (the torchvision convention) when it has them, else
+    read item by item (each input is dropped as soon as it is read)."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        labels = _numpy(targets, f"{what} targets")
+        if len(labels) != len(dataset):
+            raise DataError(f"{what}: {len(labels)} targets for {len(dataset)} items")
+        return labels
+    labels = []
+    for i in range(len(dataset)):
+        try:
+            item = dataset[i]
+        except Exception as exc:
+            raise DataError(f"{what}: reading item {i} raised {type(exc).__name__}: {exc}") from None
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise DataError(f"{what}: item {i} is not an (input, label) pair")
+        labels.append(_numpy(item[1], f"{what} item {i} label").item())
+    return np.asarray(labels)
+
+
+def _streamed_datasets(data: Any, cfg: DataConfig) -> DatasetSplits | None:
+    """A Dataset (or (train, test) Datasets) the loader returned, read item by item as batches need them; None
+    for anything else, or when data.stream is false (or null and the inputs are small)."""
+    import torch.utils.data
+
+    def is_dataset(value: Any) -> bool:
+        return isinstance(value, torch.utils.data.Dataset) and hasattr(value, "__len__")
+
+    pair = isinstance(data, (tuple, list)) and len(data) == 2 and all(map(is_dataset, data))
+    if cfg.stream is False or not (is_dataset(data) or pair):
+        return None
+    train, test = (data[0], data[1]) if pair else (data, None)
+    what = f"data.loader {cfg.loader}"
+    if len(train) == 0:
+        raise DataError(f"{what}: the Dataset is empty")
+    shape = dataset_input(train, 0, what).shape
+    if not should_stream(cfg, len(train) + (len(test) if test is not None else 0), shape):
+        return None
+    source = DatasetSource(train, shape, what)
+    test_source = DatasetSource(test, shape, f"{what} (test)") if test is not None else None
+    return split_streamed("custom", source, _dataset_labels(train, what), test_source,
+                          _dataset_labels(test, f"{what} (test)") if test is not None else None, cfg, what)
+
+
 def load_custom(cfg: DataConfig) -> DatasetSplits:
-    """``data.loader``'s function called with ``cfg``; what it returns is read as in-memory data."""
+    """``data.loader``'s function called with ``cfg``; what it returns is read as in-memory data, or, for
+    a torch Dataset that data.stream says to stream, item by item as batches need it (never all at once)."""
     loader = import_object(cfg.loader, "data.loader", "function")
     try:
         data = loader(cfg)
@@ -190,6 +314,9 @@ def load_custom(cfg: DataConfig) -> DatasetSplits:
         raise DataError(f"data.loader: {cfg.loader}(cfg) raised {type(exc).__name__}: {exc}") from exc
     if isinstance(data, DatasetSplits):
         return data
+    streamed = _streamed_datasets(data, cfg)
+    if streamed is not None:
+        return streamed
     arrays = as_arrays(data)
     return split_own_data("custom", arrays["x"], arrays["y"], arrays.get("x_test"), arrays.get("y_test"), cfg,
                           f"data.loader {cfg.loader}")

@@ -194,7 +194,7 @@ class ClassificationTask(Task):
                       f"on {len(data.train):,} samples; val = the {self.scored_on()}")
 
         def report(epoch: int, loss: float, seconds: float) -> None:
-            val = classification_metrics(predict_probs(model, split.x), split.y)
+            val = classification_metrics(predict_probs(model, split.x, cfg.search.eval_batch_size), split.y)
             model.train()
             epochs.step(f"[parent] epoch {epoch + 1}/{cfg.parent.epochs}  loss {loss:.4f}  "
                         f"val acc {val['accuracy']:.4f}  val nll {val['nll']:.4f}  ({seconds:.1f}s)")

@@ -24,6 +24,7 @@ examples:
   evo-subens export runs/default-s0-20261126-033727 --format onnx
   evo-subens config configs/default.yaml search.generations=5
   evo-subens bench throughput --models cnn,mlp10m
+  evo-subens bench streaming --images 8000 --size 64
   evo-subens bench quality --seeds 0,1,2 --configs configs/study/mnist1d,configs/study/digits
   evo-subens bench loop --seeds 0,1,2,3,4 --configs configs/study/loop/mnist1d
 """
@@ -108,6 +109,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                gpus_per_actor=args.gpus_per_actor,
                populations=[int(p) for p in args.populations.split(",") if p.strip()],
                stock_max_gb=args.stock_max_gb)
+    return 0
+
+
+def _cmd_bench_streaming(args: argparse.Namespace) -> int:
+    from .bench.streaming import streaming_bench
+
+    streaming_bench(folder=args.folder, images=args.images, size=args.size,
+                    workers=[int(w) for w in args.workers.split(",")], epochs=args.epochs, repeats=args.repeats,
+                    batch_size=args.batch_size, model=args.model, augment=args.augment)
     return 0
 
 
@@ -288,6 +298,22 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     throughput_parser.add_argument("--stock-max-gb", type=float, default=8.0,
                                    help="skip stock EvoTorch where its population would need more driver memory")
     throughput_parser.set_defaults(handler=_cmd_bench)
+    streaming_parser = bench_commands.add_parser(
+        "streaming", help="training samples/s of a streamed image folder vs the same folder in memory",
+        description="Trains one model from one initialisation on an image folder loaded in memory and streamed "
+                    "(DataLoader workers decoding batches), interleaved in one process; prints load seconds, "
+                    "median samples/s, the ratio to in memory, and whether the weights are identical.")
+    streaming_parser.add_argument("--folder", default=None, help="an image folder (class per sub-folder); "
+                                                                 "default: a synthetic one in a temporary folder")
+    streaming_parser.add_argument("--images", type=int, default=8000, help="synthetic images")
+    streaming_parser.add_argument("--size", type=int, default=64, help="synthetic images' side in pixels")
+    streaming_parser.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts")
+    streaming_parser.add_argument("--epochs", type=int, default=1, help="training epochs per measurement")
+    streaming_parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported)")
+    streaming_parser.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    streaming_parser.add_argument("--model", default="cnn2d", help="registry model (cnn2d, lenet, mlp)")
+    streaming_parser.add_argument("--augment", action="store_true", help="random crop and flip in every method")
+    streaming_parser.set_defaults(handler=_cmd_bench_streaming)
     prune_tune_parser = bench_commands.add_parser(
         "prune-tune", help="Prune-and-Tune ensembles vs single model, bagging and dropout at a 16-epoch budget",
         description="The shape of PAT Table 1 on Fashion-MNIST with a LeNet: parent 8 epochs + 8 children "

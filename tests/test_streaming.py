@@ -4,12 +4,10 @@ than the memory it is allowed completes."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -26,37 +24,22 @@ from PIL import Image
 
 import evo_subens
 from conftest import RUNTIME_COLUMNS, tiny_dict, untimed
+from evo_subens.bench.streaming import streaming_bench, write_image_folder
 from evo_subens.core.config import DataConfig
 from evo_subens.errors import ConfigError, DataError
 from evo_subens.tasks.classification.data import load_dataset
-from evo_subens.tasks.classification.streaming import ArraySource, LazyInputs
+from evo_subens.tasks.classification.streaming import LazyInputs
 from evo_subens.tasks.classification.training import augment_batch
 
 
-def write_folder(root: Path, count: int, size: int, classes: int = 3, variants: int = 6, seed: int = 0) -> None:
-    """``count`` PNG images of ``size`` x ``size`` RGB, class-per-folder: each class a striped pattern plus
-    noise, ``variants`` distinct encodings per class written round-robin (so large folders write fast)."""
-    rng = np.random.default_rng(seed)
-    columns = np.arange(size)[None, :] / size
-    bank = []
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
-        pattern = np.stack([np.sin((c + 1) * 3 * columns + k) * 0.5 + 0.5 for k in range(3)], -1) * 180
-        encoded = []
-        for _ in range(variants):
-            pixels = (np.broadcast_to(pattern, (size, size, 3)) + rng.integers(0, 76, (size, size, 3))).astype(np.uint8)
-            buffer = io.BytesIO()
-            Image.fromarray(pixels, "RGB").save(buffer, "PNG", compress_level=1)
-            encoded.append(buffer.getvalue())
-        bank.append(encoded)
-    for i in range(count):
-        (root / f"class{i % classes}" / f"{i:06d}.png").write_bytes(bank[i % classes][(i // classes) % variants])
+def write_folder(root: Path, count: int, size: int, classes: int = 3, variants: int = 25) -> None:
+    write_image_folder(root, count, size, classes=classes, variants=variants)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("images") / "train"
-    write_folder(root, 150, 12, variants=25)
+    write_folder(root, 150, 12)
     return root
 
 
@@ -69,7 +52,7 @@ def image_config(path: Path, **fields) -> DataConfig:
 @pytest.mark.parametrize("standardize", [False, True])
 def test_streamed_splits_are_the_in_memory_splits(folder: Path, standardize: bool) -> None:
     memory = load_dataset(image_config(folder, stream=False, standardize=standardize))
-    streamed = load_dataset(image_config(folder, stream=True, standardize=standardize, workers=2))
+    streamed = load_dataset(image_config(folder, stream=True, standardize=standardize, num_workers=2))
     assert streamed.streamed and not memory.streamed
     for name in ("train", "validation", "test"):
         lazy, whole = getattr(streamed, name), getattr(memory, name)
@@ -85,7 +68,7 @@ def test_streamed_splits_are_the_in_memory_splits(folder: Path, standardize: boo
 
 
 def test_lazy_inputs_index_like_a_tensor(folder: Path) -> None:
-    data = load_dataset(image_config(folder, stream=True, workers=0))
+    data = load_dataset(image_config(folder, stream=True, num_workers=0))
     whole = torch.cat(list(data.train.input_batches(1000)))
     x = data.train.x
     assert torch.equal(x[3], whole[3]) and torch.equal(x[2:9], whole[2:9])
@@ -101,16 +84,17 @@ def test_an_unreadable_image_in_a_streamed_folder_is_named_at_load(folder: Path,
     write_folder(root, 30, 8)
     (root / "class1" / "000004.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"cannot read image .*000004\.png") as error:
-        load_dataset(image_config(root, stream=True, workers=2))
+        load_dataset(image_config(root, stream=True, num_workers=2))
     assert "Traceback" not in str(error.value)  # the reader's message, not a worker process's traceback
     odd = tmp_path / "odd"
     write_folder(odd, 30, 8)
     Image.new("RGB", (9, 8)).save(odd / "class0" / "000003.png")
     with pytest.raises(DataError, match=r"000003\.png is 9x8 but the others are 8x8; set data.image_size"):
-        load_dataset(image_config(odd, stream=True, workers=0))
+        load_dataset(image_config(odd, stream=True, num_workers=0))
 
 
 def test_stream_is_refused_where_it_means_nothing() -> None:
+    """The built-in datasets are small and fixed: data.stream is an error there, not silently ignored."""
     with pytest.raises(ConfigError, match="data.stream"):
         DataConfig(name="digits", stream=True).check()
 
@@ -138,6 +122,39 @@ def test_npz_streams_memory_mapped_and_matches_the_in_memory_path(tmp_path: Path
     with pytest.raises(DataError, match="compressed .* numpy.savez, or set data.stream: false"):
         load_dataset(DataConfig(name="npz", path=str(tmp_path / "packed.npz"), stream=True))
     assert not load_dataset(DataConfig(name="npz", path=str(tmp_path / "packed.npz"))).streamed
+
+
+# --- csv -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"])
+def test_csv_streams_row_by_row_and_matches_the_in_memory_path(tmp_path: Path, line_end: str) -> None:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(400, 4)) * 3 + 7, columns=["a", "b", "c", "d"])
+    frame["a"] = rng.integers(0, 10, 400)  # an integer column
+    frame["label"] = np.where(rng.random(400) < 0.5, "yes", "no")
+    frame.to_csv(tmp_path / "d.csv", index=False, lineterminator=line_end)
+    frame[:50].to_csv(tmp_path / "t.csv", index=False, lineterminator=line_end)
+    for test_path in (None, str(tmp_path / "t.csv")):
+        fields = dict(name="csv", path=str(tmp_path / "d.csv"), target="label", test_path=test_path)
+        memory = load_dataset(DataConfig(stream=False, **fields))
+        streamed = load_dataset(DataConfig(stream=True, num_workers=2, **fields))
+        assert streamed.streamed and streamed.features == ("a", "b", "c", "d") == memory.features
+        for name in ("train", "validation", "test"):
+            lazy, whole = getattr(streamed, name), getattr(memory, name)
+            assert torch.equal(torch.cat(list(lazy.input_batches(64))), whole.x) and torch.equal(lazy.y, whole.y)
+        assert streamed.description() == memory.description()
+
+
+def test_streamed_csv_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
+    rows = ["a,b,label"] + [f"{i},{i % 3},{i % 2}" for i in range(1500)]
+    rows[1200] = "1,x,0"  # past the rows checked up front: found by the scan at load
+    (tmp_path / "late.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"late\.csv: cannot read rows .* must hold numbers"):
+        load_dataset(DataConfig(name="csv", path=str(tmp_path / "late.csv"), target="label", stream=True,
+                                num_workers=0))
+    (tmp_path / "quoted.csv").write_text('a,label\n1,"two\nlines"\n2,x\n3,y\n')
+    with pytest.raises(DataError, match="line break, which streaming cannot seek to; set data.stream: false"):
+        load_dataset(DataConfig(name="csv", path=str(tmp_path / "quoted.csv"), target="label", stream=True))
 
 
 # --- a user Dataset --------------------------------------------------------------------------------
@@ -175,7 +192,7 @@ def test_a_user_dataset_is_streamed_without_being_materialised(monkeypatch: pyte
 
     monkeypatch.setattr(tabular, "_dataset_arrays", refuse)
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    cfg = DataConfig(name="custom", loader="test_streaming:counting_loader", stream=True, workers=0)
+    cfg = DataConfig(name="custom", loader="test_streaming:counting_loader", stream=True, num_workers=0)
     data = load_dataset(cfg)
     assert data.streamed and isinstance(data.train.x, LazyInputs)
     dataset = CountingDataset()
@@ -184,7 +201,7 @@ def test_a_user_dataset_is_streamed_without_being_materialised(monkeypatch: pyte
     expected = (whole[positions] - data.transform.mean) / data.transform.std
     assert torch.allclose(data.train.x[0:len(positions)], torch.from_numpy(expected.astype(np.float32)), atol=1e-5)
     config = tiny_dict(tmp_path / "runs", {"data": {"name": "custom", "loader": "test_streaming:counting_loader",
-                                                     "stream": True, "workers": 0, "num_samples": None},
+                                                     "stream": True, "num_workers": 0, "num_samples": None},
                                            "children": {"sigma": 0.1}})
     result = evo_subens.run(config)
     assert result.metrics["ensemble"]["accuracy"] > 0.5
@@ -229,7 +246,7 @@ def run_on(folder: Path, out: Path, **data) -> evo_subens.RunResult:
 def test_a_streamed_run_equals_the_in_memory_run(folder: Path, tmp_path: Path, augment: bool,
                                                 capsys: pytest.CaptureFixture) -> None:
     memory = run_on(folder, tmp_path / "memory", stream=False, augment=augment)
-    streamed = run_on(folder, tmp_path / "streamed", stream=True, workers=2, augment=augment)
+    streamed = run_on(folder, tmp_path / "streamed", stream=True, num_workers=2, augment=augment)
     assert "streamed from its files" in capsys.readouterr().out
     assert untimed(streamed.metrics) == untimed(memory.metrics)
     population = [pd.read_parquet(r.run_dir / "population.parquet").drop(columns=RUNTIME_COLUMNS)
@@ -317,12 +334,12 @@ def test_a_run_over_images_larger_than_its_memory_cap_completes(tmp_path: Path, 
     completes. Where no cgroup can be made, the streamed run's peak memory (proportional resident memory of
     the run and its DataLoader workers) is measured against the same bound."""
     count, size = 16_000, 128
-    write_folder(tmp_path / "images", count, size, classes=4, variants=8)
+    write_image_folder(tmp_path / "images", count, size)
     decoded = count * 3 * size * size * 4
     cap = decoded // 2
     config = tiny_dict(tmp_path / "runs", {
         "data": {"name": "imagefolder", "path": str(tmp_path / "images"), "num_samples": None,
-                 "standardize": True, "workers": 2},
+                 "standardize": True, "num_workers": 2},
         "parent": {"epochs": 1, "batch_size": 128, "lr": 0.01},
         "search": {"population": 4, "generations": 1, "eval_batch_size": 250},
         "ensemble": {"size": 2}})
@@ -359,3 +376,12 @@ def test_a_run_over_images_larger_than_its_memory_cap_completes(tmp_path: Path, 
             assert in_memory.returncode != 0  # the cap is real: the whole data does not fit under it
     metrics = json.loads(next((tmp_path / "runs").glob("*/metrics.json")).read_text())
     assert metrics["parent"]["accuracy"] > 0.5 and metrics["ensemble"]["accuracy"] > 0.5
+
+
+@pytest.mark.slow
+def test_the_streaming_bench_reports_each_method_with_identical_weights(tmp_path: Path) -> None:
+    write_folder(tmp_path / "images", 240, 16)
+    rows = streaming_bench(folder=str(tmp_path / "images"), workers=[0, 2], repeats=1, model="mlp")
+    assert [row["method"] for row in rows] == ["in memory", "streamed, 0 workers", "streamed, 2 workers"]
+    assert all(row["same_weights"] and row["samples_per_s"] > 0 for row in rows)
+    assert rows[0]["ratio"] == 1.0

@@ -14,7 +14,7 @@ DATASET_NAMES = ("mnist1d", "digits", "fashion-mnist", "csv", "npz", "imagefolde
 # Those whose preprocessing the config sets (data.scale, standardize, mean, std); the built-ins have theirs fixed.
 OWN_DATA = ("csv", "npz", "imagefolder", "cifar10", "cifar100", "custom")
 # Those that can be read on demand (data.stream).
-STREAMABLE = ("npz", "imagefolder", "custom")
+STREAMABLE = ("csv", "npz", "imagefolder", "custom")
 
 
 @dataclass
@@ -53,12 +53,13 @@ class DataConfig:
                                            "null = keep (all images must then have one size)")
     channels: int | None = option(None, "imagefolder: 1 (grayscale) or 3 (RGB); null = 1 when every image is "
                                         "grayscale, else 3", choices=(1, 3))
-    stream: bool | None = option(None, "imagefolder/npz/custom (a Dataset): true = the training split stays in "
-                                       "its files and is read batch by batch (npz memory-mapped), the validation "
-                                       "and test splits held in their compact form (uint8 images); false = "
-                                       "everything is loaded as float32 arrays; null = stream when those "
-                                       "arrays would exceed 1 GiB. Results are the same either way")
-    workers: int = option(2, "streamed images or Dataset: DataLoader worker processes that read and decode "
+    stream: bool | None = option(None, "csv/npz/imagefolder/custom (a Dataset): true = the training split stays "
+                                       "in its file(s) and is read batch by batch (npz memory-mapped, csv rows "
+                                       "parsed as needed, images decoded by DataLoader workers), validation and "
+                                       "test held in their compact form (uint8 images); false = everything loaded "
+                                       "as float32 arrays; null = stream when those arrays would exceed 1 GiB. "
+                                       "Results are the same either way")
+    num_workers: int = option(2, "streamed csv, images or Dataset: DataLoader worker processes that read and decode "
                              "batches ahead of training (0 = in the training process)", ge=0)
     augment: bool = option(False, "images: each training batch (parent, child tuning, fine-tuning, baselines) "
                                   "randomly cropped after 4-pixel zero padding and flipped left-right, seeded "

@@ -16,13 +16,14 @@ import dataclasses
 import io
 import pickle
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from ...core.config import DataConfig
 from ...errors import DataError
 from .splits import DatasetSplits, should_stream, split_own_data, split_streamed
-from .streaming import ImageFiles
+from .streaming import SampleSource
 
 __all__ = ["load_imagefolder", "load_cifar10", "load_cifar100"]
 
@@ -62,6 +63,35 @@ def read_image(file: Path, mode: str, size: tuple[int, int] | None) -> np.ndarra
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DataError(f"cannot read image {file}: {exc}") from None
     return (array if array.ndim == 3 else array[:, :, None]).transpose(2, 0, 1)
+
+
+class ImageFiles(SampleSource):
+    """Image files decoded with Pillow into (channels, height, width) uint8 arrays, converted to ``mode``
+    and resized to ``size`` (height, width) when given; every image must come out as ``shape``."""
+
+    decodes = True
+
+    def __init__(self, files: Sequence[Path | str], mode: str, size: tuple[int, int] | None,
+                 shape: tuple[int, int, int]):
+        self.files = [str(f) for f in files]
+        self.mode, self.size, self.shape = mode, size, tuple(shape)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        out = np.empty((len(indices), *self.shape), dtype=np.uint8)
+        for row, index in enumerate(np.asarray(indices).tolist()):
+            image = read_image(Path(self.files[index]), self.mode, self.size)
+            if image.shape != self.shape:
+                raise DataError(f"image {self.files[index]} is {image.shape[2]}x{image.shape[1]} but the others are "
+                                f"{self.shape[2]}x{self.shape[1]}; set data.image_size: [height, width] to resize all")
+            out[row] = image
+        return out
 
 
 def _read_images(files: list[Path], mode: str, size: tuple[int, int] | None) -> np.ndarray:

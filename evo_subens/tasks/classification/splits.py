@@ -403,11 +403,11 @@ def split_streamed(name: str, source: SampleSource, labels: np.ndarray, test_sou
         test_positions, pool_positions = np.arange(len(test_source)), np.arange(len(y))
     val_idx, train_idx = _pool_order(len(y), cfg, cfg.num_samples)
     sample_shape = tuple(source.sample_shape)
-    transform = _transform(cfg, sample_shape, streamed_moments(source, pool_positions[train_idx], cfg.workers),
+    transform = _transform(cfg, sample_shape, streamed_moments(source, pool_positions[train_idx], cfg.num_workers),
                            255.0 if images else 1.0, not images)
 
     def split(from_source: SampleSource, positions: np.ndarray, labels: np.ndarray, keep_streamed: bool) -> Split:
-        inputs = LazyInputs(from_source, positions, transform, cfg.workers)
+        inputs = LazyInputs(from_source, positions, transform, cfg.num_workers)
         if not keep_streamed and from_source.decodes:
             inputs = inputs.in_memory()
         return Split(inputs, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)).clone())

@@ -1,7 +1,8 @@
 """Inputs read when a batch needs them: data larger than memory, streamed from where it lives.
 
-A streamed split's ``x`` is a :class:`LazyInputs`: a :class:`SampleSource` (an image folder's files, a
-memory-mapped array, the user's torch ``Dataset``), the positions of the split's samples in it, and the
+A streamed split's ``x`` is a :class:`LazyInputs`: a :class:`SampleSource` (a memory-mapped array here; an
+image folder's files in :mod:`.images`, a CSV file's rows and the user's torch ``Dataset`` in :mod:`.tabular`),
+the positions of the split's samples in it, and the
 preprocessing (:class:`~.splits.InputTransform`). Indexing it (``x[a:b]``, ``x[index]``) reads and
 preprocesses just those samples; :func:`input_batches` reads a whole sequence of batches through
 ``torch.utils.data.DataLoader`` worker processes when the source must decode (images, Datasets).
@@ -17,15 +18,14 @@ run gives the same results as the in-memory path on data small enough for both.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from ...errors import DataError
 
-__all__ = ["SampleSource", "ArraySource", "ImageFiles", "DatasetSource", "LazyInputs", "input_batches"]
+__all__ = ["SampleSource", "ArraySource", "LazyInputs", "input_batches"]
 
 
 class SampleSource(ABC):
@@ -74,63 +74,6 @@ class ArraySource(SampleSource):
             self.array = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=tuple(shape))
         else:
             self.array = state["array"]
-
-
-class ImageFiles(SampleSource):
-    """Image files decoded with Pillow into (channels, height, width) uint8 arrays, converted to ``mode``
-    and resized to ``size`` (height, width) when given; every image must come out as ``shape``."""
-
-    decodes = True
-
-    def __init__(self, files: Sequence[Path | str], mode: str, size: tuple[int, int] | None,
-                 shape: tuple[int, int, int]):
-        self.files = [str(f) for f in files]
-        self.mode, self.size, self.shape = mode, size, tuple(shape)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.shape
-
-    def read(self, indices: np.ndarray) -> np.ndarray:
-        from .images import read_image
-
-        out = np.empty((len(indices), *self.shape), dtype=np.uint8)
-        for row, index in enumerate(np.asarray(indices).tolist()):
-            image = read_image(Path(self.files[index]), self.mode, self.size)
-            if image.shape != self.shape:
-                raise DataError(f"image {self.files[index]} is {image.shape[2]}x{image.shape[1]} but the others are "
-                                f"{self.shape[2]}x{self.shape[1]}; set data.image_size: [height, width] to resize all")
-            out[row] = image
-        return out
-
-
-class DatasetSource(SampleSource):
-    """A map-style torch ``Dataset`` of (input, label) pairs, read item by item; only the items of a batch
-    are ever held."""
-
-    decodes = True
-
-    def __init__(self, dataset: Any, sample_shape: tuple[int, ...], what: str):
-        self.dataset, self.shape, self.what = dataset, tuple(sample_shape), what
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.shape
-
-    def read(self, indices: np.ndarray) -> np.ndarray:
-        from .tabular import dataset_input
-
-        rows = [dataset_input(self.dataset, i, self.what) for i in np.asarray(indices).tolist()]
-        for i, row in zip(np.asarray(indices).tolist(), rows):
-            if row.shape != self.shape:
-                raise DataError(f"{self.what}: item {i} has input shape {row.shape}, item 0 has {self.shape}")
-        return np.stack(rows) if rows else np.empty((0, *self.shape), dtype=np.float32)
 
 
 class LazyInputs:

@@ -10,9 +10,10 @@ Every route ends in :func:`~.splits.split_own_data`, so they share labels, split
 from __future__ import annotations
 
 import dataclasses
+import io
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from ...core.config import DataConfig
 from ...errors import DataError
 from ...imports import import_object
 from .splits import DatasetSplits, should_stream, split_own_data, split_streamed
-from .streaming import ArraySource, DatasetSource
+from .streaming import ArraySource, SampleSource
 
 __all__ = ["load_csv", "load_npz", "load_custom", "as_arrays", "save_npz"]
 
@@ -36,6 +37,42 @@ def _existing_file(path: str | None, field: str) -> Path:
     return file
 
 
+class CsvRows(SampleSource):
+    """The numeric feature columns of a CSV file's rows, parsed by pandas from the bytes of just the rows a
+    batch needs (``starts`` and ``lengths``: each row's byte range, from one scan of the file)."""
+
+    decodes = True
+
+    def __init__(self, path: Path | str, columns: Sequence[str], target: str, starts: np.ndarray,
+                 lengths: np.ndarray):
+        self.path, self.columns, self.target = str(path), list(columns), target
+        self.starts, self.lengths = starts, lengths
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (len(self.columns) - 1,)
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        import pandas as pd
+
+        indices = np.asarray(indices)
+        with open(self.path, "rb") as handle:
+            rows = []
+            for index in indices.tolist():
+                handle.seek(int(self.starts[index]))
+                rows.append(handle.read(int(self.lengths[index])))
+        try:
+            frame = pd.read_csv(io.BytesIO(b"\n".join(rows)), header=None, names=self.columns,
+                                skip_blank_lines=False)
+            return frame.drop(columns=[self.target]).to_numpy(dtype=np.float32)
+        except Exception as exc:  # pandas raises parser and conversion errors of many types
+            raise DataError(f"{self.path}: cannot read rows {indices[:5].tolist()}...: feature columns must hold "
+                            f"numbers ({type(exc).__name__}: {exc})") from None
+
+
 def _read_csv(path: Path, target: str, field: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     import pandas as pd
 
@@ -43,6 +80,12 @@ def _read_csv(path: Path, target: str, field: str) -> tuple[np.ndarray, np.ndarr
         frame = pd.read_csv(path)
     except Exception as exc:  # pandas raises parser, encoding and empty-file errors of many types
         raise DataError(f"{field}: cannot read {path} as CSV: {type(exc).__name__}: {exc}") from None
+    features, labels = _checked_columns(frame, path, target)
+    return features.to_numpy(dtype=np.float32), labels.to_numpy(), [str(c) for c in features.columns]
+
+
+def _checked_columns(frame: Any, path: Path, target: str) -> tuple[Any, Any]:
+    """A CSV frame's feature columns and label column, each checked (numeric, filled; labels filled)."""
     if target not in frame.columns:
         raise DataError(f"data.target: {path} has no column {target!r}; its columns are "
                         f"{', '.join(map(repr, frame.columns[:20]))}")
@@ -61,13 +104,82 @@ def _read_csv(path: Path, target: str, field: str) -> tuple[np.ndarray, np.ndarr
     if missing:
         raise DataError(f"{path}: feature columns with empty cells: {', '.join(map(repr, missing[:5]))} "
                         f"(fill or drop them first)")
-    return features.to_numpy(dtype=np.float32), labels.to_numpy(), [str(c) for c in features.columns]
+    return features, labels
+
+
+def _row_ranges(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offset and length of each non-empty line after the header, from one pass over the file in
+    chunks."""
+    ends, size, chunk = [], path.stat().st_size, 16 * 2**20
+    with open(path, "rb") as handle:
+        for begin in range(0, size, chunk):
+            block = np.frombuffer(handle.read(chunk), dtype=np.uint8)
+            ends.append(np.flatnonzero(block == ord("\n")) + begin)
+    newlines = np.concatenate(ends) if ends else np.empty(0, dtype=np.int64)
+    if not len(newlines) or newlines[-1] != size - 1:
+        newlines = np.append(newlines, size)  # a last line without its line break
+    starts, lengths = newlines[:-1] + 1, np.diff(newlines) - 1
+    keep = lengths > 0
+    return starts[keep].astype(np.int64), lengths[keep].astype(np.int64)
+
+
+def _csv_rows(path: Path, target: str, field: str) -> tuple[CsvRows, np.ndarray, list[str]]:
+    """A CSV file as rows read on demand, its labels (read in chunks: only that column) and its feature
+    columns; the first rows are checked as the in-memory reader checks them all."""
+    import pandas as pd
+
+    try:
+        head = pd.read_csv(path, nrows=1000)
+        _checked_columns(head, path, target)
+        labels = pd.concat([chunk[target] for chunk in pd.read_csv(path, usecols=[target], chunksize=2**20)],
+                           ignore_index=True)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{field}: cannot read {path} as CSV: {type(exc).__name__}: {exc}") from None
+    starts, lengths = _row_ranges(path)
+    if len(labels) != len(starts):
+        raise DataError(f"{field}: {path} has {len(labels)} rows as CSV but {len(starts)} lines: a quoted value "
+                        f"holds a line break, which streaming cannot seek to; set data.stream: false")
+    if labels.isna().any():
+        raise DataError(f"{path}: the label column {target!r} is empty in {int(labels.isna().sum())} rows")
+    columns = [str(c) for c in head.columns]
+    return CsvRows(path, columns, target, starts, lengths), labels.to_numpy(), [c for c in columns if c != target]
+
+
+def _streamed_csv(cfg: DataConfig, path: Path, test_file: Path | None) -> DatasetSplits | None:
+    """The CSV (and its test file) read row by row as batches need them, or None when data.stream says to
+    load it whole (null: when its float32 features would fit under the streaming threshold)."""
+    if cfg.stream is False:
+        return None
+    if cfg.stream is None:
+        with open(path, "rb") as handle:
+            features = handle.readline().count(b",")
+        # A row holds at least two bytes per feature (a digit and a comma): the file's size bounds the rows.
+        if not should_stream(cfg, path.stat().st_size // max(1, 2 * features), (features,)):
+            return None
+    source, labels, features = _csv_rows(path, cfg.target, "data.path")
+    if cfg.stream is None and not should_stream(cfg, len(source), source.sample_shape):
+        return None
+    test_source = test_labels = None
+    if test_file is not None:
+        test_source, test_labels, test_features = _csv_rows(test_file, cfg.target, "data.test_path")
+        if test_features != features:
+            raise DataError(f"data.test_path: {test_file} has feature columns {test_features[:8]}, "
+                            f"{path} has {features[:8]}; they must match, in order")
+    splits = split_streamed("csv", source, labels, test_source, test_labels, cfg, str(path))
+    return dataclasses.replace(splits, features=tuple(features))
 
 
 def load_csv(cfg: DataConfig) -> DatasetSplits:
     """A CSV file with a header row: ``data.target`` is the label column, every other column a feature (their
-    names, in order, are the splits' ``features``)."""
+    names, in order, are the splits' ``features``). Streamed (data.stream), the file is scanned once for its
+    rows' byte ranges and each batch's rows are parsed when it is read."""
     path = _existing_file(cfg.path, "data.path")
+    streamed = _streamed_csv(cfg, path, _existing_file(cfg.test_path, "data.test_path")
+                             if cfg.test_path is not None else None)
+    if streamed is not None:
+        return streamed
     x, labels, columns = _read_csv(path, cfg.target, "data.path")
     test_x = test_labels = None
     if cfg.test_path is not None:
@@ -276,6 +388,30 @@ def _dataset_labels(dataset: Any, what: str) -> np.ndarray:
             raise DataError(f"{what}: item {i} is not an (input, label) pair")
         labels.append(_numpy(item[1], f"{what} item {i} label").item())
     return np.asarray(labels)
+
+
+class DatasetSource(SampleSource):
+    """A map-style torch ``Dataset`` of (input, label) pairs, read item by item; only the items of a batch
+    are ever held."""
+
+    decodes = True
+
+    def __init__(self, dataset: Any, sample_shape: tuple[int, ...], what: str):
+        self.dataset, self.shape, self.what = dataset, tuple(sample_shape), what
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        rows = [dataset_input(self.dataset, i, self.what) for i in np.asarray(indices).tolist()]
+        for i, row in zip(np.asarray(indices).tolist(), rows):
+            if row.shape != self.shape:
+                raise DataError(f"{self.what}: item {i} has input shape {row.shape}, item 0 has {self.shape}")
+        return np.stack(rows) if rows else np.empty((0, *self.shape), dtype=np.float32)
 
 
 def _streamed_datasets(data: Any, cfg: DataConfig) -> DatasetSplits | None:

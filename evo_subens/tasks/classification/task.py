@@ -110,7 +110,7 @@ class ClassificationTask(Task):
     def describe_data(self) -> str:
         data = self.data
         held = f" + {len(self.holdout):,} held back" if self.holdout is not None else ""
-        streamed = (f"  (training split streamed from its files by {self.cfg.data.workers} DataLoader workers; "
+        streamed = (f"  (training split streamed from its files by {self.cfg.data.num_workers} DataLoader workers; "
                     f"validation and test held compact)" if data.streamed else "")
         return (f"[data] {data.name}: train {len(data.train):,}  validation {len(self.selection):,}{held}  "
                 f"test {len(data.test):,}{streamed}")

@@ -361,13 +361,18 @@ def _reliability_plot(reliability: dict, path: Path) -> None:
     _save(figure, path)
 
 
+FEATURE_POOL_BYTES = 64 * 2**20
+
+
 def _feature_grid(ensemble: Ensemble, train_x: torch.Tensor, seed: int, path: Path,
                   progress: Progress) -> list[str]:
     rows = ([("parent", ensemble.parent)] if ensemble.parent is not None else []) + \
         [(f"member {i}", m) for i, m in enumerate(ensemble.members[:FEATURE_MEMBERS])]
     units = pick_units(rows[0][1], ensemble.input_shape, FEATURE_UNITS, seed)
-    start = starting_inputs(rows[0][1], units, train_x)
-    bounds = tuple(torch.quantile(train_x[:2000].float().flatten(), torch.tensor([0.005, 0.995])).tolist())
+    # Up to 2,000 training inputs, fewer where they are large (about 64 MiB of them: 341 images of 128x128 RGB).
+    pool = train_x[:max(1, min(2000, FEATURE_POOL_BYTES // (4 * math.prod(train_x.shape[1:]))))].float()
+    start = starting_inputs(rows[0][1], units, pool, pool=len(pool))
+    bounds = tuple(np.quantile(pool.numpy(), [0.005, 0.995]).tolist())
     images = []
     table = ["| model | " + " | ".join(f"unit {u}" for u in units) + " |", "| --- |" + " ---: |" * len(units)]
     progress(f"[report] feature visualisation: {len(units)} units in {len(rows)} models")

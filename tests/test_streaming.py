@@ -385,3 +385,22 @@ def test_the_streaming_bench_reports_each_method_with_identical_weights(tmp_path
     assert [row["method"] for row in rows] == ["in memory", "streamed, 0 workers", "streamed, 2 workers"]
     assert all(row["same_weights"] and row["samples_per_s"] > 0 for row in rows)
     assert rows[0]["ratio"] == 1.0
+
+
+@pytest.mark.ray
+def test_actors_share_one_copy_of_the_compact_validation_split(ray_session, folder: Path) -> None:
+    """The validation pixels reach Ray workers through the object store: each worker maps the node's one
+    copy (a read-only view of shared memory), not a private float32 copy."""
+    import ray
+
+    data = load_dataset(image_config(folder, stream=True, num_workers=0))
+    ref = ray.put(data.validation.x)
+
+    @ray.remote(num_cpus=0)
+    def inspect(inputs: LazyInputs) -> tuple[str, bool, list]:
+        array = inputs.source.array
+        return str(array.dtype), bool(array.flags.writeable), inputs[0:3].tolist()
+
+    dtype, writeable, first = ray.get(inspect.remote(ref))
+    assert dtype == "uint8" and not writeable  # zero-copy from the object store: no private copy
+    assert first == data.validation.x[0:3].tolist()

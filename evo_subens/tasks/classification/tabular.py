@@ -107,6 +107,12 @@ def _checked_columns(frame: Any, path: Path, target: str) -> tuple[Any, Any]:
     return features, labels
 
 
+def _same_columns(test_file: Path, test_columns: list[str], path: Path, columns: list[str]) -> None:
+    if test_columns != columns:
+        raise DataError(f"data.test_path: {test_file} has feature columns {test_columns[:8]}, "
+                        f"{path} has {columns[:8]}; they must match, in order")
+
+
 def _row_ranges(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Byte offset and length of each non-empty line after the header, from one pass over the file in
     chunks."""
@@ -164,9 +170,7 @@ def _streamed_csv(cfg: DataConfig, path: Path, test_file: Path | None) -> Datase
     test_source = test_labels = None
     if test_file is not None:
         test_source, test_labels, test_features = _csv_rows(test_file, cfg.target, "data.test_path")
-        if test_features != features:
-            raise DataError(f"data.test_path: {test_file} has feature columns {test_features[:8]}, "
-                            f"{path} has {features[:8]}; they must match, in order")
+        _same_columns(test_file, test_features, path, features)
     splits = split_streamed("csv", source, labels, test_source, test_labels, cfg, str(path))
     return dataclasses.replace(splits, features=tuple(features))
 
@@ -185,9 +189,7 @@ def load_csv(cfg: DataConfig) -> DatasetSplits:
     if cfg.test_path is not None:
         test_file = _existing_file(cfg.test_path, "data.test_path")
         test_x, test_labels, test_columns = _read_csv(test_file, cfg.target, "data.test_path")
-        if test_columns != columns:
-            raise DataError(f"data.test_path: {test_file} has feature columns {test_columns[:8]}, "
-                            f"{path} has {columns[:8]}; they must match, in order")
+        _same_columns(test_file, test_columns, path, columns)
     splits = split_own_data("csv", x, labels, test_x, test_labels, cfg, str(path))
     # Recorded, so the ensemble can take rows by column name (a DataFrame in another column order).
     return dataclasses.replace(splits, features=tuple(columns))

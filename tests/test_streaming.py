@@ -232,21 +232,25 @@ def test_augmentation_is_refused_for_inputs_that_are_not_images(tmp_path: Path) 
 
 # --- whole runs ------------------------------------------------------------------------------------
 
-def run_on(folder: Path, out: Path, **data) -> evo_subens.RunResult:
+def run_on(folder: Path, out: Path, executor: str = "local", **data) -> evo_subens.RunResult:
     config = tiny_dict(out, {
         "data": {"name": "imagefolder", "path": str(folder), "num_samples": None, "standardize": True, **data},
-        "parent": {"epochs": 3}, "finetune": {"epochs": 1}})
+        "parent": {"epochs": 3}, "finetune": {"epochs": 1},
+        "workers": {"executor": executor} if executor == "local" else {"executor": "ray", "num_actors": 2}})
     # Sparse children are tuned on the training split inside the workers: streamed there too.
     config["children"] = {"family": "sparse", "mask": "random", "sparsity": 0.5, "tune": {"epochs": 1}}
     return evo_subens.run(config)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("augment", [False, True])
-def test_a_streamed_run_equals_the_in_memory_run(folder: Path, tmp_path: Path, augment: bool,
-                                                capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("augment, executor", [(False, "local"), pytest.param(True, "ray", marks=pytest.mark.ray)])
+def test_a_streamed_run_equals_the_in_memory_run(folder: Path, tmp_path: Path, augment: bool, executor: str,
+                                                capsys: pytest.CaptureFixture, request: pytest.FixtureRequest) -> None:
+    """On Ray, the actors read the streamed training split themselves when they tune children."""
+    if executor == "ray":
+        request.getfixturevalue("ray_session")
     memory = run_on(folder, tmp_path / "memory", stream=False, augment=augment)
-    streamed = run_on(folder, tmp_path / "streamed", stream=True, num_workers=2, augment=augment)
+    streamed = run_on(folder, tmp_path / "streamed", executor, stream=True, num_workers=2, augment=augment)
     assert "streamed from its files" in capsys.readouterr().out
     assert untimed(streamed.metrics) == untimed(memory.metrics)
     population = [pd.read_parquet(r.run_dir / "population.parquet").drop(columns=RUNTIME_COLUMNS)

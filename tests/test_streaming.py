@@ -183,6 +183,12 @@ def counting_loader(cfg: DataConfig) -> CountingDataset:
     return CountingDataset()
 
 
+def untargeted_loader(cfg: DataConfig) -> CountingDataset:
+    dataset = CountingDataset()
+    dataset.targets = None  # labels then come item by item
+    return dataset
+
+
 def test_a_user_dataset_is_streamed_without_being_materialised(monkeypatch: pytest.MonkeyPatch,
                                                                tmp_path: Path) -> None:
     from evo_subens.tasks.classification import tabular
@@ -200,6 +206,9 @@ def test_a_user_dataset_is_streamed_without_being_materialised(monkeypatch: pyte
     positions = data.train.x.positions
     expected = (whole[positions] - data.transform.mean) / data.transform.std
     assert torch.allclose(data.train.x[0:len(positions)], torch.from_numpy(expected.astype(np.float32)), atol=1e-5)
+    untargeted = load_dataset(DataConfig(name="custom", loader="test_streaming:untargeted_loader", stream=True,
+                                         num_workers=0))
+    assert untargeted.fingerprint() == data.fingerprint()
     config = tiny_dict(tmp_path / "runs", {"data": {"name": "custom", "loader": "test_streaming:counting_loader",
                                                      "stream": True, "num_workers": 0, "num_samples": None},
                                            "children": {"sigma": 0.1}})

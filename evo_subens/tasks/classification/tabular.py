@@ -360,15 +360,20 @@ def save_npz(arrays: Mapping[str, np.ndarray], path: Path) -> None:
     atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
-def dataset_input(dataset: Any, index: int, what: str) -> np.ndarray:
-    """The input of item ``index`` of a map-style Dataset of (input, label) pairs, as an array."""
+def _dataset_item(dataset: Any, index: int, what: str) -> tuple[Any, Any]:
+    """Item ``index`` of a map-style Dataset, checked to be an (input, label) pair."""
     try:
         item = dataset[index]
     except Exception as exc:
         raise DataError(f"{what}: reading item {index} raised {type(exc).__name__}: {exc}") from None
     if not (isinstance(item, (tuple, list)) and len(item) == 2):
         raise DataError(f"{what}: item {index} is not an (input, label) pair")
-    return _numpy(item[0], f"{what} item {index} input")
+    return item[0], item[1]
+
+
+def dataset_input(dataset: Any, index: int, what: str) -> np.ndarray:
+    """The input of item ``index`` of a map-style Dataset of (input, label) pairs, as an array."""
+    return _numpy(_dataset_item(dataset, index, what)[0], f"{what} item {index} input")
 
 
 def _dataset_labels(dataset: Any, what: str) -> np.ndarray:
@@ -380,16 +385,8 @@ def _dataset_labels(dataset: Any, what: str) -> np.ndarray:
         if len(labels) != len(dataset):
             raise DataError(f"{what}: {len(labels)} targets for {len(dataset)} items")
         return labels
-    labels = []
-    for i in range(len(dataset)):
-        try:
-            item = dataset[i]
-        except Exception as exc:
-            raise DataError(f"{what}: reading item {i} raised {type(exc).__name__}: {exc}") from None
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise DataError(f"{what}: item {i} is not an (input, label) pair")
-        labels.append(_numpy(item[1], f"{what} item {i} label").item())
-    return np.asarray(labels)
+    return np.asarray([_numpy(_dataset_item(dataset, i, what)[1], f"{what} item {i} label").item()
+                       for i in range(len(dataset))])
 
 
 class DatasetSource(SampleSource):

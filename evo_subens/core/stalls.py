@@ -6,7 +6,8 @@ SIGSTOP, deadlocked, swapped out for good): a search would wait on it forever. E
 call slot (``max_concurrency=2``; the driver sends it one piece of work at a time), so a ping answers
 within milliseconds while the first slot works. An actor the driver has heard from since it (re)started (a
 ping answered, or evaluation results it returned) that then leaves ``timeout`` seconds of pings unanswered,
-on a node Ray still counts as alive (a lost node's actors are Ray's to restart), is killed with ``ray.kill(no_restart=False)``: Ray restarts it, the new process
+on a node Ray still counts as alive (a lost node's actors are Ray's to restart), is killed with
+``ray.kill(no_restart=False)``: Ray restarts it, the new process
 fetches the payload again and the retried work gives the same results, since a candidate's score does not
 depend on the process. An error in the watch itself is reported and the watch goes on: a watch that died
 would leave the search waiting on a stopped actor forever.

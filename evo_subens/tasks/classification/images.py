@@ -70,6 +70,7 @@ class ImageFiles(SampleSource):
     and resized to ``size`` (height, width) when given; every image must come out as ``shape``."""
 
     decodes = True
+    dtype = np.dtype(np.uint8)
 
     def __init__(self, files: Sequence[Path | str], mode: str, size: tuple[int, int] | None,
                  shape: tuple[int, int, int]):
@@ -95,15 +96,9 @@ class ImageFiles(SampleSource):
 
 
 def _read_images(files: list[Path], mode: str, size: tuple[int, int] | None) -> np.ndarray:
-    images = []
-    for file in files:
-        image = read_image(file, mode, size)
-        if images and image.shape != images[0].shape:
-            raise DataError(f"image {file} is {image.shape[2]}x{image.shape[1]} but {files[0]} is "
-                            f"{images[0].shape[2]}x{images[0].shape[1]}; set data.image_size: [height, width] to "
-                            f"resize all")
-        images.append(image)
-    return np.stack(images)
+    """Every image of ``files`` decoded into one uint8 array (all must come out the size of the first)."""
+    shape = read_image(files[0], mode, size).shape
+    return ImageFiles(files, mode, size, shape).read(np.arange(len(files)))
 
 
 def _image_mode(cfg: DataConfig, files: list[Path]) -> str:

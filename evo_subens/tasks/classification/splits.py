@@ -22,7 +22,7 @@ import torch
 
 from ...core.config import DataConfig
 from ...errors import DataError
-from .streaming import LazyInputs, SampleSource, input_batches
+from .streaming import LazyInputs, RawTransform, SampleSource, batch_slices, input_batches
 
 __all__ = ["Split", "DatasetSplits", "InputTransform", "hold_out", "split_pool", "split_own_data",
            "split_streamed", "STREAM_ABOVE_BYTES"]
@@ -71,7 +71,7 @@ class Split:
 
     def input_batches(self, batch_size: int) -> "Any":
         """The inputs in order, ``batch_size`` samples at a time."""
-        return input_batches(self.x, [slice(b, b + batch_size) for b in range(0, len(self), batch_size)])
+        return input_batches(self.x, batch_slices(len(self), batch_size))
 
 
 @dataclass(frozen=True)
@@ -290,16 +290,11 @@ def array_moments(x: np.ndarray) -> Moments:
 def streamed_moments(source: SampleSource, positions: np.ndarray, workers: int) -> Moments:
     """As :func:`array_moments`, read batch by batch (Chan et al.'s pairwise merge of batch moments, so
     a large mean does not cancel the variance away)."""
-    class AsFloat64:
-        def apply(self, raw: np.ndarray) -> np.ndarray:
-            return np.asarray(raw, dtype=np.float64)
-
     def moments(scale: float) -> tuple[np.ndarray, np.ndarray]:
         axes, stat_shape = _stat_axes(source.sample_shape)
-        inputs = LazyInputs(source, positions, AsFloat64(), workers)
+        inputs = LazyInputs(source, positions, RawTransform(np.float64), workers)
         count, mean, m2 = 0, np.zeros(stat_shape), np.zeros(stat_shape)
-        size = scan_batch(source.sample_shape) // 2  # float64
-        for batch in input_batches(inputs, [slice(b, b + size) for b in range(0, len(inputs), size)]):
+        for batch in inputs.batches(batch_slices(len(inputs), scan_batch(source.sample_shape) // 2)):  # float64
             values = batch.numpy() / scale
             n = values.size // int(np.prod(stat_shape))
             batch_mean = values.mean(axis=axes).reshape(stat_shape)
@@ -342,30 +337,47 @@ def should_stream(cfg: DataConfig, samples: int, sample_shape: tuple[int, ...]) 
     return samples * int(np.prod(sample_shape)) * 4 > STREAM_ABOVE_BYTES
 
 
+def _check_inputs(shape: tuple[int, ...], dtype: np.dtype | None, labels: int, where: str) -> None:
+    """Inputs are one row of numbers per label, each with at least one feature (``dtype`` None: not known
+    before reading)."""
+    if len(shape) < 2 or shape[0] != labels:
+        raise DataError(f"{where}: inputs must have one row per sample and at least one feature; got inputs of "
+                        f"shape {tuple(shape)} for {labels} labels")
+    if dtype is not None and dtype.kind not in "biuf":
+        raise DataError(f"{where}: inputs must be numbers, got dtype {dtype}")
+
+
+def _check_test_shape(test_shape: tuple[int, ...], shape: tuple[int, ...], where: str) -> None:
+    if tuple(test_shape) != tuple(shape):
+        raise DataError(f"{where}: test inputs have sample shape {tuple(test_shape)}, the training data "
+                        f"{tuple(shape)}")
+
+
+def _carved_test(size: int, cfg: DataConfig, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`carve_test` of ``size`` samples by ``cfg``, refused when too few are left on either side."""
+    test_idx, pool_idx = carve_test(size, cfg.test_size, cfg.seed)
+    if len(test_idx) == 0 or len(pool_idx) < 2:
+        raise DataError(f"{where}: {size} samples are too few to carve a test split of data.test_size = "
+                        f"{cfg.test_size}")
+    return test_idx, pool_idx
+
+
 def split_own_data(name: str, x: np.ndarray, labels: np.ndarray, test_x: np.ndarray | None,
                    test_labels: np.ndarray | None, cfg: DataConfig, source: str, *,
                    images: bool = False) -> DatasetSplits:
     """The splits of one's own data: class indices, a carved test split when ``test_x`` is None, validation
     carved from the pool, and the configured preprocessing (fitted on the training split)."""
     x = np.asarray(x)
-    if x.ndim < 2 or len(x) != len(labels):
-        raise DataError(f"{source}: inputs must have one row per sample and at least one feature; got inputs of "
-                        f"shape {x.shape} for {len(labels)} labels")
-    if x.dtype.kind not in "biuf":
-        raise DataError(f"{source}: inputs must be numbers, got dtype {x.dtype}")
+    _check_inputs(x.shape, x.dtype, len(labels), source)
     if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
         raise DataError(f"{source}: inputs hold NaN or infinite values ({int((~np.isfinite(x)).sum())} of them); "
                         f"fill or drop them first")
     y, y_test, classes = class_indices(labels, test_labels, source)
     if test_x is None:
-        test_idx, pool_idx = carve_test(len(y), cfg.test_size, cfg.seed)
-        if len(test_idx) == 0 or len(pool_idx) < 2:
-            raise DataError(f"{source}: {len(y)} samples are too few to carve a test split of data.test_size = "
-                            f"{cfg.test_size}")
+        test_idx, pool_idx = _carved_test(len(y), cfg, source)
         test_x, y_test, x, y = x[test_idx], y[test_idx], x[pool_idx], y[pool_idx]
-    elif np.asarray(test_x).shape[1:] != x.shape[1:]:
-        raise DataError(f"{source}: test inputs have sample shape {np.asarray(test_x).shape[1:]}, the training "
-                        f"data {x.shape[1:]}")
+    else:
+        _check_test_shape(np.asarray(test_x).shape[1:], x.shape[1:], source)
     val_idx, train_idx = _pool_order(len(y), cfg, cfg.num_samples)
     transform = _transform(cfg, x.shape[1:], array_moments(x[train_idx]), 255.0 if images else 1.0, not images)
     train = make_split(transform.apply(x[train_idx]), y[train_idx])
@@ -380,26 +392,17 @@ def split_streamed(name: str, source: SampleSource, labels: np.ndarray, test_sou
                    test_labels: np.ndarray | None, cfg: DataConfig, where: str, *,
                    images: bool = False) -> DatasetSplits:
     """:func:`split_own_data` for data read on demand from ``source``: the same splits, preprocessing and
-    float32 inputs, but the training split stays in its files (read in batches by ``data.workers``
+    float32 inputs, but the training split stays in its files (read in batches by ``data.num_workers``
     DataLoader processes), and the validation and test splits of a source that decodes are read once into
     memory in its compact form (uint8 images). Every sample is read once here, in order, to check it and
     fingerprint the data."""
-    if len(labels) != len(source):
-        raise DataError(f"{where}: {len(source)} samples but {len(labels)} labels")
+    _check_inputs((len(source), *source.sample_shape), source.dtype, len(labels), where)
     y, y_test, classes = class_indices(labels, test_labels, where)
-    array = getattr(source, "array", None)
-    if array is not None and array.dtype.kind not in "biuf":
-        raise DataError(f"{where}: inputs must be numbers, got dtype {array.dtype}")
     if test_source is None:
-        test_positions, pool_positions = carve_test(len(y), cfg.test_size, cfg.seed)
-        if len(test_positions) == 0 or len(pool_positions) < 2:
-            raise DataError(f"{where}: {len(y)} samples are too few to carve a test split of data.test_size = "
-                            f"{cfg.test_size}")
+        test_positions, pool_positions = _carved_test(len(y), cfg, where)
         test_source, y_test, y = source, y[test_positions], y[pool_positions]
     else:
-        if tuple(test_source.sample_shape) != tuple(source.sample_shape):
-            raise DataError(f"{where}: test inputs have sample shape {tuple(test_source.sample_shape)}, the "
-                            f"training data {tuple(source.sample_shape)}")
+        _check_test_shape(tuple(test_source.sample_shape), tuple(source.sample_shape), where)
         test_positions, pool_positions = np.arange(len(test_source)), np.arange(len(y))
     val_idx, train_idx = _pool_order(len(y), cfg, cfg.num_samples)
     sample_shape = tuple(source.sample_shape)

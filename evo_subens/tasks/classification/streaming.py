@@ -25,7 +25,12 @@ import torch
 
 from ...errors import DataError
 
-__all__ = ["SampleSource", "ArraySource", "LazyInputs", "input_batches"]
+__all__ = ["SampleSource", "ArraySource", "RawTransform", "LazyInputs", "batch_slices", "input_batches"]
+
+
+def batch_slices(length: int, size: int) -> list[slice]:
+    """``length`` samples in order, ``size`` at a time."""
+    return [slice(begin, begin + size) for begin in range(0, length, size)]
 
 
 class SampleSource(ABC):
@@ -33,6 +38,8 @@ class SampleSource(ABC):
 
     #: whether reading costs decoding work worth spreading over DataLoader worker processes
     decodes = False
+    #: the dtype ``read`` returns, where it is known before reading (None: whatever the items hold)
+    dtype: np.dtype | None = None
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -59,6 +66,10 @@ class ArraySource(SampleSource):
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.array.shape[1:])
 
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
     def read(self, indices: np.ndarray) -> np.ndarray:
         return np.asarray(self.array[indices])
 
@@ -74,6 +85,16 @@ class ArraySource(SampleSource):
             self.array = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=tuple(shape))
         else:
             self.array = state["array"]
+
+
+class RawTransform:
+    """No preprocessing: the source's samples as they are read (``dtype``: cast to it)."""
+
+    def __init__(self, dtype: np.dtype | type | None = None):
+        self.dtype = dtype
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        return np.asarray(raw, dtype=self.dtype)
 
 
 class LazyInputs:
@@ -123,15 +144,14 @@ class LazyInputs:
     def in_memory(self) -> "LazyInputs":
         """These inputs read once into memory in the source's own compact form (uint8 images stay uint8:
         a quarter of their float32 size), preprocessed batch by batch when indexed."""
-        raw = None
-        for begin in range(0, len(self), 1024):
-            chunk = self.source.read(self.positions[begin:begin + 1024])
-            if raw is None:
-                raw = np.empty((len(self), *chunk.shape[1:]), dtype=chunk.dtype)
-            raw[begin:begin + len(chunk)] = chunk
-        if raw is None:
-            raw = np.empty((0, *self.source.sample_shape), dtype=np.uint8)
-        return LazyInputs(ArraySource(raw), np.arange(len(self)), self.transform, 0, self.device)
+        raw = LazyInputs(self.source, self.positions, RawTransform(), self.workers)
+        slices = batch_slices(len(self), 1024)
+        array = np.empty((0, *self.source.sample_shape), dtype=self.source.dtype or np.uint8)
+        for rows, batch in zip(slices, raw.batches(slices)):
+            if rows.start == 0:  # filled in place: no second copy of the whole split while it is read
+                array = np.empty((len(self), *batch.shape[1:]), dtype=batch.numpy().dtype)
+            array[rows] = batch.numpy()
+        return LazyInputs(ArraySource(array), np.arange(len(self)), self.transform, 0, self.device)
 
     def batches(self, index_batches: Iterable[Any]) -> Iterator[torch.Tensor]:
         """The inputs of each batch of ``index_batches`` (slices or positions; any iterable, consumed
@@ -167,9 +187,6 @@ class _Reader(torch.utils.data.Dataset):
             return self.inputs.read(np.asarray(index, dtype=np.int64))
         except DataError as exc:
             return _Failure(str(exc))
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.inputs.read(np.asarray([i]))[0]
 
 
 class _Failure:

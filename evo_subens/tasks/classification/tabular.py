@@ -42,6 +42,7 @@ class CsvRows(SampleSource):
     batch needs (``starts`` and ``lengths``: each row's byte range, from one scan of the file)."""
 
     decodes = True
+    dtype = np.dtype(np.float32)
 
     def __init__(self, path: Path | str, columns: Sequence[str], target: str, starts: np.ndarray,
                  lengths: np.ndarray):
@@ -129,9 +130,11 @@ def _row_ranges(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return starts[keep].astype(np.int64), lengths[keep].astype(np.int64)
 
 
-def _csv_rows(path: Path, target: str, field: str) -> tuple[CsvRows, np.ndarray, list[str]]:
-    """A CSV file as rows read on demand, its labels (read in chunks: only that column) and its feature
-    columns; the first rows are checked as the in-memory reader checks them all."""
+def _csv_rows(path: Path, target: str, field: str,
+              ranges: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[CsvRows, np.ndarray, list[str]]:
+    """A CSV file as rows read on demand (``ranges``: its :func:`_row_ranges`, when already scanned), its
+    labels (read in chunks: only that column) and its feature columns; the first rows are checked as the
+    in-memory reader checks them all."""
     import pandas as pd
 
     try:
@@ -143,7 +146,7 @@ def _csv_rows(path: Path, target: str, field: str) -> tuple[CsvRows, np.ndarray,
         raise
     except Exception as exc:
         raise DataError(f"{field}: cannot read {path} as CSV: {type(exc).__name__}: {exc}") from None
-    starts, lengths = _row_ranges(path)
+    starts, lengths = ranges if ranges is not None else _row_ranges(path)
     if len(labels) != len(starts):
         raise DataError(f"{field}: {path} has {len(labels)} rows as CSV but {len(starts)} lines: a quoted value "
                         f"holds a line break, which streaming cannot seek to; set data.stream: false")
@@ -158,21 +161,18 @@ def _streamed_csv(cfg: DataConfig, path: Path, test_file: Path | None) -> Datase
     load it whole (null: when its float32 features would fit under the streaming threshold)."""
     if cfg.stream is False:
         return None
-    if cfg.stream is None:
-        with open(path, "rb") as handle:
-            features = handle.readline().count(b",")
-        # A row holds at least two bytes per feature (a digit and a comma): the file's size bounds the rows.
-        if not should_stream(cfg, path.stat().st_size // max(1, 2 * features), (features,)):
-            return None
-    source, labels, features = _csv_rows(path, cfg.target, "data.path")
-    if cfg.stream is None and not should_stream(cfg, len(source), source.sample_shape):
+    ranges = _row_ranges(path)  # one fast byte scan: the exact row count the decision needs
+    with open(path, "rb") as handle:
+        features = handle.readline().count(b",")
+    if not should_stream(cfg, len(ranges[0]), (features,)):
         return None
+    source, labels, names = _csv_rows(path, cfg.target, "data.path", ranges)
     test_source = test_labels = None
     if test_file is not None:
-        test_source, test_labels, test_features = _csv_rows(test_file, cfg.target, "data.test_path")
-        _same_columns(test_file, test_features, path, features)
+        test_source, test_labels, test_names = _csv_rows(test_file, cfg.target, "data.test_path")
+        _same_columns(test_file, test_names, path, names)
     splits = split_streamed("csv", source, labels, test_source, test_labels, cfg, str(path))
-    return dataclasses.replace(splits, features=tuple(features))
+    return dataclasses.replace(splits, features=tuple(names))
 
 
 def load_csv(cfg: DataConfig) -> DatasetSplits:
@@ -230,39 +230,44 @@ def map_npz_member(path: Path, key: str) -> np.memmap | None:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
+def _test_arrays(cfg: DataConfig, path: Path, keys: Any) -> tuple[Path, str, str] | None:
+    """Where an npz run's test arrays are: (file, inputs key, labels key), or None when the test split is
+    carved from the data; ``keys``: the arrays of ``path``."""
+    if cfg.test_path is not None:
+        if "x_test" in keys:
+            raise DataError(f"data.test_path: {path} has its own x_test; give one test set, not two")
+        return _existing_file(cfg.test_path, "data.test_path"), "x", "y"
+    return (path, "x_test", "y_test") if "x_test" in keys else None
+
+
 def _streamed_npz(cfg: DataConfig, path: Path) -> DatasetSplits | None:
     """The npz data memory-mapped (its ``x`` arrays stay on disk), or None when it is not to be streamed
     (data.stream false, or null and small) or, with data.stream null, cannot be (compressed)."""
     if cfg.stream is False:
         return None
-    test_file = _existing_file(cfg.test_path, "data.test_path") if cfg.test_path is not None else None
     with np.load(path, allow_pickle=False) as archive:
-        keys = set(archive.files)
-    keys = {k[:-4] if k.endswith(".npy") else k for k in keys}
+        keys = {k[:-4] if k.endswith(".npy") else k for k in archive.files}
     _check_keys(dict.fromkeys(keys), f"data.path {path}")
     x = map_npz_member(path, "x")
-    if x is None or not should_stream(cfg, len(x), x.shape[1:]):
-        if x is None and cfg.stream:
+    if x is None:
+        if cfg.stream:
             raise DataError(f"data.stream: {path} stores x compressed (numpy.savez_compressed), which cannot be "
                             f"memory-mapped; save it with numpy.savez, or set data.stream: false")
         return None
-    y = _read_npz(path, "data.path", keys=("y",))["y"]
-    test_x, test_y = None, None
-    if test_file is not None:
-        if "x_test" in keys:
-            raise DataError(f"data.test_path: {path} has its own x_test; give one test set, not two")
-        test_x, test_y = map_npz_member(test_file, "x"), _read_npz(test_file, "data.test_path", keys=("y",))["y"]
-    elif "x_test" in keys:
-        test_x, test_y = map_npz_member(path, "x_test"), _read_npz(path, "data.path", keys=("y_test",))["y_test"]
-    if test_file is not None or "x_test" in keys:
+    if not should_stream(cfg, len(x), x.shape[1:]):
+        return None
+    test = _test_arrays(cfg, path, keys)
+    test_source = test_y = None
+    if test is not None:
+        file, x_key, y_key = test
+        test_x = map_npz_member(file, x_key)
         if test_x is None:
-            raise DataError(f"data.stream: the test inputs of {test_file or path} are stored compressed, which "
-                            f"cannot be memory-mapped; save them with numpy.savez, or set data.stream: false")
-    source = ArraySource(x)
-    test_source = ArraySource(test_x) if test_x is not None else None
-    if x.ndim < 2:
-        raise DataError(f"{path}: inputs must have one row per sample and at least one feature; got shape {x.shape}")
-    return split_streamed("npz", source, y, test_source, test_y, cfg, str(path))
+            raise DataError(f"data.stream: the test inputs of {file} are stored compressed, which cannot be "
+                            f"memory-mapped; save them with numpy.savez, or set data.stream: false")
+        test_source = ArraySource(test_x)
+        test_y = _read_npz(file, "data.test_path" if file != path else "data.path", keys=(y_key,))[y_key]
+    y = _read_npz(path, "data.path", keys=("y",))["y"]
+    return split_streamed("npz", ArraySource(x), y, test_source, test_y, cfg, str(path))
 
 
 def load_npz(cfg: DataConfig) -> DatasetSplits:
@@ -277,12 +282,11 @@ def load_npz(cfg: DataConfig) -> DatasetSplits:
     if streamed is not None:
         return streamed
     arrays = _read_npz(path, "data.path")
-    if cfg.test_path is not None:
-        test = _read_npz(_existing_file(cfg.test_path, "data.test_path"), "data.test_path")
-        if "x_test" in arrays:
-            raise DataError(f"data.test_path: {path} has its own x_test; give one test set, not two")
-        _check_keys(test, f"data.test_path {cfg.test_path}", test_keys=False)
-        arrays = dict(arrays, x_test=test["x"], y_test=test["y"])
+    test = _test_arrays(cfg, path, arrays)
+    if test is not None and test[0] != path:
+        other = _read_npz(test[0], "data.test_path")
+        _check_keys(other, f"data.test_path {cfg.test_path}", test_keys=False)
+        arrays = dict(arrays, x_test=other["x"], y_test=other["y"])
     _check_keys(arrays, f"data.path {path}")
     return split_own_data("npz", arrays["x"], arrays["y"], arrays.get("x_test"), arrays.get("y_test"), cfg,
                           str(path))
@@ -312,13 +316,14 @@ def _numpy(value: Any, what: str) -> np.ndarray:
 
 def _dataset_arrays(dataset: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, labels) of a map-style torch Dataset whose items are (input, label) pairs."""
+    where = f"in-memory data: {what}"
     try:
-        items = [dataset[i] for i in range(len(dataset))]
-    except Exception as exc:
-        raise DataError(f"in-memory data: cannot read {what} as a map-style Dataset of (input, label) pairs "
-                        f"({type(exc).__name__}: {exc})") from None
-    if not items or not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items):
-        raise DataError(f"in-memory data: {what} must yield (input, label) pairs")
+        count = len(dataset)
+    except TypeError as exc:  # an IterableDataset has no length and no items by index
+        raise DataError(f"{where} must be a map-style Dataset of (input, label) pairs ({exc})") from None
+    items = [_dataset_item(dataset, i, where) for i in range(count)]
+    if not items:
+        raise DataError(f"{where} must yield (input, label) pairs; it is empty")
     return (np.stack([_numpy(i[0], f"{what} inputs") for i in items]),
             np.asarray([_numpy(i[1], f"{what} labels").item() for i in items]))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import time
 from typing import Callable, Iterator
@@ -14,7 +15,7 @@ from torch import nn
 
 from ...core.config import TrainConfig
 from .splits import Split
-from .streaming import LazyInputs, input_batches
+from .streaming import LazyInputs, batch_slices, input_batches
 
 
 def lr_factor(schedule: str, step: int, total_steps: int, *, cycles: int = 1, low: float = 0.0) -> float:
@@ -90,9 +91,9 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int,
             yield from torch.randperm(n, generator=generator).split(cfg.batch_size)
 
     # One pass over all epochs' batches, so a streamed split's DataLoader starts its workers once; the loop
-    # draws the same batches again from its own copy of the order for their labels.
-    inputs = input_batches(data.x, batch_order())
-    order = batch_order()
+    # takes each batch's indices (for its labels) from the same order, as the reader runs ahead of it.
+    order, ahead = itertools.tee(batch_order())
+    inputs = input_batches(data.x, ahead)
     augmenter = torch.Generator().manual_seed(augment_seed(seed)) if augment else None
     step = 0
     device = next(model.parameters()).device
@@ -178,7 +179,7 @@ def predict_logits(model: nn.Module, x: torch.Tensor | LazyInputs, batch_size: i
     """Logits of ``model`` on ``x`` (evaluation mode), computed in batches on the model's device."""
     model.eval()
     device = next(model.parameters()).device
-    batches = input_batches(x, [slice(i, i + batch_size) for i in range(0, len(x), batch_size)])
+    batches = input_batches(x, batch_slices(len(x), batch_size))
     return torch.cat([model(batch.to(device, non_blocking=True)).float() for batch in batches]).cpu()
 
 

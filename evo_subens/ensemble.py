@@ -51,9 +51,10 @@ from .data_info import DataInfo, ImageForm, InputTransform, pil_images, read_dat
 from .errors import RunDirError
 from .families import make_family
 from .nn import load_parent_state, load_state_file, state_copy
+from .packed import PackedEnsemble
 from .tasks.classification.models import build_model
 
-__all__ = ["Ensemble", "load_ensemble"]
+__all__ = ["Ensemble", "PackedRunEnsemble", "load_ensemble"]
 
 
 def _stacked_copy(members: Sequence[nn.Module]) -> nn.Module:
@@ -297,6 +298,27 @@ class Ensemble(nn.Module):
                 f"vectorise={self.vectorise}")
 
 
+class PackedRunEnsemble(Ensemble):
+    """A packed run's ensemble (``method: packed``): the members run as one network of grouped layers,
+    :attr:`packed` (an :class:`~evo_subens.packed.PackedEnsemble`), whose parameters are this module's.
+    :attr:`members` are its members unpacked into separate plain networks, for analysis and comparison
+    (``Ensemble(ensemble.members, ...)`` runs the same members one by one or vmapped)."""
+
+    def __init__(self, packed: PackedEnsemble, **kwargs: Any):
+        super().__init__(packed.unpack(), **kwargs)
+        del self.stack  # the state is the packed network's alone
+        self.packed = packed.eval()
+        self.vectorise = False
+
+    def stacked_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Each member's softmax probabilities, (M, B, C), from one pass of the packed network."""
+        return self.packed.member_logits(x).softmax(dim=-1).transpose(0, 1)
+
+    def extra_repr(self) -> str:
+        return (f"members={self.num_members}, input_shape={self.input_shape}, num_classes={self.num_classes}, "
+                f"packed=True")
+
+
 # ------------------------------------------------------------------------------------------ loading a run
 
 def _members_file(run_dir: Path) -> list[dict]:
@@ -350,6 +372,15 @@ def load_ensemble(run_dir: str | Path) -> Ensemble:
     def fresh_model() -> nn.Module:
         return build_model(cfg.model, info.input_shape, info.num_classes)
 
+    form = dict(input_shape=info.input_shape, num_classes=info.num_classes, transform=info.transform,
+                classes=info.classes, config=cfg, features=info.features, image=info.image)
+    if cfg.method == "packed":
+        from .tasks.classification.packed_run import load_packed
+
+        parent = fresh_model()
+        load_parent_state(run_dir / "parent.pt", parent)
+        return PackedRunEnsemble(load_packed(run_dir, cfg, parent, info.input_shape), parent=parent.eval(), **form)
+
     parent = None
     if (run_dir / "parent.pt").is_file():
         parent = fresh_model()
@@ -376,9 +407,7 @@ def load_ensemble(run_dir: str | Path) -> Ensemble:
         model = fresh_model()
         model.load_state_dict(state)
         members.append(model.eval())
-    return Ensemble(members, input_shape=info.input_shape, num_classes=info.num_classes,
-                    transform=info.transform, classes=info.classes, config=cfg, parent=parent,
-                    features=info.features, image=info.image)
+    return Ensemble(members, parent=parent, **form)
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:

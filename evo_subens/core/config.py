@@ -294,6 +294,27 @@ class BaselineConfig:
 
 
 @dataclass
+class PackedTuneConfig(TrainConfig):
+    epochs: int = option(30, "epochs each packed candidate is tuned, all its members at once (one optimiser, "
+                            "each member's loss its own)", ge=0)
+    lr: float = option(0.05, "peak learning rate", gt=0)
+    lr_schedule: str = option("onecycle", "learning-rate schedule, stepped per batch; onecycle: warm-up over "
+                                          "10% from lr/100 to lr, then cosine to ~1e-7 lr", choices=LR_SCHEDULES)
+
+
+@dataclass
+class PackedConfig:
+    members: int = option(4, "members cut from the parent: every hidden layer's units are shared out among "
+                             "them (each width must divide evenly)", ge=2)
+    overlap: int = option(1, "every hidden unit is kept by this many members (1: disjoint shares; more: wider, "
+                             "overlapping members, each with its own copy of the shared units)", ge=1)
+    candidates: int = option(4, "partitions cut, tuned and scored on the validation split; the one with the "
+                                "lowest validation NLL is the ensemble", ge=1)
+    tune: PackedTuneConfig = field(default_factory=PackedTuneConfig,
+                                   metadata={"doc": "tuning of each packed candidate"})
+
+
+@dataclass
 class RunConfig:
     name: str | None = option(None, "run directory name under output_dir; null = '<config>-s<seed>-<time>'")
     seed: int = option(0, "seed of parent training and of the search", ge=0)
@@ -313,8 +334,11 @@ class RunConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig, metadata={"doc": "rl: the policy network"})
     method: str = option("subnetworks", "subnetworks: children of one parent (this engine); or a matched-budget "
                                         "baseline configured in 'baseline': single, deep_ensemble, bagging, "
-                                        "mc_dropout, snapshot, fge", choices=METHODS)
+                                        "mc_dropout, snapshot, fge; or packed: a packed partition ensemble cut "
+                                        "from the parent (configured in 'packed')", choices=(*METHODS, "packed"))
     baseline: BaselineConfig = field(default_factory=BaselineConfig, metadata={"doc": "matched-budget baselines"})
+    packed: PackedConfig = field(default_factory=PackedConfig,
+                                 metadata={"doc": "packed partition ensembles (method packed)"})
     tracking: TrackingConfig = field(default_factory=TrackingConfig,
                                      metadata={"doc": "experiment tracking of a search: MLflow, TensorBoard"})
 
@@ -369,7 +393,10 @@ class RunConfig:
 
     def _check_baseline(self) -> None:
         """The baseline methods' budget must cover their models, cycles and snapshots."""
-        if self.method == "subnetworks":
+        if self.method in ("subnetworks", "packed"):
+            if self.packed.overlap >= self.packed.members:
+                raise ConfigError("packed.overlap", f"less than packed.members = {self.packed.members}",
+                                  self.packed.overlap)
             return
         base = self.baseline
         if self.model.parent_path is not None:

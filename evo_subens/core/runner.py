@@ -88,6 +88,10 @@ def _run(cfg: RunConfig, config_name: str, data: object, progress: Progress,
     check_before_run(cfg)
     task = make_task(cfg, progress)
     task.load(data)
+    if cfg.method == "packed":  # one packed network cut from the parent: no workers, no search
+        task.check_baseline()
+        parent = _build_parent(cfg, task)
+        return task.run_packed(_new_run_dir(cfg, config_name, task), parent)
     if cfg.method != "subnetworks":  # a matched-budget baseline: the same kind of run directory, no search
         task.check_baseline()
         return task.run_baseline(_new_run_dir(cfg, config_name, task))
@@ -119,6 +123,12 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress:
 
 def _resume(run_dir: Path, cfg: RunConfig, saved: dict, progress: Progress, trackers: Sequence[Tracker]) -> RunResult:
     task = make_task(cfg, progress)
+    if cfg.method == "packed":  # goes on after the last candidate its checkpoint names
+        task.load()
+        task.check_data(run_dir)
+        for path in remove_stale_temp_files(run_dir):
+            progress(f"[resume] removed {path.name}, left by an interrupted write")
+        return task.run_packed(run_dir, _build_parent(cfg, task))
     if cfg.method != "subnetworks":  # baselines keep no checkpoints; run again, they give the same result
         task.load()
         task.check_data(run_dir)

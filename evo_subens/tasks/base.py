@@ -186,3 +186,8 @@ class Task(ABC):
     def run_baseline(self, run_dir: Path) -> "RunResult":
         """Run the config's ``method`` baseline into ``run_dir``; tasks without baselines refuse."""
         raise NotImplementedError(f"the {self.name} task has no baselines")
+
+    def run_packed(self, run_dir: Path, parent: "nn.Module") -> "RunResult":
+        """Cut, tune and choose a packed partition ensemble of ``parent`` into ``run_dir`` (method packed),
+        from where the run's checkpoint says it stopped; tasks without it refuse."""
+        raise NotImplementedError(f"the {self.name} task has no packed ensembles")

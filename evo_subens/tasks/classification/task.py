@@ -323,7 +323,18 @@ class ClassificationTask(Task):
 
         return run_baseline(self.cfg, run_dir, self.data, self.progress)
 
+    def run_packed(self, run_dir: Path, parent: nn.Module):
+        from .packed_run import run_packed
+
+        return run_packed(self.cfg, run_dir, self, parent)
+
     def check_baseline(self) -> None:
+        if self.cfg.method == "packed":  # an architecture or widths it cannot cut fail before the run directory
+            from ...packed import cut_parent
+
+            p = self.cfg.packed
+            cut_parent(self.new_model(), self.data.input_shape, p.members, overlap=p.overlap)
+            return
         from .baselines import check_baseline
 
         check_baseline(self.cfg, self.data)

@@ -67,7 +67,8 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int,
           on_epoch: Callable[[int, float, float], None] | None = None,
           parameter_filter: Callable[[nn.Module], None] | None = None,
           forward: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] | None = None,
-          schedule: Callable[[int, int], float] | None = None, augment: bool = False) -> None:
+          schedule: Callable[[int, int], float] | None = None, augment: bool = False,
+          criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy) -> None:
     """Train ``model`` in place on ``data`` for ``cfg.epochs`` epochs.
 
     Batches are drawn from a generator seeded with ``seed``, so training is a function of its inputs;
@@ -76,7 +77,8 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int,
     ``on_epoch(epoch, mean_loss, seconds)`` reports progress; ``parameter_filter(model)`` runs after every
     optimiser step (families with fixed masks re-apply them there); ``forward(model, x, step)`` replaces
     ``model(x)`` for the training logits (families that sample a mask per step use it);
-    ``schedule(step, total_steps)`` replaces ``lr_factor(cfg.lr_schedule, ...)`` (cyclic schedules).
+    ``schedule(step, total_steps)`` replaces ``lr_factor(cfg.lr_schedule, ...)`` (cyclic schedules);
+    ``criterion(logits, labels)`` replaces the cross-entropy (packed ensembles sum their members' losses).
     """
     if cfg.epochs == 0:
         return
@@ -111,7 +113,7 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int,
                 x = augment_batch(x, augmenter)
             x = x.to(device)
             logits = model(x) if forward is None else forward(model, x, step)
-            loss = F.cross_entropy(logits, data.y[index].to(device))
+            loss = criterion(logits, data.y[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -5,7 +5,10 @@
 - ``onnx`` (``export/ensemble.onnx``): ``onnxruntime.InferenceSession(path).run(None, {"x": x})[0]``;
 - ``safetensors`` (``export/ensemble.safetensors``): ``safetensors.torch.load_file(path)`` gives the members'
   weights (``member.{i}.{name}``); its metadata holds the JSON :func:`description` (architecture, input
-  shape, classes, input transform) needed to rebuild and run them.
+  shape, classes, input transform) needed to rebuild and run them. A packed run's file holds its one packed
+  network's weights (``packed.{name}``), with the layer layout in the description's ``packed``.
+
+A packed run (``method: packed``) exports as its one packed network, at that network's cost.
 
 The first three are the whole ensemble as a graph: a float32 batch of raw samples (any batch size) in,
 the mean of the members' softmax probabilities out, the input transform included. They take the module's
@@ -17,6 +20,9 @@ and pt2 as the extra file ``ensemble.json``, ONNX as the metadata entry ``evo_su
 
     >>> export_ensemble("runs/default-s0-20261126-033727", "onnx")
     PosixPath('runs/default-s0-20261126-033727/export/ensemble.onnx')
+
+``model="student"`` (``evo-subens export RUN_DIR --student``) exports the run's distilled student (made by
+``evo-subens distill``) the same way, as a one-member ensemble: ``export/student.<suffix>``.
 """
 
 from __future__ import annotations
@@ -38,36 +44,54 @@ from . import __version__
 from .core.logs import read_run_config
 from .core.progress import say
 from .core.rundir import atomic_write
-from .ensemble import Ensemble, load_ensemble
+from .ensemble import Ensemble, PackedRunEnsemble, load_ensemble
 from .errors import ExportError, RunDirError
 
 FORMATS: dict[str, str] = {"torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx", "safetensors": ".safetensors"}
+MODELS = ("ensemble", "student")  # what export_ensemble writes: the run's ensemble, or its distilled student
 FORMAT_VERSION = 1
 DESCRIPTION_NAME = "ensemble.json"  # the description's name inside TorchScript and pt2 files
 METADATA_KEY = "evo_subens"         # ... and its key in safetensors and ONNX metadata
 EXAMPLE_BATCH = 2                   # torch.export treats sizes 0 and 1 as special: trace with a general one
 
 
-def export_ensemble(run_dir: str | Path, fmt: str, out: str | Path | None = None, *,
+def export_ensemble(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, model: str = "ensemble",
                     progress: Callable[[str], None] = say) -> Path:
     """Write the ensemble of the finished run ``run_dir`` as ``fmt`` (one of :data:`FORMATS`) to ``out``
     (default ``run_dir/export/ensemble.<suffix>``), atomically; says what it wrote and returns the path.
 
-    Every problem the user can fix (unknown format, unfinished run, unwritable path, a missing package) is
-    an :class:`~evo_subens.errors.UserError`, raised before the ensemble is loaded."""
+    ``model="student"`` writes the run's distilled student instead (``evo-subens distill``; a one-member
+    ensemble, :func:`evo_subens.distillation.load_student`), by default to ``run_dir/export/student.<suffix>``.
+
+    Every problem the user can fix (unknown format, unfinished run, no student, unwritable path, a missing
+    package) is an :class:`~evo_subens.errors.UserError`, raised before the ensemble is loaded."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if model not in MODELS:
+        raise ExportError(f"unknown model {model!r} to export; expected one of {', '.join(MODELS)}")
     run_dir = Path(run_dir)
     read_run_config(run_dir)  # a missing or foreign directory is named before anything else
     if not (run_dir / "members.json").is_file():
         raise RunDirError(f"{run_dir} has no members.json: the run has not finished (evo-subens resume {run_dir})")
+    if model == "student":
+        from .distillation import STUDENT_FILE
+
+        if not (run_dir / STUDENT_FILE).is_file():
+            raise RunDirError(f"{run_dir / STUDENT_FILE} does not exist: the run has no student yet "
+                              f"(evo-subens distill {run_dir})")
     if fmt == "onnx":
         _require_onnx()
-    path = _output_path(Path(out) if out is not None else run_dir / "export" / f"ensemble{FORMATS[fmt]}")
-    ensemble = load_ensemble(run_dir)
+    path = _output_path(Path(out) if out is not None else run_dir / "export" / f"{model}{FORMATS[fmt]}")
+    if model == "student":
+        from .distillation import load_student
+
+        ensemble = load_student(run_dir)
+    else:
+        ensemble = load_ensemble(run_dir)
     form = write_ensemble(ensemble, fmt, path)
-    progress(f"[export] wrote {path} ({fmt}, {ensemble.num_members} members{form}, "
-             f"{_size(path.stat().st_size)})")
+    # How members run ("in a loop") says nothing of one student.
+    what = "the distilled student" if model == "student" else f"{ensemble.num_members} members{form}"
+    progress(f"[export] wrote {path} ({fmt}, {what}, {_size(path.stat().st_size)})")
     return path
 
 
@@ -103,6 +127,7 @@ def description(ensemble: Ensemble) -> dict[str, Any]:
             "image": ensemble.image.to_dict() if ensemble.image is not None else None,
             "num_classes": ensemble.num_classes, "classes": ensemble.classes,
             "transform": ensemble.transform.to_dict(), "members": ensemble.num_members,
+            "packed": ensemble.packed.layout if isinstance(ensemble, PackedRunEnsemble) else None,
             "output": "mean of the members' softmax probabilities; model input = (raw / scale - mean) / std"}
 
 
@@ -170,6 +195,26 @@ class _Looped(nn.Module):
         return total / len(self.members)
 
 
+class _Packed(nn.Module):
+    """A packed run's forward: its members side by side in one network of grouped layers."""
+
+    def __init__(self, ensemble: PackedRunEnsemble):
+        super().__init__()
+        self.transform = ensemble.transform
+        self.packed = ensemble.packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packed(self.transform(x))
+
+
+def _graph_forms(ensemble: Ensemble) -> list[tuple[nn.Module, str]]:
+    """The modules a graph format may capture, best first, each with how its members run."""
+    if isinstance(ensemble, PackedRunEnsemble):
+        return [(_Packed(ensemble), ", packed")]
+    forms = [(_Vectorised(ensemble), ", vectorised")] if ensemble.vectorise else []
+    return forms + [(_Looped(ensemble), ", in a loop")]
+
+
 class _ShapeChecked(nn.Module):
     """A traced graph behind a shape check (scripted): tracing fixes the sample shape without checking it,
     and an architecture with adaptive pooling would otherwise answer inputs of another size silently."""
@@ -215,16 +260,16 @@ def _failure(fmt: str, exc: BaseException) -> ExportError:
 
 
 def _torchscript(ensemble: Ensemble) -> tuple[bytes, str]:
-    looped = _Looped(ensemble).eval()
+    module, form = _graph_forms(ensemble)[-1]  # torch.jit.trace refuses functional_call: not the vmapped form
     try:
         with _quiet():
-            traced = torch.jit.trace(looped, _example(ensemble))
+            traced = torch.jit.trace(module.eval(), _example(ensemble))
             checked = torch.jit.script(_ShapeChecked(traced, ensemble.input_shape, ensemble.expected_input()))
     except Exception as exc:
         raise _failure("torchscript", exc) from exc
     buffer = io.BytesIO()
     torch.jit.save(checked, buffer, _extra_files={DESCRIPTION_NAME: json.dumps(description(ensemble))})
-    return buffer.getvalue(), ", in a loop"
+    return buffer.getvalue(), form
 
 
 def _programs(ensemble: Ensemble) -> Iterator[tuple[torch.export.ExportedProgram, str]]:
@@ -233,9 +278,7 @@ def _programs(ensemble: Ensemble) -> Iterator[tuple[torch.export.ExportedProgram
     that can use the first never pays for the second."""
     batch = {0: torch.export.Dim("batch")}
     error: Exception | None = None
-    for module, form in ((_Vectorised(ensemble), ", vectorised"), (_Looped(ensemble), ", in a loop")):
-        if form == ", vectorised" and not ensemble.vectorise:
-            continue  # vmap already failed on this architecture in-process
+    for module, form in _graph_forms(ensemble):
         try:
             with _quiet():
                 program = torch.export.export(module.eval(), (_example(ensemble),), dynamic_shapes=(batch,))
@@ -290,6 +333,10 @@ def _safetensors(ensemble: Ensemble) -> tuple[bytes, str]:
     from safetensors.torch import save
 
     tensors = {}
+    if isinstance(ensemble, PackedRunEnsemble):  # one network: its own weights, laid out as description's packed
+        for name, value in ensemble.packed.state_dict().items():
+            tensors[f"packed.{name}"] = value.detach().cpu().contiguous().clone()
+        return save(tensors, metadata={METADATA_KEY: json.dumps(description(ensemble))}), ", packed"
     for i, member in enumerate(ensemble.members):
         for name, value in member.state_dict().items():
             # Own contiguous CPU copies: safetensors refuses tensors that share memory (tied weights).

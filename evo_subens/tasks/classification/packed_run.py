@@ -173,7 +173,7 @@ def run_packed(cfg: RunConfig, run_dir: Path, task: ClassificationTask, parent: 
     write_state(run_dir / MEMBERS_FILE, state_copy(packed))
     write_json(run_dir / "members.json", [{"member": i, "candidate": best["candidate"], "packed": MEMBERS_FILE}
                                           for i in range(p.members)])
-    metrics = _metrics(cfg, task, parent, packed, state, best, sizes)
+    metrics = _metrics(cfg, task, parent, packed, _tested(cfg, task, parent, run_dir, state), best, sizes)
     write_json(run_dir / "metrics.json", metrics)
     for line in summary(metrics):
         progress(line)
@@ -183,8 +183,21 @@ def run_packed(cfg: RunConfig, run_dir: Path, task: ClassificationTask, parent: 
     return RunResult(run_dir, metrics, pd.DataFrame(state["candidates"]), [])
 
 
-def _metrics(cfg: RunConfig, task: ClassificationTask, parent: nn.Module, packed: PackedEnsemble, state: dict,
-             best: dict, sizes: dict) -> dict:
+def _tested(cfg: RunConfig, task: ClassificationTask, parent: nn.Module, run_dir: Path, state: dict) -> list[dict]:
+    """Every candidate's record with its test accuracy and NLL, measured after the choice (which saw only
+    validation): whether choosing among partitions beats taking any one is then read off the run."""
+    p, tested = cfg.packed, []
+    for record in state["candidates"]:
+        packed = cut_parent(parent, task.data.input_shape, p.members, overlap=p.overlap, seed=record["partition_seed"])
+        packed.load_state_dict(load_state_file(run_dir / "candidates" / f"{record['candidate']}.pt"))
+        probs, _ = member_outputs(packed, task.data.test.x, cfg.search.eval_batch_size)
+        scores = classification_metrics(torch.stack(probs).mean(dim=0), task.data.test.y)
+        tested.append(dict(record, test_accuracy=scores["accuracy"], test_nll=scores["nll"]))
+    return tested
+
+
+def _metrics(cfg: RunConfig, task: ClassificationTask, parent: nn.Module, packed: PackedEnsemble,
+             candidates: list[dict], best: dict, sizes: dict) -> dict:
     data, batch = task.data, cfg.search.eval_batch_size
     test_y = data.test.y
     task.progress(f"[test] parent and the packed ensemble of {packed.members} members on {len(test_y):,} test "
@@ -203,7 +216,7 @@ def _metrics(cfg: RunConfig, task: ClassificationTask, parent: nn.Module, packed
     tuned = p.tune.epochs * p.candidates
     parent_epochs = 0 if cfg.model.parent_path else cfg.parent.epochs
     metrics["packed"] = {"members": p.members, "overlap": p.overlap, "chosen": best["candidate"],
-                         "candidates": state["candidates"], **sizes}
+                         "candidates": candidates, **sizes}
     metrics["cost"] = cost_record(parent_epochs + tuned, (parent_epochs + tuned) * len(data.train),
                                   p.candidates * len(task.selection) + 2 * len(test_y))
     metrics["verdict"] = verdict(metrics)

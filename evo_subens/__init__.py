@@ -15,13 +15,16 @@ from .errors import ConfigError, DataError, ParentFileError, RunDirError, UserEr
 
 # The engine (torch, Ray, EvoTorch) is imported on first use: the command line then validates its input
 # and says what it is doing within a fraction of a second, instead of after seconds of imports.
+# distill lives in the module distillation: a submodule named distill would replace the function as this
+# package's attribute once imported.
 _LAZY = {"Ensemble": "ensemble", "load_ensemble": "ensemble", "export_ensemble": "export",
+         "distill": "distillation", "load_student": "distillation",
          "load_dataset": "tasks.classification.data", "load_population": "core.logs", "load_runs": "core.logs",
          "RunResult": "core.state", "grow": "core.runner", "resume": "core.runner", "run": "core.runner"}
 
 __all__ = ["ConfigError", "DataError", "Ensemble", "ParentFileError", "RunConfig", "RunDirError",
-           "RunResult", "UserError", "export_ensemble", "grow", "load_config", "load_dataset", "load_ensemble",
-           "load_population", "load_runs", "resume", "run"]
+           "RunResult", "UserError", "distill", "export_ensemble", "grow", "load_config", "load_dataset",
+           "load_ensemble", "load_population", "load_runs", "load_student", "resume", "run"]
 __version__ = "0.1.0"
 
 

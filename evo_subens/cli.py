@@ -1,5 +1,5 @@
 """Command line: ``evo-subens run CONFIG [key=value ...]``, ``evo-subens config``, ``evo-subens export``,
-``evo-subens bench``."""
+``evo-subens distill``, ``evo-subens bench``."""
 
 from __future__ import annotations
 
@@ -22,9 +22,13 @@ examples:
   evo-subens grow runs/default-s0-20261126-033727 --members 4
   evo-subens report runs/default-s0-20261126-033727
   evo-subens export runs/default-s0-20261126-033727 --format onnx
+  evo-subens distill runs/default-s0-20261126-033727 --epochs 10
+  evo-subens export runs/default-s0-20261126-033727 --student --format torchscript
   evo-subens config configs/default.yaml search.generations=5
   evo-subens bench throughput --models cnn,mlp10m
   evo-subens bench streaming --images 8000 --size 64
+  evo-subens bench latency runs/packed-s0-20261203-163703 --batches 1,256
+  evo-subens bench packed --configs configs/study/packed/mnist1d --seeds 0,1,2
   evo-subens bench quality --seeds 0,1,2 --configs configs/study/mnist1d,configs/study/digits
   evo-subens bench loop --seeds 0,1,2,3,4 --configs configs/study/loop/mnist1d
 """
@@ -80,7 +84,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     say(f"[export] {args.run_dir}: loading the engine")  # torch and the exporters: seconds
     from .export import export_ensemble
 
-    export_ensemble(args.run_dir, args.format, args.out)
+    export_ensemble(args.run_dir, args.format, args.out, model="student" if args.student else "ensemble")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    say(f"[distill] {args.run_dir}: loading the engine")
+    from .distillation import distill
+
+    distill(args.run_dir, epochs=args.epochs, lr=args.lr, alpha=args.alpha)
     return 0
 
 
@@ -119,6 +131,33 @@ def _cmd_bench_streaming(args: argparse.Namespace) -> int:
                     workers=[int(w) for w in args.workers.split(",")], epochs=args.epochs, repeats=args.repeats,
                     batch_size=args.batch_size, model=args.model, augment=args.augment)
     return 0
+
+
+def _cmd_bench_latency(args: argparse.Namespace) -> int:
+    from .bench.latency import latency_bench
+
+    latency_bench(args.run_dirs, batches=args.batches, repeats=args.repeats, device=args.device,
+                  threads=args.threads, seconds=args.seconds)
+    return 0
+
+
+def _cmd_bench_packed(args: argparse.Namespace) -> int:
+    from .bench.packed import packed_bench
+
+    packed_bench(seeds=[int(s) for s in args.seeds.split(",")], config_dirs=args.configs,
+                 output_dir=args.output_dir, seconds=args.seconds)
+    return 0
+
+
+def _batch_sizes(text: str) -> list[int]:
+    """``--batches``: comma-separated positive integers."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, e.g. 1,256; got {text!r}")
+    return sizes
 
 
 def _cmd_bench_quality(args: argparse.Namespace) -> int:
@@ -199,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_commands(commands)
     _add_export_command(commands)
+    _add_distill_command(commands)
     _add_bench_commands(commands)
     return parser
 
@@ -268,12 +308,34 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
     export_parser.add_argument("--format", required=True, metavar="FORMAT",
                                help="torchscript, pt2, onnx (needs pip install -e '.[export]') or safetensors")
     export_parser.add_argument("--out", default=None, metavar="PATH",
-                               help="file to write (default: RUN_DIR/export/ensemble.{pt,pt2,onnx,safetensors})")
+                               help="file to write (default: RUN_DIR/export/ensemble.{pt,pt2,onnx,safetensors}, "
+                                    "with --student RUN_DIR/export/student.{...})")
+    export_parser.add_argument("--student", action="store_true",
+                               help="export the run's distilled student (made by evo-subens distill) instead of "
+                                    "the ensemble")
     export_parser.set_defaults(handler=_cmd_export)
 
 
+def _add_distill_command(commands: argparse._SubParsersAction) -> None:
+    """distill."""
+    distill_parser = commands.add_parser(
+        "distill", help="train one network of the parent's architecture on a finished run's ensemble's outputs",
+        description="Train a student (the parent's architecture, from the parent's weights) on the training split "
+                    "to match the ensemble's averaged probabilities: loss = alpha * KL(ensemble || student) + "
+                    "(1 - alpha) * cross-entropy; SGD one-cycle, the run's seed. Writes RUN_DIR/student/student.pt "
+                    "and RUN_DIR/student/metrics.json and prints test accuracy, NLL, ECE and temperature-scaled "
+                    "NLL of parent, ensemble and student. evo-subens export RUN_DIR --student exports it.")
+    distill_parser.add_argument("run_dir", help="a finished classification run directory")
+    distill_parser.add_argument("--epochs", type=int, default=10, help="passes over the training split")
+    distill_parser.add_argument("--lr", type=float, default=0.05, help="peak one-cycle learning rate")
+    distill_parser.add_argument("--alpha", type=float, default=1.0,
+                                help="weight of the soft targets, in [0, 1] (1: soft targets only, 0: true labels "
+                                     "only)")
+    distill_parser.set_defaults(handler=_cmd_distill)
+
+
 def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
-    """bench throughput | prune-tune | stochastic | sparsity | quality | rl."""
+    """bench throughput | streaming | latency | packed | prune-tune | stochastic | sparsity | quality | rl."""
     bench_parser = commands.add_parser("bench", help="benchmarks (not tests): throughput, prune-tune, quality, "
                                                   "stochastic")
     bench_commands = bench_parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -314,6 +376,36 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     streaming_parser.add_argument("--model", default="cnn2d", help="registry model (cnn2d, lenet, mlp)")
     streaming_parser.add_argument("--augment", action="store_true", help="random crop and flip in every method")
     streaming_parser.set_defaults(handler=_cmd_bench_streaming)
+    latency_parser = bench_commands.add_parser(
+        "latency", help="inference latency of a run's ensemble forms (looped, vmapped, packed, student) vs its parent",
+        description="Times, interleaved in one process on the same inputs, the parent, the members one after "
+                    "another, the members vmapped, the packed network (packed runs) and the distilled student "
+                    "(where RUN_DIR/student/student.pt exists), per batch size; prints the median ms per call, "
+                    "its interquartile range, the ratio to the parent, parameters and MFLOPs per sample.")
+    latency_parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories")
+    latency_parser.add_argument("--batches", type=_batch_sizes, default=[1, 256],
+                                help="comma-separated batch sizes (default 1,256)")
+    latency_parser.add_argument("--repeats", type=int, default=None,
+                                help="interleaved rounds per batch size (default: as many as fill --seconds)")
+    latency_parser.add_argument("--seconds", type=float, default=8.0,
+                                help="timing seconds per batch size when --repeats is not given")
+    latency_parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the models run")
+    latency_parser.add_argument("--threads", type=int, default=None,
+                                help="torch intra-op threads while timing (default: torch's setting; on a busy "
+                                     "shared machine 1 keeps threads from waiting on each other)")
+    latency_parser.set_defaults(handler=_cmd_bench_latency)
+    packed_parser = bench_commands.add_parser(
+        "packed", help="packed ensembles vs their parent: test NLL and accuracy, parameters, latency, students",
+        description="Per folder of packed-<M>.yaml configs and per seed: the packed runs (the first trains the "
+                    "parent, the others cut theirs from it), each distilled into a student and timed at batch "
+                    "256 (one thread); prints test accuracy / NLL of parent, packed ensemble and student, "
+                    "parameter and latency ratios to the parent, and whether each run reached the bar.")
+    packed_parser.add_argument("--configs", default="configs/study/packed/mnist1d",
+                               help="comma-separated folders of packed-<M>.yaml configs")
+    packed_parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    packed_parser.add_argument("--output-dir", default="runs/study-packed", help="where the runs go")
+    packed_parser.add_argument("--seconds", type=float, default=8.0, help="timing seconds per run")
+    packed_parser.set_defaults(handler=_cmd_bench_packed)
     prune_tune_parser = bench_commands.add_parser(
         "prune-tune", help="Prune-and-Tune ensembles vs single model, bagging and dropout at a 16-epoch budget",
         description="The shape of PAT Table 1 on Fashion-MNIST with a LeNet: parent 8 epochs + 8 children "

@@ -177,7 +177,9 @@ def grow(run_dir: str | Path, members: int, *, generations: int = 1, progress: P
         raise UserError(f"grow needs --members >= 1 and --generations >= 0 (got {members} and {generations})")
     method = read_run_config(run_dir).get("method", "subnetworks")
     if method != "subnetworks":
-        raise UserError(f"{run_dir} is a {method} baseline run; only subnetwork runs can grow")
+        what = "packed run (its members are one network's share of the parent)" if method == "packed" else \
+            f"{method} baseline run"
+        raise UserError(f"{run_dir} is a {what}; only subnetwork runs can grow")
     checkpoint = load_latest_checkpoint(run_dir, progress)
     if checkpoint is None or checkpoint["stage"] != "done":
         raise RunDirError(f"{run_dir} has not finished; resume it first (evo-subens resume {run_dir})")

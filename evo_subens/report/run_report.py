@@ -147,7 +147,12 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
         _reliability_plot(metrics["reliability"], run_dir / "reliability.png")
         lines += ["## Calibration", "", ("Accuracy against confidence in 15 equal-width bins (test split); the "
                   "diagonal is perfect calibration."), "", "![reliability diagram](reliability.png)", ""]
-    if features and ensemble is not None:
+    if metrics.get("packed"):
+        lines += ["## Packed ensemble", "", *_packed_section(metrics["packed"]), ""]
+    if features and ensemble is not None and method == "packed":
+        lines += ["## Feature visualisation", "", "Not drawn for packed runs: each member keeps its own share of "
+                  "the parent's hidden units, so the models share no penultimate unit to compare.", ""]
+    elif features and ensemble is not None:
         lines += ["## Feature visualisation", "", *_feature_grid(ensemble, data.train.x, config["seed"],
                                                               run_dir / "features.png", progress), ""]
     report = run_dir / "report.md"
@@ -155,6 +160,22 @@ def _run_report(run_dir: Path, features: bool, progress: Progress) -> Path:
     atomic_write(report, lambda handle: handle.write(text.encode()))
     progress(f"[report] wrote {report}")
     return report
+
+
+def _packed_section(packed: dict) -> list[str]:
+    """Sizes of the packed network against the parent's, and every partition tried (validation decided;
+    test measured after the choice)."""
+    parent, net = packed["parent"], packed["packed"]
+    lines = [f"{packed['members']} members, every hidden unit in {packed['overlap']} of them, in one network of "
+             f"{net['parameters']:,} parameters ({net['parameters'] / parent['parameters']:.2f}x the parent's "
+             f"{parent['parameters']:,}) and {net['flops'] / parent['flops']:.2f}x its FLOPs per sample.", "",
+             "| partition | val accuracy | val nll | test accuracy | test nll | chosen |",
+             "| ---: | ---: | ---: | ---: | ---: | :---: |"]
+    for c in packed["candidates"]:
+        test = (f"{c['test_accuracy']:.4f} | {c['test_nll']:.4f}" if "test_accuracy" in c else "- | -")
+        lines.append(f"| {c['candidate']} | {c['val_accuracy']:.4f} | {c['val_nll']:.4f} | {test} | "
+                     f"{'yes' if c['candidate'] == packed['chosen'] else ''} |")
+    return lines
 
 
 def _diversity_section(metrics: dict, run_dir: Path) -> list[str]:

@@ -3,13 +3,11 @@ sane counts, and the CLI prints the table. No timing is asserted (the machine is
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import evo_subens
 from evo_subens import cli
@@ -17,24 +15,21 @@ from evo_subens.bench.latency import FORMS, build_forms, latency_rows, measure_b
 from evo_subens.ensemble import Ensemble
 
 from conftest import tiny_dict
+from test_export import Branchy
 
 BATCHES = (1, 8)
 # A packed run in seconds: the tiny config's digits with a two-hidden-layer MLP, so the packed network's later
 # layers are grouped and it has fewer parameters than its parent.
 PACKED = {"name": "packed", "model": {"name": "mlp", "kwargs": {"hidden": [32, 16]}}, "parent": {"epochs": 3},
           "method": "packed", "packed": {"members": 4, "candidates": 1, "tune": {"epochs": 1}}}
-HAS_DISTILL = importlib.util.find_spec("evo_subens.distillation") is not None
 
 
 @pytest.fixture(scope="module")
 def packed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished tiny packed run, distilled (one epoch) where this checkout has the distill command."""
+    """A finished tiny packed run, distilled (one epoch)."""
     out = tmp_path_factory.mktemp("latency")
     run_dir = evo_subens.run(tiny_dict(out, PACKED), progress=lambda line: None).run_dir
-    if HAS_DISTILL:
-        from evo_subens.distillation import distill
-
-        distill(run_dir, epochs=1, progress=lambda line: None)
+    evo_subens.distill(run_dir, epochs=1, progress=lambda line: None)
     return run_dir
 
 
@@ -45,7 +40,7 @@ def _by_form(rows: list[dict], batch: int) -> dict[str, dict]:
 @pytest.mark.slow
 def test_every_form_of_a_packed_run_has_a_row_per_batch(packed_run: Path) -> None:
     rows = latency_rows(packed_run, batches=BATCHES, repeats=3, threads=1)
-    expected = [f for f in FORMS if f != "student" or HAS_DISTILL]
+    expected = list(FORMS)
     assert [row["batch"] for row in rows] == [b for b in BATCHES for _ in expected]
     for batch in BATCHES:
         forms = _by_form(rows, batch)
@@ -56,8 +51,7 @@ def test_every_form_of_a_packed_run_has_a_row_per_batch(packed_run: Path) -> Non
         assert forms["members looped"]["params"] == forms["members vmapped"]["params"] == forms["packed"]["params"]
         looped_flops = forms["members looped"]["flops_per_sample"]
         assert forms["members vmapped"]["flops_per_sample"] == pytest.approx(looped_flops)
-        if HAS_DISTILL:
-            assert forms["student"]["params"] == forms["parent"]["params"]  # the parent's architecture
+        assert forms["student"]["params"] == forms["parent"]["params"]  # the parent's architecture
         for row in forms.values():
             assert row["error"] is None and row["repeats"] == 3
             assert row["median_s"] > 0 and row["iqr_s"] >= 0 and row["ratio"] > 0
@@ -75,7 +69,7 @@ def test_the_cli_prints_one_table_per_run(packed_run: Path, capsys: pytest.Captu
     assert header.split() == ["form", "batch", "median", "ms", "spread", "ms", "x", "parent", "params",
                               "MFLOPs/sample"]
     table = [line for line in out.splitlines() if line.startswith(("parent ", "members ", "packed ", "student "))]
-    assert len(table) == 2 * (len(FORMS) - (not HAS_DISTILL))
+    assert len(table) == 2 * len(FORMS)
     assert all(float(line.split()[-1]) > 0 for line in table)  # every row measured, down to its MFLOPs
 
 
@@ -87,18 +81,6 @@ def test_an_ordinary_run_has_no_packed_row(tmp_path: Path) -> None:
     assert forms["members vmapped"]["error"] is None
     assert forms["members looped"]["params"] == 3 * forms["parent"]["params"]  # 3 parent-sized members
     assert forms["members looped"]["flops_per_sample"] == pytest.approx(3 * forms["parent"]["flops_per_sample"])
-
-
-class Branchy(nn.Module):
-    """Data-dependent control flow, which vmap cannot batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.linear(x)
-        return out if out.sum() > 0 else -out
 
 
 def test_an_architecture_vmap_cannot_run_is_named_in_its_row() -> None:

@@ -244,3 +244,27 @@ def test_a_killed_packed_run_resumes_to_the_same_result(tmp_path: Path, cli_comm
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference))
     for key in ("parent", "ensemble", "members", "packed", "temperature", "cost"):
         assert ma[key] == mb[key], key
+
+
+@pytest.mark.slow
+def test_the_packed_bench_runs_each_config_per_seed_from_one_parent(tmp_path: Path, capsys) -> None:
+    """Per seed the first config trains the parent and the second cuts its ensemble from that parent file;
+    every run is distilled and timed, and the table says whether it reached the bar."""
+    from evo_subens.bench.packed import packed_bench
+
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    mlp = dict(PACKED_RUN, model={"name": "mlp", "kwargs": {"hidden": [32, 16]}}, parent={"epochs": 2})
+    for members in (4, 8):
+        run = tiny_dict(tmp_path / "unused", dict(mlp, packed={"members": members, "candidates": 1,
+                                                               "tune": {"epochs": 1}}))
+        (folder / f"packed-{members}.yaml").write_text(yaml.safe_dump(run))
+    rows = packed_bench(seeds=[0], config_dirs=str(folder), output_dir=str(tmp_path / "study"), seconds=0.1)
+    assert [(r["config"], r["seed"]) for r in rows] == [("packed-4", 0), ("packed-8", 0)]
+    second = yaml.safe_load((Path(rows[1]["run_dir"]) / "config.yaml").read_text())
+    assert second["model"]["parent_path"] == str(Path(rows[0]["run_dir"]) / "parent.pt")
+    assert rows[0]["parent_nll"] == rows[1]["parent_nll"]
+    assert all(r["params"] < 1 and r["latency"] > 0 and isinstance(r["reached"], bool) for r in rows)
+    assert all((Path(r["run_dir"]) / "student" / "student.pt").is_file() for r in rows)
+    table = (tmp_path / "study" / "packed-table.txt").read_text()
+    assert "mean over seeds:" in table and table in capsys.readouterr().out

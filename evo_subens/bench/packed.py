@@ -1,14 +1,16 @@
 """Packed bench: is a packed partition ensemble better than its parent at one model's cost?
 
-Each folder holds ``packed-<M>.yaml`` configs of one data set and parent (e.g. ``configs/study/packed/
-mnist1d``). Per seed the first config trains the parent; the others cut theirs from that same parent file
-(``model.parent_path``), so the rows of a seed differ only in the packing. Every run is then distilled into
-a student (``evo-subens distill``, defaults) and timed (``bench latency``, batch 256, one torch thread, about
-``seconds`` of interleaved rounds). The table gives per
-run test accuracy and NLL of parent, packed ensemble and student; parameters and latency of the packed
-ensemble and the student as ratios to the parent's; and whether the run reached the bar: packed NLL below
-the parent's with accuracy at least the parent's, at most 1.2x its latency and no more parameters, and the
-student's NLL between parent's and ensemble's. Finished runs are read back, so an interrupted bench goes on.
+Each folder holds ``packed-<M>[-<variant>].yaml`` configs of one data set and parent (e.g.
+``configs/study/packed/mnist1d``: ``packed-4``, 4 members with disjoint shares; ``packed-8``, 8 members,
+every unit in 2; ``packed-8-disjoint``, 8 members with disjoint shares). Per seed the first config trains
+the parent; the others cut theirs from that same parent file (``model.parent_path``), so the rows of a
+seed differ only in the packing. Every run is then distilled into a student (``evo-subens distill``,
+defaults) and timed (``bench latency``, batch 256, one torch thread, about ``seconds`` of interleaved
+rounds). The table gives per run test accuracy and NLL of parent, packed ensemble and student; parameters
+and latency of the packed ensemble and the student as ratios to the parent's; and whether the run reached
+the bar: packed NLL below the parent's with accuracy at least the parent's, at most 1.2x its latency and
+no more parameters, and the student's NLL between parent's and ensemble's. Finished runs are read back,
+so an interrupted bench goes on.
 
     evo-subens bench packed --configs configs/study/packed/mnist1d --seeds 0,1,2
 """
@@ -120,7 +122,10 @@ def packed_bench(*, seeds: list[int], config_dirs: str, output_dir: str = "runs/
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for folder in [Path(f) for f in config_dirs.split(",") if f.strip()]:
-        configs = sorted(folder.glob("packed-*.yaml"), key=lambda p: int(p.stem.split("-")[1]))
+        try:
+            configs = sorted(folder.glob("packed-*.yaml"), key=lambda p: (int(p.stem.split("-")[1]), p.stem))
+        except ValueError:
+            raise UserError(f"{folder}: packed configs are named packed-<members>[-<variant>].yaml") from None
         if not configs:
             raise UserError(f"no packed-<members>.yaml config in {folder}")
         for path in configs:

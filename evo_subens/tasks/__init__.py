@@ -25,10 +25,11 @@ TASK_SECTIONS: dict[str, tuple[str, ...]] = {"classification": ("data", "parent"
 
 
 def unused_sections(task: str, method: str) -> set[str]:
-    """The config sections a run of ``task`` with ``method`` does not read: the other tasks' own, and
-    ``baseline`` for the engine's own method."""
+    """The config sections a run of ``task`` with ``method`` does not read: the other tasks' own,
+    ``baseline`` but for a baseline method, ``packed`` but for the packed method."""
     unused = {section for name, sections in TASK_SECTIONS.items() if name != task for section in sections}
-    return unused | ({"baseline"} if method == "subnetworks" else set())
+    return (unused | ({"baseline"} if method in ("subnetworks", "packed") else set())
+            | ({"packed"} if method != "packed" else set()))
 
 
 def _load(spec: str):

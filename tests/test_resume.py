@@ -366,9 +366,10 @@ def test_load_runs_flattens_configs(tmp_path: Path) -> None:
     assert sections == {"data", "model", "parent", "children", "search", "workers", "finetune", "ensemble", "tracking"}
     assert {"env.id", "ppo.lr", "policy.name", "baseline.members"} <= set(evo_subens.load_runs(tmp_path,
                                                                                              all_columns=True))
-    # An rl run reads the other task's sections; baselines read theirs.
-    assert unused_sections("rl", "subnetworks") == {"data", "parent", "baseline"}
-    assert unused_sections("classification", "deep_ensemble") == {"env", "ppo", "policy"}
+    # An rl run reads the other task's sections; baselines and packed runs read theirs.
+    assert unused_sections("rl", "subnetworks") == {"data", "parent", "baseline", "packed"}
+    assert unused_sections("classification", "deep_ensemble") == {"env", "ppo", "policy", "packed"}
+    assert unused_sections("classification", "packed") == {"env", "ppo", "policy", "baseline"}
 
 
 @pytest.mark.slow

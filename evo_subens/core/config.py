@@ -24,6 +24,9 @@ from ..tasks.classification.config import DataConfig
 from ..tasks.rl.config import EnvConfig, PolicyConfig, PPOConfig
 from .options import build_section, option, parse_yaml
 from .options import field_docs as section_field_docs
+from .method_config import METHODS, BaselineConfig, PackedConfig, PackedTuneConfig  # noqa: F401 (re-exported)
+from .train_config import (BAGGING_SHARE, LR_SCHEDULES, FinetuneConfig, ParentConfig,  # noqa: F401 (re-exported)
+                           TrainConfig, TuneConfig)
 from .tracking_config import TrackingConfig
 
 
@@ -38,54 +41,6 @@ class ModelConfig:
                                             "names them")
     parent_path: str | None = option(None, "weights of a trained parent (a state_dict saved with torch.save, or "
                                            "a .safetensors file); null = train one")
-
-
-# Learning-rate schedules a config may name (evo_subens.tasks.classification.training.lr_factor implements them).
-LR_SCHEDULES = ("constant", "cosine", "onecycle", "step")
-# Share of the training split a child tunes on with children.tune.bagging.
-BAGGING_SHARE = 0.9
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = option(30, "passes over the training split", ge=0)
-    batch_size: int = option(128, "minibatch size", ge=1)
-    lr: float = option(0.05, "peak learning rate", gt=0)
-    lr_schedule: str = option("cosine", "learning-rate schedule, stepped per batch",
-                              choices=LR_SCHEDULES)
-    optimizer: str = option("sgd", "sgd (momentum, nesterov, weight_decay apply) or adam (weight_decay "
-                                   "applies)", choices=("sgd", "adam"))
-    momentum: float = option(0.9, "SGD momentum", ge=0, le=1)
-    nesterov: bool = option(False, "Nesterov momentum")
-    weight_decay: float = option(5e-4, "L2 weight decay", ge=0)
-
-
-@dataclass
-class ParentConfig(TrainConfig):
-    check_learned: bool = option(True, "stop the run before the search when the trained parent scores near "
-                                       "chance on the selection split or its training loss never fell; false: "
-                                       "say so and go on (the scikit-learn estimator's default, since "
-                                       "scikit-learn fits any data)")
-
-
-@dataclass
-class FinetuneConfig(TrainConfig):
-    epochs: int = option(2, "SGD epochs on each selected member (in the workers, in parallel) before the "
-                            "ensemble is built: the 'optimise' of sample, perturb, optimise; 0 = off", ge=0)
-    lr: float = option(0.05, "peak learning rate", gt=0)
-    lr_schedule: str = option("onecycle", "learning-rate schedule, stepped per batch; onecycle: warm-up over "
-                                          "10% from lr/100 to lr, then cosine to ~1e-7 lr",
-                              choices=LR_SCHEDULES)
-
-
-@dataclass
-class TuneConfig(TrainConfig):
-    epochs: int = option(1, "epochs each child is tuned before it is scored", ge=0)
-    lr: float = option(0.1, "peak learning rate", gt=0)
-    lr_schedule: str = option("onecycle", "constant, or onecycle: warm-up over 10% from lr/100 to lr, then "
-                                          "cosine to ~1e-7 lr (Prune and Tune)",
-                              choices=LR_SCHEDULES)
-    bagging: bool = option(False, "each child tunes on its own random 90% of the training split")
 
 
 DEFAULT_FAMILY = "noisy"
@@ -268,50 +223,6 @@ class EnsembleConfig:
                        choices=("mean", "vote", "gated"))
     gate_threshold: float = option(0.975, "rl, rule gated: the parent's normalised action entropy above which "
                                           "the members vote", gt=0, le=1)
-
-
-METHODS = ("subnetworks", "single", "deep_ensemble", "bagging", "mc_dropout", "snapshot", "fge")
-
-
-@dataclass
-class BaselineConfig:
-    budget_epochs: int = option(0, "training epochs a baseline spends in all, summed over its models; 0 = "
-                                   "the subnetwork method's budget under this config (parent.epochs + "
-                                   "children.tune.epochs x candidates tuned + finetune.epochs x ensemble.size)",
-                                ge=0)
-    members: int = option(4, "deep_ensemble and bagging: models trained on an equal share of the budget; "
-                             "snapshot and fge: snapshots, one per cycle", ge=1)
-    bagging_share: float = option(0.9, "bagging: share of the training split each model draws, without "
-                                       "replacement", gt=0, le=1)
-    dropout: float = option(0.0, "mc_dropout: dropout probability given to the model as its 'dropout' "
-                                 "keyword; 0 = the model's own (model.kwargs)", ge=0, le=0.99)
-    mc_samples: int = option(16, "mc_dropout: stochastic test passes (dropout active) averaged; 0 = dropout off "
-                                 "at test time (one deterministic pass)", ge=0)
-    fge_cycle_epochs: int = option(2, "fge: epochs per cycle of the cyclic linear learning rate (even: a "
-                                      "snapshot is taken at each mid-cycle minimum)", ge=2)
-    fge_lr_max: float = option(0.05, "fge: learning rate at the start and end of each cycle", gt=0)
-    fge_lr_min: float = option(0.0005, "fge: learning rate at mid-cycle, where the snapshot is taken", gt=0)
-
-
-@dataclass
-class PackedTuneConfig(TrainConfig):
-    epochs: int = option(30, "epochs each packed candidate is tuned, all its members at once (one optimiser, "
-                            "each member's loss its own)", ge=0)
-    lr: float = option(0.05, "peak learning rate", gt=0)
-    lr_schedule: str = option("onecycle", "learning-rate schedule, stepped per batch; onecycle: warm-up over "
-                                          "10% from lr/100 to lr, then cosine to ~1e-7 lr", choices=LR_SCHEDULES)
-
-
-@dataclass
-class PackedConfig:
-    members: int = option(4, "members cut from the parent: every hidden layer's units are shared out among "
-                             "them (each width must divide evenly)", ge=2)
-    overlap: int = option(1, "every hidden unit is kept by this many members (1: disjoint shares; more: wider, "
-                             "overlapping members, each with its own copy of the shared units)", ge=1)
-    candidates: int = option(4, "partitions cut, tuned and scored on the validation split; the one with the "
-                                "lowest validation NLL is the ensemble", ge=1)
-    tune: PackedTuneConfig = field(default_factory=PackedTuneConfig,
-                                   metadata={"doc": "tuning of each packed candidate"})
 
 
 @dataclass

@@ -379,7 +379,8 @@ def load_ensemble(run_dir: str | Path) -> Ensemble:
 
         parent = fresh_model()
         load_parent_state(run_dir / "parent.pt", parent)
-        return PackedRunEnsemble(load_packed(run_dir, cfg, parent, info.input_shape), parent=parent.eval(), **form)
+        packed = load_packed(run_dir, cfg, parent, info.input_shape, int(entries[0].get("candidate", 0)))
+        return PackedRunEnsemble(packed, parent=parent.eval(), **form)
 
     parent = None
     if (run_dir / "parent.pt").is_file():

@@ -166,9 +166,7 @@ def run_packed(cfg: RunConfig, run_dir: Path, task: ClassificationTask, parent: 
                        f"val nll {scores['nll']:.4f}")
             crash_point("packed.after_candidate")
     best = min(state["candidates"], key=lambda c: (c["val_nll"], c["candidate"]))
-    packed = cut_parent(parent, shape, p.members, overlap=p.overlap, seed=best["partition_seed"])
-    packed.load_state_dict(load_state_file(run_dir / "candidates" / f"{best['candidate']}.pt"))
-    packed.eval()
+    packed = stored_packed(cfg, parent, shape, best["candidate"], run_dir / "candidates" / f"{best['candidate']}.pt")
     (run_dir / "members").mkdir(exist_ok=True)
     write_state(run_dir / MEMBERS_FILE, state_copy(packed))
     write_json(run_dir / "members.json", [{"member": i, "candidate": best["candidate"], "packed": MEMBERS_FILE}
@@ -186,10 +184,10 @@ def run_packed(cfg: RunConfig, run_dir: Path, task: ClassificationTask, parent: 
 def _tested(cfg: RunConfig, task: ClassificationTask, parent: nn.Module, run_dir: Path, state: dict) -> list[dict]:
     """Every candidate's record with its test accuracy and NLL, measured after the choice (which saw only
     validation): whether choosing among partitions beats taking any one is then read off the run."""
-    p, tested = cfg.packed, []
+    tested = []
     for record in state["candidates"]:
-        packed = cut_parent(parent, task.data.input_shape, p.members, overlap=p.overlap, seed=record["partition_seed"])
-        packed.load_state_dict(load_state_file(run_dir / "candidates" / f"{record['candidate']}.pt"))
+        i = record["candidate"]
+        packed = stored_packed(cfg, parent, task.data.input_shape, i, run_dir / "candidates" / f"{i}.pt")
         probs, _ = member_outputs(packed, task.data.test.x, cfg.search.eval_batch_size)
         scores = classification_metrics(torch.stack(probs).mean(dim=0), task.data.test.y)
         tested.append(dict(record, test_accuracy=scores["accuracy"], test_nll=scores["nll"]))
@@ -242,17 +240,23 @@ def summary(metrics: dict) -> list[str]:
     return lines
 
 
-def load_packed(run_dir: Path, cfg: RunConfig, parent: nn.Module, input_shape) -> PackedEnsemble:
-    """The packed ensemble a finished packed run stored (its layout rebuilt from the parent's chain)."""
-    path = run_dir / MEMBERS_FILE
-    if not path.is_file():
-        raise RunDirError(f"{path} does not exist: the run has not finished (evo-subens resume {run_dir})")
+def stored_packed(cfg: RunConfig, parent: nn.Module, input_shape, candidate: int, path: Path) -> PackedEnsemble:
+    """Candidate ``candidate``'s tuned packed ensemble stored at ``path`` (eval mode), cut again with the
+    candidate's own partition, so its layout names the parent units each member kept."""
     p = cfg.packed
-    packed = cut_parent(parent, input_shape, p.members, overlap=p.overlap, seed=0)
+    packed = cut_parent(parent, input_shape, p.members, overlap=p.overlap, seed=candidate_seeds(cfg.seed, candidate)[0])
     try:
         packed.load_state_dict(load_state_file(path))
     except Exception as exc:
         raise RunDirError(f"{path} is unreadable or does not fit the run's packed layout "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     return packed.eval()
+
+
+def load_packed(run_dir: Path, cfg: RunConfig, parent: nn.Module, input_shape, candidate: int) -> PackedEnsemble:
+    """The packed ensemble a finished packed run stored (the chosen ``candidate``, as members.json names it)."""
+    path = run_dir / MEMBERS_FILE
+    if not path.is_file():
+        raise RunDirError(f"{path} does not exist: the run has not finished (evo-subens resume {run_dir})")
+    return stored_packed(cfg, parent, input_shape, candidate, path)
 
